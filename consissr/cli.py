@@ -1,0 +1,127 @@
+"""``consissr <stage>``: thin commands over plain functions (DVC stages and Prefect flows call these).
+
+Every subcommand takes ``--params FILE`` (default ``params.yaml``) and ``--set key=value``
+overrides (dotted keys, YAML values), and reads only its own params sections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from consissr.config import Params, ParamsError, load_params
+
+log = logging.getLogger("consissr")
+
+STAGES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+
+
+def stage(name: str, help: str):
+    def deco(fn):
+        STAGES[name] = (help, fn)
+        return fn
+    return deco
+
+
+def _paths(p: argparse.ArgumentParser, **defaults: str) -> None:
+    for key, default in defaults.items():
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=Path, default=Path(default))
+
+
+@stage("backbone", "build and save the embedded tiny SD backbone (or record the real one's id)")
+def _backbone_args(p):
+    _paths(p, out="data/models/backbone")
+
+
+def run_backbone(params: Params, args) -> None:
+    from consissr.models.backbone import write_backbone
+
+    write_backbone(params.backbone, out_dir=args.out, seed=params.base.seed)
+
+
+@stage("prepare", "HQ crops from the sources, with a skip report and the contamination guard")
+def _prepare_args(p):
+    _paths(p, out="data/prepared")
+
+
+def run_prepare(params: Params, args) -> None:
+    from consissr.data.sources import prepare
+
+    prepare(params.prepare, out_dir=args.out, seed=params.base.seed)
+
+
+@stage("degrade", "Real-ESRGAN second-order degradation of the prepared crops")
+def _degrade_args(p):
+    _paths(p, input="data/prepared", out="data/degraded")
+
+
+def run_degrade(params: Params, args) -> None:
+    from consissr.data.degradation import degrade_folder
+
+    degrade_folder(args.input, args.out, params.degrade, seed=params.base.seed)
+
+
+@stage("encode", "VAE-encode LQ/HQ pairs into safetensors latent shards")
+def _encode_args(p):
+    _paths(p, prepared="data/prepared", degraded="data/degraded", backbone="data/models/backbone",
+           out="data/latents")
+
+
+def run_encode(params: Params, args) -> None:
+    from consissr.data.latent_cache import encode_pairs
+
+    encode_pairs(args.prepared, args.degraded, args.out, params, backbone_dir=args.backbone)
+
+
+@stage("model-info", "print total and trainable parameter counts per part (both profiles)")
+def _model_info_args(p):
+    _paths(p, backbone="data/models/backbone")
+    p.add_argument("--profile", choices=["tiny", "paper", "both"], default="both")
+
+
+def run_model_info(params: Params, args) -> None:
+    from consissr.models.consissr import print_model_info
+
+    print_model_info(params, profile=args.profile, backbone_dir=args.backbone)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ParamsError(f"--set {item!r}: expected key=value")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="consissr", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args) in STAGES.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted param")
+        p.add_argument("-v", "--verbose", action="store_true")
+        add_args(p)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        params = load_params(args.params, _parse_overrides(args.set))
+        runner = globals()["run_" + args.command.replace("-", "_")]
+        runner(params, args)
+    except (ParamsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        log.error("%s", exc)
+        print(f"consissr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

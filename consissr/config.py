@@ -1,0 +1,272 @@
+"""Typed, strict parameters: ``params.yaml`` → frozen dataclasses, one per DVC stage.
+
+Like nanoGPT's config, loading rejects unknown keys and wrong types with a message that names
+the dotted key (``degrade.first.noise_range``). Every stage reads only its own section plus
+``base``; ``STAGE_PARAMS`` records which sections that is, and a test keeps ``dvc.yaml``'s
+``params:`` lists equal to the leaves of those sections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params file that does not match the schema (names the file and the dotted key)."""
+
+
+# --------------------------------------------------------------------------------------------
+# sections
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BaseParams:
+    seed: int = 2024
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    profile: Literal["tiny", "paper"] = "tiny"
+
+
+@dataclass(frozen=True)
+class BackboneParams:
+    # "embedded": the tiny random SD-like backbone that `consissr backbone` builds with a fixed
+    # seed and saves with save_pretrained. Anything else is a diffusers directory or hub id
+    # (paper: stabilityai/stable-diffusion-2-1-base) loaded by the very same from_pretrained calls.
+    pretrained: str = "embedded"
+    revision: str | None = None
+
+
+@dataclass(frozen=True)
+class PrepareParams:
+    # "embedded" = the RGB photos shipped inside scikit-image; otherwise an image folder
+    # (searched recursively, ImageNet layout) or a text file with one image path per line.
+    sources: tuple[str, ...] = ("embedded",)
+    crop_size: int = 128  # paper §4.1: 512
+    crops_per_image: int = 4
+    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+    # Evaluation image folders: a training crop source whose decoded pixels equal an image
+    # here fails the stage (contamination guard).
+    eval_dirs: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DegradationOrder:
+    """One order of Real-ESRGAN's degradation (Wang et al. 2021, §3.1; x4plus settings)."""
+
+    blur_prob: float = 1.0  # the first order always blurs; the second with prob 0.8
+    kernel_list: tuple[str, ...] = (
+        "iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
+    kernel_prob: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    sinc_prob: float = 0.1
+    blur_sigma: tuple[float, float] = (0.2, 3.0)
+    betag_range: tuple[float, float] = (0.5, 4.0)
+    betap_range: tuple[float, float] = (1.0, 2.0)
+    resize_prob: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
+    resize_range: tuple[float, float] = (0.15, 1.5)
+    gaussian_noise_prob: float = 0.5
+    noise_range: tuple[float, float] = (1.0, 30.0)
+    poisson_scale_range: tuple[float, float] = (0.05, 3.0)
+    gray_noise_prob: float = 0.4
+    jpeg_range: tuple[float, float] = (30.0, 95.0)
+
+
+_SECOND_ORDER = DegradationOrder(
+    blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
+    noise_range=(1.0, 25.0), poisson_scale_range=(0.05, 2.5))
+
+
+@dataclass(frozen=True)
+class DegradeParams:
+    scale: int = 4
+    kernel_range: tuple[int, ...] = (7, 9, 11, 13, 15, 17, 19, 21)  # odd blur kernel sizes
+    kernel_pad_size: int = 21
+    final_sinc_prob: float = 0.8
+    usm_sharpen: bool = True  # Real-ESRGAN degrades the USM-sharpened GT
+    usm_radius: int = 51
+    usm_weight: float = 0.5
+    usm_threshold: float = 10.0
+    first: DegradationOrder = DegradationOrder()
+    second: DegradationOrder = _SECOND_ORDER
+
+
+@dataclass(frozen=True)
+class EncodeParams:
+    batch_size: int = 8
+    shard_size: int = 256  # samples per safetensors shard
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The ConsisSR network around the backbone (paper §3.2–3.3). Owned by consissr/models/."""
+
+    hpa_scale: float = 1.0  # run-time weight of the HPA image branch
+    pos_embed: bool = True  # learned absolute positional embedding on self-attention
+    transposed_attention: bool = True  # Restormer-style channel self-attention
+    controlnet_conditioning: Literal["latent", "pixel"] = "latent"
+
+
+@dataclass(frozen=True)
+class ClipParams:
+    """Robust CLIP (paper §3.2, Eq. 3). Owned by consissr/models/robust_clip.py."""
+
+    model_name: str = "consissr-tiny-vit"  # paper: ViT-H-14
+    pretrained: str | None = None  # paper: laion2b_s32b_b79k
+    image_size: int = 224
+
+
+@dataclass(frozen=True)
+class Params:
+    base: BaseParams = BaseParams()
+    backbone: BackboneParams = BackboneParams()
+    prepare: PrepareParams = PrepareParams()
+    degrade: DegradeParams = DegradeParams()
+    encode: EncodeParams = EncodeParams()
+    model: ModelParams = ModelParams()
+    clip: ClipParams = ClipParams()
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(self)
+
+    def section_hash(self, *sections: str) -> str:
+        """Stable hash of the named sections, recorded in manifests to tie outputs to params."""
+        data = {name: _to_plain(getattr(self, name)) for name in sections}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# Which sections each DVC stage reads; dvc.yaml's `params:` must list exactly their leaves.
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "backbone": ("base.seed", "backbone"),
+    "prepare": ("base.seed", "prepare"),
+    "degrade": ("base.seed", "degrade"),
+    "encode": ("base.device", "backbone", "encode"),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# strict loading
+# --------------------------------------------------------------------------------------------
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Load and validate a params file; ``overrides`` maps dotted keys to values."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: params file not found") from None
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    for dotted, value in (overrides or {}).items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    try:
+        return _build(Params, raw, "")
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from None
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    return _build(Params, raw, "")
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "<top level>"
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{where}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ParamsError(f"unknown key {prefix}{unknown[0]!s} (allowed in {where}: {', '.join(sorted(names))})")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name in raw:
+            kwargs[f.name] = _coerce(hints[f.name], raw[f.name], prefix + f.name)
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ParamsError as exc:
+                errors.append(str(exc))
+        raise ParamsError(errors[0])
+    if origin is Literal:
+        if value not in args:
+            raise ParamsError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ParamsError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ParamsError(f"{key}: expected a list of {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ParamsError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported type {tp} for {key}")  # a schema bug, not a user error
+
+
+def _to_plain(obj: Any) -> Any:
+    if dataclasses.is_dataclass(obj):
+        return {f.name: _to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def leaf_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Dotted names of every leaf field of a params (sub)section."""
+    if not dataclasses.is_dataclass(obj):
+        return [prefix.rstrip(".")]
+    out: list[str] = []
+    for f in dataclasses.fields(obj):
+        out += leaf_keys(getattr(obj, f.name), f"{prefix}{f.name}.")
+    return out
+
+
+def stage_param_keys(stage: str, params: Params | None = None) -> list[str]:
+    """The dotted leaf keys a stage reads (what dvc.yaml must list under ``params:``)."""
+    params = params or Params()
+    keys: list[str] = []
+    for dotted in STAGE_PARAMS[stage]:
+        node: Any = params
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        keys += leaf_keys(node, dotted + ".") if dataclasses.is_dataclass(node) else [dotted]
+    return keys

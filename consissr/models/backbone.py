@@ -1,0 +1,178 @@
+"""The frozen Stable Diffusion backbone: one loader for SD 2.1-base and the embedded tiny twin.
+
+Both faces of the project go through the same ``from_pretrained(source, subfolder=...)`` calls:
+``source`` is a diffusers directory or hub id (paper: ``stabilityai/stable-diffusion-2-1-base``)
+or the directory that ``build_tiny_backbone`` wrote with ``save_pretrained`` — the SD layout
+(``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``) at a tiny scale, randomly
+initialised from a fixed seed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDED = "embedded"
+EMBEDDED_DIR = Path("data/models/backbone")
+PAPER_BACKBONE = "stabilityai/stable-diffusion-2-1-base"
+
+# SD 2.1-base's own noise schedule (scheduler/scheduler_config.json of the hub repo).
+SD_SCHEDULE = dict(
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    clip_sample=False, steps_offset=1, prediction_type="epsilon")
+
+
+def tiny_unet_config() -> dict[str, Any]:
+    """SD 2.1's UNet shape (cross-attn down/up blocks, linear projections) at 0.8M parameters."""
+    return dict(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        cross_attention_dim=64, attention_head_dim=(4, 4), use_linear_projection=True)
+
+
+def tiny_vae_config() -> dict[str, Any]:
+    """An AutoencoderKL with SD's 8x downsampling and 4 latent channels."""
+    return dict(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(16, 32, 32, 32), norm_num_groups=8, sample_size=128,
+        scaling_factor=0.18215)
+
+
+def tiny_text_config() -> dict[str, Any]:
+    """A 2-layer CLIP text transformer over the real CLIP BPE vocabulary (49408 tokens)."""
+    return dict(
+        vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=64, hidden_act="gelu")
+
+
+def _clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
+    """Write CLIP's vocab.json/merges.txt from the BPE table that ships inside open_clip.
+
+    It is the same BPE as SD 2.1's tokenizer (OpenCLIP's), so the tiny backbone tokenises
+    exactly as the real one does, without a download.
+    """
+    import open_clip.tokenizer as oct
+
+    lines = gzip.open(oct.default_bpe(), "rt", encoding="utf-8").read().split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]
+    units = list(oct.bytes_to_unicode().values())
+    vocab = units + [u + "</w>" for u in units] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    vocab_file.write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}))
+    merges_file.write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n")
+    return vocab_file, merges_file
+
+
+def build_tiny_backbone(out_dir: str | Path, *, seed: int) -> Path:
+    """Create the embedded backbone from configs with a fixed seed and save it in SD's layout."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**tiny_unet_config())
+    vae = AutoencoderKL(**tiny_vae_config())
+    text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config()))
+    with tempfile.TemporaryDirectory() as tmp:
+        _clip_tokenizer_files(Path(tmp))
+        # from_pretrained on vocab.json + merges.txt: the same call SD's tokenizer/ folder takes
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, pad_token="!", model_max_length=77)
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+        scheduler=DDPMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False)
+    # save next to the target, then swap in, so an interrupted build leaves no half backbone
+    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
+    _rmtree(tmp_dir)
+    pipe.save_pretrained(tmp_dir, safe_serialization=True)
+    _rmtree(out_dir)
+    tmp_dir.rename(out_dir)
+    return out_dir
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    if path.exists():
+        shutil.rmtree(path)
+
+
+def resolve_source(pretrained: str, embedded_dir: str | Path = EMBEDDED_DIR) -> str:
+    """``embedded`` → the saved tiny backbone's folder; anything else passes through."""
+    if pretrained == EMBEDDED:
+        path = Path(embedded_dir)
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(
+                f"{path}: the embedded backbone is missing; run `consissr backbone` (or `dvc repro backbone`)")
+        return str(path)
+    return pretrained
+
+
+@dataclass
+class Backbone:
+    """The frozen SD parts that ConsisSR builds on (paper §3.1)."""
+
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    noise_scheduler: Any
+    source: str
+
+
+def load_vae(source: str, *, revision: str | None = None, torch_dtype: torch.dtype | None = None):
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, torch_dtype=torch_dtype)
+
+
+def load_backbone(
+    pretrained: str = EMBEDDED,
+    *,
+    revision: str | None = None,
+    torch_dtype: torch.dtype | None = None,
+    embedded_dir: str | Path = EMBEDDED_DIR,
+) -> Backbone:
+    """Load UNet, VAE, text encoder, tokenizer and DDPM scheduler through ``from_pretrained``."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    source = resolve_source(pretrained, embedded_dir)
+    kw = dict(revision=revision)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kw)
+    vae = load_vae(source, revision=revision, torch_dtype=torch_dtype)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", torch_dtype=torch_dtype, **kw)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kw)
+    # the model's own schedule (SD 2.1 ships a PNDM config; DDPM reads the same betas)
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kw)
+    for module in (unet, vae, text_encoder):
+        module.requires_grad_(False).eval()
+    return Backbone(unet, vae, text_encoder, tokenizer, noise_scheduler, source)
+
+
+def write_backbone(params, *, out_dir: str | Path = EMBEDDED_DIR, seed: int) -> Path:
+    """Stage ``backbone``: build the embedded backbone, or record which real one to load.
+
+    ``params`` is ``config.BackboneParams``. For a real backbone the folder holds
+    ``source.json`` only: the weights stay where the user keeps them (a local directory or
+    the hub cache) and every later stage loads them by that name.
+    """
+    out_dir = Path(out_dir)
+    if params.pretrained == EMBEDDED:
+        return build_tiny_backbone(out_dir, seed=seed)
+    _rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    (out_dir / "source.json").write_text(
+        json.dumps({"pretrained": params.pretrained, "revision": params.revision}, indent=2))
+    return out_dir
