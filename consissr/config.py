@@ -123,6 +123,43 @@ class ClipParams:
 
 
 @dataclass(frozen=True)
+class TrainClipParams:
+    """Robust CLIP fine-tuning, Eq. 3 (paper §4.1: batch 8/GPU, Adam β=(0.9, 0.99), lr 1e-5, 100K it)."""
+
+    batch_size: int = 4  # per device
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.99)
+    iterations: int = 20  # paper: 100_000
+    gradient_accumulation: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    checkpoint_every: int = 10
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
+class TrainSdsrParams:
+    """Diffusion training with TALA, Algorithm 1 (paper §4.1: batch 8, lr 5e-5, 200K it, γ=10)."""
+
+    batch_size: int = 4  # total over all devices
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.9, 0.99)
+    iterations: int = 20  # paper: 200_000
+    tala: bool = True  # False: plain DDPM training (the ablation baseline)
+    gamma: float = 10.0  # p(t) = (t/T)^γ
+    prompt: Literal["empty", "fixed", "captions"] = "empty"
+    prompt_text: str = ""
+    caption_file: str | None = None
+    prompt_dropout: float = 0.0  # for classifier-free guidance
+    gradient_accumulation: int = 1
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 10
+    sample_every: int = 10
+    log_every: int = 1
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams = BaseParams()
     backbone: BackboneParams = BackboneParams()
@@ -131,6 +168,8 @@ class Params:
     encode: EncodeParams = EncodeParams()
     model: ModelParams = ModelParams()
     clip: ClipParams = ClipParams()
+    train_clip: TrainClipParams = TrainClipParams()
+    train_sdsr: TrainSdsrParams = TrainSdsrParams()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)

@@ -154,12 +154,19 @@ def _slug(text: str) -> str:
     return out[-60:] or "img"
 
 
-def _embedded() -> Iterator[SourceImage]:
+def _embedded_photo(name: str) -> np.ndarray:
     import skimage.data
 
+    if name.startswith("motorcycle_"):  # stereo_motorcycle() returns (left, right, disparity)
+        left, right, _ = skimage.data.stereo_motorcycle()
+        return left if name.endswith("left") else right
+    return getattr(skimage.data, name)()
+
+
+def _embedded() -> Iterator[SourceImage]:
     for name in EMBEDDED_PHOTOS:
         def load(name=name):
-            return normalise(Image.fromarray(np.asarray(getattr(skimage.data, name)())))
+            return normalise(Image.fromarray(np.asarray(_embedded_photo(name))))
         yield SourceImage(key=f"embedded_{name}", label=f"skimage:{name}", load=load)
 
 

@@ -1,0 +1,199 @@
+"""Stage ``encode``: LQ/HQ pairs → scaled VAE latents in safetensors shards, and the Dataset.
+
+Layout of ``data/latents/``::
+
+    shard-00000.safetensors   tensors "lq", "hq": (N, C, h, w); metadata: ids, params hash
+    ...
+    manifest.json             written last: counts, shapes, dtype, shards (+ sha256), source hashes
+    report.json               pairs skipped, with the reason
+
+Latents are ``vae.encode(x).latent_dist.mode() * vae.config.scaling_factor`` for x in [-1, 1]:
+the posterior mean, so the cache is deterministic. LQ is the degraded image resized back to HQ
+size (``degraded/lq_up``), as ConsisSR's ControlNet and TALA use it at latent size.
+
+Every shard is written to a temporary file and renamed, so a run killed mid-write leaves no
+readable partial shard; a rerun keeps the complete shards whose ids and params hash match and
+writes the rest. ``LatentPairDataset`` refuses a folder without a manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from consissr.io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _read_pair(prepared: Path, degraded: Path, item_id: str) -> tuple[np.ndarray, np.ndarray, str]:
+    hq_path, lq_path = prepared / "hq" / f"{item_id}.png", degraded / "lq_up" / f"{item_id}.png"
+    arrays = []
+    for path in (hq_path, lq_path):
+        try:
+            with Image.open(path) as img:
+                if img.mode != "RGB":
+                    raise ValueError(f"{path}: expected an RGB PNG, got mode {img.mode}")
+                arrays.append(np.asarray(img, dtype=np.uint8))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: missing") from None
+        except OSError as exc:
+            raise ValueError(f"{path}: unreadable: {exc}") from None
+    if arrays[0].shape != arrays[1].shape:
+        raise ValueError(f"{lq_path}: size {arrays[1].shape[:2]} differs from HQ {arrays[0].shape[:2]}")
+    digest = hashlib.sha256(_file_sha256(hq_path).encode() + _file_sha256(lq_path).encode()).hexdigest()
+    return arrays[0], arrays[1], digest
+
+
+def _to_model(batch: list[np.ndarray], device, dtype) -> torch.Tensor:
+    x = torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x.to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
+    """Scaled latents of images in [-1, 1] (SD convention: posterior mode x scaling_factor)."""
+    return vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
+
+
+def _shard_ok(path: Path, ids: list[str], params_hash: str) -> bool:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            return json.loads(meta.get("ids", "[]")) == ids and meta.get("params_hash") == params_hash
+    except Exception:  # noqa: BLE001 - any unreadable file is simply rewritten
+        return False
+
+
+def encode_pairs(prepared_dir, degraded_dir, out_dir, params, *, backbone_dir="data/models/backbone") -> dict:
+    """Encode every pair listed in ``degraded_dir/index.json``; return the manifest."""
+    from consissr.models.backbone import load_vae, resolve_source
+
+    prepared, degraded, out = Path(prepared_dir), Path(degraded_dir), Path(out_dir)
+    index_path = degraded / "index.json"
+    if not index_path.is_file():
+        raise FileNotFoundError(f"{index_path}: missing; run the degrade stage first")
+    ids = [item["id"] for item in json.loads(index_path.read_text())["items"]]
+    p = params.encode
+    device = resolve_device(params.base.device)
+    dtype = _DTYPES[p.dtype]
+    source = resolve_source(params.backbone.pretrained, backbone_dir)
+    vae = load_vae(source, revision=params.backbone.revision).to(device=device, dtype=dtype).eval()
+    params_hash = params.section_hash("backbone", "encode")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # the manifest is the commit record: gone until done
+
+    # read and check every pair first, so shard contents are fixed before anything is written
+    pairs, skipped = [], []
+    for item_id in tqdm(ids, desc="encode: read", unit="pair", leave=False):
+        try:
+            hq, lq, digest = _read_pair(prepared, degraded, item_id)
+        except ValueError as exc:
+            log.warning("skip %s", exc)
+            skipped.append({"id": item_id, "reason": str(exc)})
+            continue
+        pairs.append((item_id, hq, lq, digest))
+    if not pairs:
+        raise RuntimeError(f"encode: none of the {len(ids)} pairs listed in {index_path} could be read")
+    shapes = {pair[1].shape for pair in pairs}
+    if len(shapes) > 1:
+        raise ValueError(f"{prepared}: crops of different sizes {sorted(shapes)}; one crop_size per cache")
+
+    shards, reused = [], 0
+    bar = tqdm(total=len(pairs), desc="encode", unit="pair")
+    for start in range(0, len(pairs), p.shard_size):
+        chunk = pairs[start:start + p.shard_size]
+        chunk_ids = [c[0] for c in chunk]
+        path = out / f"shard-{len(shards):05d}.safetensors"
+        if path.exists() and _shard_ok(path, chunk_ids, params_hash):
+            reused += 1
+        else:
+            lq_lat, hq_lat = [], []
+            for b in range(0, len(chunk), p.batch_size):
+                part = chunk[b:b + p.batch_size]
+                hq_lat.append(encode_latents(vae, _to_model([c[1] for c in part], device, dtype)).cpu())
+                lq_lat.append(encode_latents(vae, _to_model([c[2] for c in part], device, dtype)).cpu())
+                bar.update(len(part))
+            tensors = {"lq": torch.cat(lq_lat).contiguous(), "hq": torch.cat(hq_lat).contiguous()}
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata={"ids": json.dumps(chunk_ids), "params_hash": params_hash})
+        shards.append({"file": path.name, "count": len(chunk), "sha256": _file_sha256(path),
+                       "sources_sha256": hashlib.sha256("".join(c[3] for c in chunk).encode()).hexdigest()})
+    bar.close()
+    for stale in sorted(out.glob("shard-*.safetensors"))[len(shards):]:
+        stale.unlink()
+
+    with safe_open(str(out / shards[0]["file"]), framework="pt") as f:
+        latent_shape = list(f.get_slice("hq").get_shape()[1:])
+    manifest = {
+        "count": len(pairs), "latent_shape": latent_shape, "image_shape": list(pairs[0][1].shape),
+        "dtype": p.dtype, "scaling_factor": float(vae.config.scaling_factor), "backbone": source,
+        "params_hash": params_hash, "shards": shards, "skipped": len(skipped),
+    }
+    write_json(out / "report.json", {"encoded": len(pairs), "shards_reused": reused, "skipped": skipped})
+    write_json(out / MANIFEST, manifest)
+    log.info("encode: %d pairs in %d shards (%d reused), latent %s, %d skipped",
+             len(pairs), len(shards), reused, latent_shape, len(skipped))
+    return manifest
+
+
+class LatentPairDataset(Dataset):
+    """Streams (LQ latent, HQ latent, id) from the shards a finished ``encode`` wrote."""
+
+    def __init__(self, root: str | Path, *, verify: bool = False):
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path}: missing: the latent cache is incomplete; rerun `consissr encode`")
+        self.manifest = json.loads(manifest_path.read_text())
+        self._index: list[tuple[int, int]] = []
+        self.ids: list[str] = []
+        for s, shard in enumerate(self.manifest["shards"]):
+            path = self.root / shard["file"]
+            if verify and _file_sha256(path) != shard["sha256"]:
+                raise ValueError(f"{path}: checksum differs from {manifest_path}")
+            with safe_open(str(path), framework="pt") as f:
+                self.ids += json.loads(f.metadata()["ids"])
+            self._index += [(s, i) for i in range(shard["count"])]
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def _shard(self, s: int):
+        if s not in self._handles:  # opened lazily, per worker process
+            self._handles[s] = safe_open(str(self.root / self.manifest["shards"][s]["file"]), framework="pt")
+        return self._handles[s]
+
+    def __getitem__(self, i: int) -> dict:
+        s, row = self._index[i]
+        f = self._shard(s)
+        return {"lq": f.get_slice("lq")[row], "hq": f.get_slice("hq")[row], "id": self.ids[i]}
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        return state

@@ -1,0 +1,103 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from consissr.config import Params, ParamsError, leaf_keys, load_params
+from conftest import REPO
+
+
+def write(tmp_path, text):
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_repo_params_load_and_list_every_knob():
+    params = load_params(REPO / "params.yaml")
+    assert params.base.profile == "tiny"
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    # every leaf of the sections present in params.yaml is written out explicitly
+    for section in raw:
+        for key in leaf_keys(getattr(params, section), f"{section}."):
+            node = raw
+            for part in key.split("."):
+                assert part in node, f"params.yaml does not spell out {key}"
+                node = node[part]
+
+
+def test_unknown_key_is_named(tmp_path):
+    path = write(tmp_path, "degrade:\n  first:\n    noise_rnage: [1, 2]\n")
+    with pytest.raises(ParamsError, match=r"degrade\.first\.noise_rnage"):
+        load_params(path)
+
+
+def test_unknown_section_is_named(tmp_path):
+    with pytest.raises(ParamsError, match=r"unknown key degrad\b"):
+        load_params(write(tmp_path, "degrad: {}\n"))
+
+
+@pytest.mark.parametrize("text, key", [
+    ("base:\n  seed: '7'\n", "base.seed"),
+    ("base:\n  seed: true\n", "base.seed"),
+    ("prepare:\n  crop_size: 12.5\n", "prepare.crop_size"),
+    ("degrade:\n  first:\n    noise_range: [1, 2, 3]\n", "degrade.first.noise_range"),
+    ("degrade:\n  first:\n    noise_range: [1, abc]\n", r"degrade.first.noise_range\[1\]"),
+    ("degrade:\n  usm_sharpen: 1\n", "degrade.usm_sharpen"),
+    ("base:\n  profile: huge\n", "base.profile"),
+    ("encode:\n  dtype: float64\n", "encode.dtype"),
+    ("prepare:\n  sources: embedded\n", "prepare.sources"),
+])
+def test_wrong_type_is_named(tmp_path, text, key):
+    with pytest.raises(ParamsError, match=key):
+        load_params(write(tmp_path, text))
+
+
+def test_values_are_typed_and_defaults_fill_in(tmp_path):
+    params = load_params(write(tmp_path, "degrade:\n  first:\n    noise_range: [2, 20]\n"))
+    assert params.degrade.first.noise_range == (2.0, 20.0)
+    assert all(isinstance(v, float) for v in params.degrade.first.noise_range)
+    assert params.degrade.second == Params().degrade.second
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.base.seed = 3
+
+
+def test_overrides_use_dotted_keys(tmp_path):
+    params = load_params(write(tmp_path, "base:\n  seed: 1\n"), {"base.seed": 5, "encode.batch_size": 2})
+    assert (params.base.seed, params.encode.batch_size) == (5, 2)
+    with pytest.raises(ParamsError, match="encode.batchsize"):
+        load_params(write(tmp_path, "{}"), {"encode.batchsize": 2})
+
+
+def test_paper_config_matches_section_4_1():
+    params = load_params(REPO / "configs" / "paper.yaml")
+    assert params.base.profile == "paper"
+    assert params.prepare.crop_size == 512
+    assert params.backbone.pretrained == "stabilityai/stable-diffusion-2-1-base"
+    assert (params.clip.model_name, params.clip.pretrained) == ("ViT-H-14", "laion2b_s32b_b79k")
+
+
+def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
+    with pytest.raises(ParamsError, match="nope.yaml"):
+        load_params(tmp_path / "nope.yaml")
+    with pytest.raises(ParamsError, match="params.yaml: not valid YAML"):
+        load_params(write(tmp_path, "base: [\n"))
+
+
+def test_paper_config_has_the_section_4_1_training_settings():
+    params = load_params(REPO / "configs" / "paper.yaml")
+    c, s = params.train_clip, params.train_sdsr
+    assert (c.batch_size, c.lr, c.betas, c.iterations, params.clip.image_size) == (8, 1e-5, (0.9, 0.99), 100_000, 224)
+    assert (s.batch_size, s.lr, s.betas, s.iterations, s.gamma) == (8, 5e-5, (0.9, 0.99), 200_000, 10.0)
+
+
+def test_paper_config_spells_out_every_section_of_params_yaml():
+    default = yaml.safe_load((REPO / "params.yaml").read_text())
+    paper = yaml.safe_load((REPO / "configs" / "paper.yaml").read_text())
+
+    def keys(node, prefix=""):
+        if not isinstance(node, dict):
+            return {prefix}
+        return set().union(*(keys(v, f"{prefix}{k}.") for k, v in node.items()))
+
+    assert keys(default) <= keys(paper), "configs/paper.yaml must be a complete drop-in for params.yaml"
