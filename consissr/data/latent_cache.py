@@ -105,6 +105,8 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, params, *, backbone_dir="d
     params_hash = params.section_hash("backbone", "encode")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest is the commit record: gone until done
+    for leftover in out.glob(".shard-*"):  # temp files of a run that was killed mid-write
+        leftover.unlink()
 
     # read and check every pair first, so shard contents are fixed before anything is written
     pairs, skipped = [], []
