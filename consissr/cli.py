@@ -75,7 +75,8 @@ def _encode_args(p):
 def run_encode(params: Params, args) -> None:
     from consissr.data.latent_cache import encode_pairs
 
-    encode_pairs(args.prepared, args.degraded, args.out, params, backbone_dir=args.backbone)
+    encode_pairs(args.prepared, args.degraded, args.out, encode=params.encode, backbone=params.backbone,
+                 device=params.base.device, backbone_dir=args.backbone)
 
 
 @stage("model-info", "print total and trainable parameter counts per part (both profiles)")

@@ -111,6 +111,10 @@ class ModelParams:
     pos_embed: bool = True  # learned absolute positional embedding on self-attention
     transposed_attention: bool = True  # Restormer-style channel self-attention
     controlnet_conditioning: Literal["latent", "pixel"] = "latent"
+    # latent side of the training crops (prepare.crop_size / 8; paper: 512 / 8 = 64): the grid
+    # the positional tables are stored on before bilinear resizing to other sizes
+    pos_embed_grid: int = 16
+    num_image_tokens: int = 4  # N robust-CLIP image tokens per prompt (IP-Adapter: 4; authors' code: 1)
 
 
 @dataclass(frozen=True)
@@ -174,10 +178,12 @@ class Params:
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
 
-    def section_hash(self, *sections: str) -> str:
-        """Stable hash of the named sections, recorded in manifests to tie outputs to params."""
-        data = {name: _to_plain(getattr(self, name)) for name in sections}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def section_hash(*sections: Any) -> str:
+    """Stable hash of params sections, recorded in manifests to tie outputs to their params."""
+    data = [[type(s).__name__, _to_plain(s)] for s in sections]
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # Which sections each DVC stage reads; dvc.yaml's `params:` must list exactly their leaves.

@@ -37,7 +37,8 @@ def pairs(tmp_path):
 
 
 def params(shard_size=3, **encode):
-    return params_from_dict({"base": {"device": "cpu"}, "encode": {"shard_size": shard_size, "batch_size": 2, **encode}})
+    p = params_from_dict({"encode": {"shard_size": shard_size, "batch_size": 2, **encode}})
+    return {"encode": p.encode, "backbone": p.backbone, "device": "cpu"}
 
 
 def shard_arrays(folder):
@@ -50,7 +51,7 @@ def shard_arrays(folder):
 
 def test_encode_writes_scaled_latents_and_a_manifest(pairs, tiny_backbone, tmp_path):
     prepared, degraded = pairs
-    manifest = encode_pairs(prepared, degraded, tmp_path / "lat", params(), backbone_dir=tiny_backbone)
+    manifest = encode_pairs(prepared, degraded, tmp_path / "lat", **params(), backbone_dir=tiny_backbone)
     assert manifest["count"] == N and [s["count"] for s in manifest["shards"]] == [3, 3, 1]
     assert manifest["latent_shape"] == [4, SIZE // 8, SIZE // 8] and manifest["dtype"] == "float32"
     assert json.loads((tmp_path / "lat" / "manifest.json").read_text()) == manifest
@@ -73,7 +74,7 @@ def test_bad_pair_is_skipped_and_reported(pairs, tiny_backbone, tmp_path):
     prepared, degraded = pairs
     (degraded / "lq_up" / "img2.png").write_bytes(b"garbage")
     (prepared / "hq" / "img5.png").unlink()
-    manifest = encode_pairs(prepared, degraded, tmp_path / "lat", params(), backbone_dir=tiny_backbone)
+    manifest = encode_pairs(prepared, degraded, tmp_path / "lat", **params(), backbone_dir=tiny_backbone)
     report = json.loads((tmp_path / "lat" / "report.json").read_text())
     reasons = {r["id"]: r["reason"] for r in report["skipped"]}
     assert set(reasons) == {"img2", "img5"} and "img5.png: missing" in reasons["img5"]
@@ -94,8 +95,9 @@ CRASH = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         real_save(tensors, path, metadata=metadata)
     lc.save_file = save_then_die
-    p = params_from_dict({"base": {"device": "cpu"}, "encode": {"shard_size": 3, "batch_size": 2}})
-    lc.encode_pairs(sys.argv[1], sys.argv[2], sys.argv[3], p, backbone_dir=sys.argv[4])
+    p = params_from_dict({"encode": {"shard_size": 3, "batch_size": 2}})
+    lc.encode_pairs(sys.argv[1], sys.argv[2], sys.argv[3], encode=p.encode, backbone=p.backbone,
+                    device="cpu", backbone_dir=sys.argv[4])
 """)
 
 
@@ -112,11 +114,11 @@ def test_killed_mid_write_leaves_no_readable_partial_shard_and_rerun_completes(p
         LatentPairDataset(out)
     shard_arrays(out)  # what is there under a final name reads cleanly
 
-    encode_pairs(prepared, degraded, out, params(), backbone_dir=tiny_backbone)
+    encode_pairs(prepared, degraded, out, **params(), backbone_dir=tiny_backbone)
     report = json.loads((out / "report.json").read_text())
     assert report["shards_reused"] == 1 and not list(out.glob(".shard-*"))
     clean = tmp_path / "clean"
-    encode_pairs(prepared, degraded, clean, params(), backbone_dir=tiny_backbone)
+    encode_pairs(prepared, degraded, clean, **params(), backbone_dir=tiny_backbone)
     a, b = shard_arrays(out), shard_arrays(clean)
     assert a.keys() == b.keys() and all(torch.equal(a[k][t], b[k][t]) for k in a for t in ("lq", "hq"))
     assert len(LatentPairDataset(out, verify=True)) == N
@@ -125,9 +127,9 @@ def test_killed_mid_write_leaves_no_readable_partial_shard_and_rerun_completes(p
 def test_changed_params_rewrite_shards_and_drop_stale_ones(pairs, tiny_backbone, tmp_path):
     prepared, degraded = pairs
     out = tmp_path / "lat"
-    encode_pairs(prepared, degraded, out, params(shard_size=2), backbone_dir=tiny_backbone)
+    encode_pairs(prepared, degraded, out, **params(shard_size=2), backbone_dir=tiny_backbone)
     assert len(list(out.glob("shard-*.safetensors"))) == 4
-    encode_pairs(prepared, degraded, out, params(shard_size=4, dtype="bfloat16"), backbone_dir=tiny_backbone)
+    encode_pairs(prepared, degraded, out, **params(shard_size=4, dtype="bfloat16"), backbone_dir=tiny_backbone)
     assert json.loads((out / "report.json").read_text())["shards_reused"] == 0
     assert len(list(out.glob("shard-*.safetensors"))) == 2
     assert LatentPairDataset(out)[0]["hq"].dtype == torch.bfloat16
@@ -136,4 +138,4 @@ def test_changed_params_rewrite_shards_and_drop_stale_ones(pairs, tiny_backbone,
 def test_missing_embedded_backbone_says_how_to_build_it(pairs, tmp_path):
     prepared, degraded = pairs
     with pytest.raises(FileNotFoundError, match="consissr backbone"):
-        encode_pairs(prepared, degraded, tmp_path / "lat", params(), backbone_dir=tmp_path / "nothing")
+        encode_pairs(prepared, degraded, tmp_path / "lat", **params(), backbone_dir=tmp_path / "nothing")

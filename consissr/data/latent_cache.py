@@ -31,6 +31,7 @@ from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
+from consissr.config import section_hash
 from consissr.io import atomic_path, write_json
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,12 @@ def _shard_ok(path: Path, ids: list[str], params_hash: str) -> bool:
         return False
 
 
-def encode_pairs(prepared_dir, degraded_dir, out_dir, params, *, backbone_dir="data/models/backbone") -> dict:
-    """Encode every pair listed in ``degraded_dir/index.json``; return the manifest."""
+def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, device: str = "auto",
+                 backbone_dir="data/models/backbone") -> dict:
+    """Encode every pair listed in ``degraded_dir/index.json``; return the manifest.
+
+    ``encode`` and ``backbone`` are ``config.EncodeParams`` and ``config.BackboneParams``.
+    """
     from consissr.models.backbone import load_vae, resolve_source
 
     prepared, degraded, out = Path(prepared_dir), Path(degraded_dir), Path(out_dir)
@@ -97,12 +102,12 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, params, *, backbone_dir="d
     if not index_path.is_file():
         raise FileNotFoundError(f"{index_path}: missing; run the degrade stage first")
     ids = [item["id"] for item in json.loads(index_path.read_text())["items"]]
-    p = params.encode
-    device = resolve_device(params.base.device)
+    p = encode
+    device = resolve_device(device)
     dtype = _DTYPES[p.dtype]
-    source = resolve_source(params.backbone.pretrained, backbone_dir)
-    vae = load_vae(source, revision=params.backbone.revision).to(device=device, dtype=dtype).eval()
-    params_hash = params.section_hash("backbone", "encode")
+    source = resolve_source(backbone.pretrained, backbone_dir)
+    vae = load_vae(source, revision=backbone.revision).to(device=device, dtype=dtype).eval()
+    params_hash = section_hash(backbone, encode)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest is the commit record: gone until done
     for leftover in out.glob(".shard-*"):  # temp files of a run that was killed mid-write
