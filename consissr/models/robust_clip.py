@@ -1,0 +1,328 @@
+"""Robust CLIP (paper §3.2, Eq. 3): a CLIP image encoder fine-tuned to see through degradations.
+
+A frozen *teacher* CLIP visual tower embeds the high-quality image; a trainable *student* copy
+of it embeds the degraded low-quality image, and the student learns to match the teacher:
+
+    L_robust = || E_student(I_LQ) - E_teacher(I_HQ) ||²            (Eq. 3)
+
+Both towers come from open_clip's own ``create_model_and_transforms`` (the only place this
+project imports open_clip), so the paper's ``ViT-H-14`` / ``laion2b_s32b_b79k`` and the tiny
+``consissr-tiny-vit`` registered from ``clip_configs/`` load through the same code path, as do
+``pretrained=<checkpoint file>`` and ``model_name="local-dir:<folder>"`` (a folder holding
+``open_clip_config.json`` + ``open_clip_model.safetensors``). Only the visual towers are kept.
+
+The trained student is saved as ``robust_clip.safetensors`` + ``config.json``; restoring it
+for inference (``with_teacher=False``) needs no pretrained CLIP weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+if TYPE_CHECKING:
+    from consissr.config import ClipParams
+
+CLIP_CONFIG_DIR = Path(__file__).parent / "clip_configs"
+WEIGHTS_NAME = "robust_clip.safetensors"
+CONFIG_NAME = "config.json"
+PAPER_CLIP = ("ViT-H-14", "laion2b_s32b_b79k")  # paper §4.1
+
+_LOCAL_DIR = "local-dir:"
+_HF_HUB = "hf-hub:"
+_PRECISION = {torch.float32: "fp32", torch.bfloat16: "pure_bf16", torch.float16: "pure_fp16"}
+_INTERPOLATION = {
+    "bicubic": TF.InterpolationMode.BICUBIC,
+    "bilinear": TF.InterpolationMode.BILINEAR,
+    "nearest": TF.InterpolationMode.NEAREST,
+}
+
+
+def _register_configs() -> None:
+    """Make ``consissr-tiny-vit`` (and any other json in clip_configs/) an open_clip model name."""
+    if "consissr-tiny-vit" not in open_clip.list_models():
+        open_clip.add_model_config(CLIP_CONFIG_DIR)
+
+
+_register_configs()
+
+
+def _has_schema(model_name: str) -> bool:
+    return model_name.startswith((_LOCAL_DIR, _HF_HUB))
+
+
+def _load_visual(
+    model_name: str,
+    pretrained: str | None,
+    *,
+    image_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    load_weights: bool,
+    preprocess_cfg: dict[str, Any] | None,
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Build an open_clip model; return its visual tower (text tower dropped) + preprocess cfg."""
+    force = preprocess_cfg or {}
+    model, _, _ = open_clip.create_model_and_transforms(
+        model_name,
+        pretrained=pretrained if load_weights else None,  # a tag would be downloaded even unused
+        load_weights=load_weights,  # for "local-dir:" the folder's weights are skipped
+        precision=_PRECISION[dtype],
+        device=device,
+        force_image_size=image_size,
+        image_mean=force.get("mean"),
+        image_std=force.get("std"),
+        image_interpolation=force.get("interpolation"),
+        image_resize_mode=force.get("resize_mode"),
+    )
+    visual = model.visual
+    cfg = dict(open_clip.get_model_preprocess_cfg(model))
+    del model  # the text tower (ViT-H-14: 354M parameters) goes with it
+    return visual, cfg
+
+
+class RobustCLIP(nn.Module):
+    """Frozen teacher + trainable student CLIP visual towers (paper §3.2, Eq. 3).
+
+    Args:
+        model_name: an open_clip model name (paper: ``"ViT-H-14"``; tiny: ``"consissr-tiny-vit"``)
+            or ``"local-dir:<folder>"`` / ``"hf-hub:<repo>"``, which carry their own weights.
+        pretrained: open_clip pretrained tag (paper: ``"laion2b_s32b_b79k"``) or a checkpoint
+            file path; ``None`` = random init. Must be ``None`` with a ``local-dir:``/``hf-hub:``
+            name.
+        image_size: CLIP input resolution (open_clip's ``force_image_size``; 224 for ViT-H-14).
+        device: where both towers live.
+        dtype: parameter dtype of both towers (float32, bfloat16 or float16).
+        with_teacher: ``False`` builds only the student *architecture*, randomly initialised and
+            without touching pretrained weights — what ``from_pretrained`` uses for inference.
+        preprocess_cfg: overrides open_clip's preprocessing cfg (mean, std, interpolation,
+            resize_mode); ``from_pretrained`` passes the saved one so that it does not depend on
+            the tag.
+
+    Images given to ``preprocess`` / ``*_embeds`` / ``forward`` are (B, 3, H, W) in [0, 1],
+    any H, W: they are resized and centre-cropped to ``image_size`` and normalised exactly as
+    open_clip's own inference transform does for PIL images.
+    """
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        pretrained: str | None = None,
+        image_size: int = 224,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        with_teacher: bool = True,
+        preprocess_cfg: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if _has_schema(model_name) and pretrained is not None:
+            raise ValueError(
+                f"model_name={model_name!r} carries its own weights; pretrained must be None, "
+                f"got {pretrained!r}")
+        if dtype not in _PRECISION:
+            raise ValueError(f"dtype must be one of {list(_PRECISION)}, got {dtype}")
+        self.model_name = model_name
+        self.pretrained = pretrained
+        self.image_size = int(image_size)
+
+        # 1. the CLIP visual tower, through open_clip's own create path
+        visual, cfg = _load_visual(
+            model_name, pretrained, image_size=self.image_size, device=torch.device(device),
+            dtype=dtype, load_weights=with_teacher, preprocess_cfg=preprocess_cfg)
+        self.preprocess_cfg = _plain_preprocess_cfg(cfg)
+
+        # 2. the frozen teacher E and the trainable student E' (initialised as E)
+        self.student = copy.deepcopy(visual) if with_teacher else visual
+        self.student.requires_grad_(True)
+        self.teacher: nn.Module | None = visual if with_teacher else None
+        if self.teacher is not None:
+            self.teacher.requires_grad_(False)
+            self.teacher.eval()
+
+        # 3. normalisation constants as buffers, so they follow .to(device)
+        mean = torch.tensor(self.preprocess_cfg["mean"], dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.preprocess_cfg["std"], dtype=torch.float32).view(1, -1, 1, 1)
+        self.register_buffer("pixel_mean", mean.to(device), persistent=False)
+        self.register_buffer("pixel_std", std.to(device), persistent=False)
+
+        self._embed_dim = int(getattr(visual, "output_dim", 0)) or int(
+            open_clip.get_model_config(model_name)["embed_dim"])
+
+    # ----------------------------------------------------------------------------------------
+    # alternative constructors
+    # ----------------------------------------------------------------------------------------
+    @classmethod
+    def from_params(
+        cls, params: ClipParams, *, device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> RobustCLIP:
+        """Build teacher + student from the ``clip:`` section of params.yaml."""
+        return cls(model_name=params.model_name, pretrained=params.pretrained,
+                   image_size=params.image_size, device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        with_teacher: bool = False,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> RobustCLIP:
+        """Restore a saved student (bit-exactly when ``dtype`` is the saved one, the default).
+
+        ``with_teacher=False`` (inference) builds the student architecture without pretrained
+        weights; ``with_teacher=True`` also reloads the frozen teacher from model_name/pretrained.
+        """
+        directory = Path(directory)
+        config = json.loads((directory / CONFIG_NAME).read_text())
+        state = load_file(directory / WEIGHTS_NAME, device="cpu")
+        if dtype is None:
+            dtype = next(t.dtype for t in state.values() if t.is_floating_point())
+        model = cls(
+            model_name=config["model_name"], pretrained=config["pretrained"],
+            image_size=config["image_size"], device=device, dtype=dtype,
+            with_teacher=with_teacher, preprocess_cfg=config["preprocess_cfg"])
+        model.student.load_state_dict(state, strict=True)
+        if model.embed_dim != config["embed_dim"]:
+            raise ValueError(
+                f"{directory}: embed_dim {model.embed_dim} != saved {config['embed_dim']}")
+        return model
+
+    # ----------------------------------------------------------------------------------------
+    # save
+    # ----------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the student tower (``robust_clip.safetensors``) and ``config.json`` atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.student.state_dict().items()}
+        config = {"model_name": self.model_name, "pretrained": self.pretrained,
+                  "image_size": self.image_size, "embed_dim": self.embed_dim,
+                  "preprocess_cfg": self.preprocess_cfg}
+        # weights first: config.json appearing marks a complete save
+        _atomic_write(directory / WEIGHTS_NAME,
+                      lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
+        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
+        _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+        return directory
+
+    # ----------------------------------------------------------------------------------------
+    # model
+    # ----------------------------------------------------------------------------------------
+    @property
+    def embed_dim(self) -> int:
+        """Width of the CLIP image embedding (ViT-H-14: 1024; consissr-tiny-vit: 64)."""
+        return self._embed_dim
+
+    def train(self, mode: bool = True) -> RobustCLIP:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher never leaves eval mode
+        return self
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """open_clip's inference transform on a (B, 3, H, W) batch in [0, 1] → (B, 3, S, S).
+
+        Resize (``resize_mode``, antialiased ``interpolation``) and centre-crop/pad to
+        ``image_size``, clamp to [0, 1] as PIL's uint8 output does, then (x - mean) / std.
+        Computed in float32 whatever the input dtype.
+        """
+        if images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"expected (B, 3, H, W) images in [0, 1], got shape {tuple(images.shape)}")
+        x = images.float()
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # open_clip converts every PIL mode to RGB
+        cfg = self.preprocess_cfg
+        size_cfg = cfg["size"]
+        target = tuple(size_cfg) if isinstance(size_cfg, (list, tuple)) else (size_cfg, size_cfg)
+        interpolation = _INTERPOLATION[cfg["interpolation"]]
+        mode = cfg["resize_mode"]
+        h, w = x.shape[-2:]
+        if mode == "squash":
+            size = list(target)
+        elif mode == "shortest" and target[0] == target[1]:
+            size = [target[0]]  # torchvision's shortest-edge Resize(int), as open_clip uses
+        elif mode in ("shortest", "longest"):  # open_clip's ResizeKeepRatio
+            ratios = (h / target[0], w / target[1])
+            ratio = max(ratios) if mode == "longest" else min(ratios)
+            size = [round(h / ratio), round(w / ratio)]
+        else:
+            raise ValueError(f"unknown open_clip resize_mode {mode!r}")
+        x = TF.resize(x, size, interpolation=interpolation,
+                      antialias=interpolation != TF.InterpolationMode.NEAREST)
+        x = x.clamp(0.0, 1.0)
+        x = _center_crop_or_pad(x, target, fill=cfg.get("fill_color", 0) / 255.0)
+        return (x - self.pixel_mean.float()) / self.pixel_std.float()
+
+    def teacher_embeds(self, hq: torch.Tensor) -> torch.Tensor:
+        """E(I_HQ): frozen teacher image embeddings (B, embed_dim), no graph."""
+        if self.teacher is None:
+            raise RuntimeError("this RobustCLIP was restored with with_teacher=False")
+        with torch.no_grad():
+            return _encode(self.teacher, self.preprocess(hq))
+
+    def student_embeds(self, lq: torch.Tensor) -> torch.Tensor:
+        """E'(I_LQ): student image embeddings (B, embed_dim).
+
+        Unnormalised, like open_clip's ``encode_image(normalize=False)``: Eq. 3 matches the
+        embeddings themselves, and they are what conditions the diffusion model downstream.
+        """
+        return _encode(self.student, self.preprocess(lq))
+
+    def forward(self, lq: torch.Tensor, hq: torch.Tensor) -> torch.Tensor:
+        """The Robust CLIP training loss on a batch of degraded / clean images (Eq. 3)."""
+        return robust_clip_loss(self.student_embeds(lq), self.teacher_embeds(hq))
+
+
+def robust_clip_loss(student_lq: torch.Tensor, teacher_hq: torch.Tensor) -> torch.Tensor:
+    """Eq. 3: L_robust = MSE(E'(I_LQ), E(I_HQ)), mean over batch and embedding, in float32."""
+    return F.mse_loss(student_lq.float(), teacher_hq.detach().float())
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+def _encode(tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    dtype = next(tower.parameters()).dtype
+    return tower(pixels.to(dtype))  # = open_clip CLIP.encode_image(normalize=False)
+
+
+def _center_crop_or_pad(x: torch.Tensor, target: tuple[int, int], fill: float) -> torch.Tensor:
+    """open_clip's CenterCrop / CenterCropOrPad (same offsets as torchvision's center_crop)."""
+    th, tw = target
+    h, w = x.shape[-2:]
+    if h < th or w < tw:
+        pad_w, pad_h = max(tw - w, 0), max(th - h, 0)
+        x = TF.pad(x, [pad_w // 2, pad_h // 2, (pad_w + 1) // 2, (pad_h + 1) // 2], fill=fill)
+    return TF.center_crop(x, [th, tw])
+
+
+def _plain_preprocess_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
+    """JSON-friendly copy of open_clip's preprocess cfg (tuples → lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+__all__ = ["CLIP_CONFIG_DIR", "PAPER_CLIP", "RobustCLIP", "robust_clip_loss"]
