@@ -1,0 +1,210 @@
+"""Hybrid Prompt Adapter (paper §3.2, Fig. 3): text and robust-CLIP image prompts in one cross-attention.
+
+Every cross-attention (``attn2``) of the UNet and of the ControlNet gets a
+``HybridPromptAttnProcessor``. With the layer's *original, frozen* ``to_q``/``to_k``/``to_v``
+it runs two scaled-dot-product attentions that share the query::
+
+    text  = Attn(Q, K_txt, V_txt)          K_txt, V_txt = to_k(c_txt), to_v(c_txt)
+    image = Attn(Q, K_img, V_img)          K_img, V_img = to_k(c_img), to_v(c_img)
+    out   = to_out(text + scale · W_img(image))
+
+``W_img`` (``HybridPromptAdapter.to_out_image``) is the only new weight per layer: an
+``nn.Linear(head_dim, head_dim)`` applied to every head's image output, zero-initialised, as in
+the authors' code (``to_out_ip``). Decoupling through the *same* ``to_k``/``to_v`` keeps the
+image tokens in the space the frozen SD already reads prompts from; only how much of the image
+answer enters the residual stream is learned.
+
+Image tokens ``c_img`` are made once per forward by ``ImageProjection`` from the robust CLIP
+image embedding (B, D): ``Linear(D → N·C)`` + ``LayerNorm(C)``, IP-Adapter's ``ImageProjModel``,
+where C is the cross-attention width (SD 2.1: 1024) and N the number of image tokens. The
+projection is *not* zero-initialised: the zero ``to_out_image`` already makes a fresh adapter
+an exact no-op, and zeroing both would leave each without gradient forever (the authors'
+``ft_layers`` zero their last layer *and* ``to_out_ip``).
+
+How image tokens reach the processors: through the models' normal forward as
+``cross_attention_kwargs={IMAGE_TOKENS_KWARG: tokens}`` (``"ip_hidden_states"``), e.g.
+``unet(x, t, text, cross_attention_kwargs={"ip_hidden_states": tokens})``. diffusers'
+``Attention.forward`` silently drops that one key for processors that do not take it (its
+``quiet_attn_parameters``), so the self-attention processors elsewhere are left as they are and
+no warning is logged per layer. No tokens (or ``scale == 0``) gives the text-only attention,
+computed exactly as diffusers' ``AttnProcessor2_0`` does.
+
+The processors are plain objects, not ``nn.Module``s: the trainable ``HybridPromptAdapter``s live
+in the ``nn.ModuleDict`` that ``install_hybrid_prompt_adapter`` returns (owned by
+``ConsisSRNet``), so the UNet's and ControlNet's own ``state_dict``/``save_pretrained`` stay
+exactly diffusers' format.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGE_TOKENS_KWARG = "ip_hidden_states"
+_PROCESSOR_SUFFIX = ".processor"
+
+
+def module_key(layer_name: str) -> str:
+    """``down_blocks.0.attentions.0.transformer_blocks.0.attn2`` → a legal ``ModuleDict`` key."""
+    return layer_name.replace(".", "-")
+
+
+class ImageProjection(nn.Module):
+    """Robust CLIP image embedding (B, D) → N image tokens (B, N, C) (IP-Adapter's ImageProjModel).
+
+    Args:
+        image_embed_dim: D, the CLIP embedding width (ViT-H-14: 1024; tiny: 64).
+        cross_attention_dim: C, the width the frozen ``to_k``/``to_v`` read (SD 2.1: 1024).
+        num_tokens: N.
+    """
+
+    def __init__(self, *, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 4) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.proj = nn.Linear(image_embed_dim, num_tokens * cross_attention_dim)
+        self.norm = nn.LayerNorm(cross_attention_dim)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = self.proj(image_embeds).reshape(-1, self.num_tokens, self.cross_attention_dim)
+        return self.norm(tokens)
+
+
+class HybridPromptAdapter(nn.Module):
+    """The trainable part of one hybrid cross-attention: the zero-initialised image output layer."""
+
+    def __init__(self, head_dim: int) -> None:
+        super().__init__()
+        self.to_out_image = nn.Linear(head_dim, head_dim)
+        nn.init.zeros_(self.to_out_image.weight)
+        nn.init.zeros_(self.to_out_image.bias)
+
+    def forward(self, image_heads: torch.Tensor) -> torch.Tensor:
+        return self.to_out_image(image_heads)
+
+
+class HybridPromptAttnProcessor:
+    """Decoupled text + image cross-attention through the layer's own frozen projections.
+
+    Args:
+        adapter: this layer's ``HybridPromptAdapter`` (its ``to_out_image`` weight).
+        scale: run-time weight of the image branch (``set_hpa_scale`` changes it in place).
+    """
+
+    def __init__(self, adapter: HybridPromptAdapter, scale: float = 1.0) -> None:
+        self.adapter = adapter
+        self.scale = float(scale)
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        ip_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        # 1. pre-process, exactly as diffusers' AttnProcessor2_0
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        # 2. text branch: the layer's own attention
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        # 3. image branch: same query, the same frozen to_k/to_v, zero-initialised output layer
+        if ip_hidden_states is not None and self.scale != 0.0:
+            image_tokens = ip_hidden_states
+            if attn.norm_cross:
+                image_tokens = attn.norm_encoder_hidden_states(image_tokens)
+            image_key = attn.to_k(image_tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            image_value = attn.to_v(image_tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+            if attn.norm_k is not None:
+                image_key = attn.norm_k(image_key)
+            image = F.scaled_dot_product_attention(query, image_key, image_value, dropout_p=0.0, is_causal=False)
+            image = self.adapter(image.to(query.dtype))  # per head: (B, heads, L, head_dim)
+            image = image.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            hidden_states = hidden_states + self.scale * image
+
+        # 4. the layer's original output projection
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def cross_attention_layers(model: nn.Module) -> list[str]:
+    """Names of every cross-attention layer (``...transformer_blocks.K.attn2``) of a UNet/ControlNet."""
+    return [name[: -len(_PROCESSOR_SUFFIX)] for name in model.attn_processors
+            if name.endswith("attn2" + _PROCESSOR_SUFFIX)]
+
+
+def install_hybrid_prompt_adapter(
+    model: nn.Module,
+    *,
+    scale: float = 1.0,
+    adapters: nn.ModuleDict | None = None,
+) -> nn.ModuleDict:
+    """Put a ``HybridPromptAttnProcessor`` on every ``attn2`` of ``model`` (UNet or ControlNet).
+
+    Other layers keep the processors they have. Returns the per-layer adapters keyed by
+    ``module_key(layer name)``; pass ``adapters`` to reuse existing ones (e.g. when loading).
+    """
+    processors = dict(model.attn_processors)
+    if any(isinstance(p, HybridPromptAttnProcessor) for p in processors.values()):
+        raise ValueError(f"{type(model).__name__} already has hybrid prompt adapters installed")
+    names = cross_attention_layers(model)
+    if adapters is None:
+        adapters = nn.ModuleDict()
+        for name in names:
+            attn = model.get_submodule(name)
+            weight = attn.to_q.weight  # build where the layer lives (the meta device too)
+            adapter = HybridPromptAdapter(attn.inner_dim // attn.heads)
+            adapters[module_key(name)] = adapter.to(device=weight.device, dtype=weight.dtype)
+    if set(adapters) != {module_key(name) for name in names}:
+        raise ValueError(f"the adapters given do not match the cross-attention layers of {type(model).__name__}")
+    for name in names:
+        processors[name + _PROCESSOR_SUFFIX] = HybridPromptAttnProcessor(adapters[module_key(name)], scale)
+    model.set_attn_processor(processors)
+    return adapters
+
+
+def set_hpa_scale(model: nn.Module, scale: float) -> None:
+    """Set the image-branch weight of every hybrid cross-attention of ``model`` at run time."""
+    for processor in model.attn_processors.values():
+        if isinstance(processor, HybridPromptAttnProcessor):
+            processor.scale = float(scale)

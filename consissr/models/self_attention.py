@@ -1,0 +1,275 @@
+"""Self-attention additions to the frozen UNet (paper §3.3, Fig. 5).
+
+Two zero-initialised, trainable additions to every transformer block's self-attention
+(``attn1``) of the UNet, installed as one attention processor per layer
+(``ConsisSelfAttnProcessor``) so diffusers' models are used as they are:
+
+1. **Learned absolute positional embedding.** A (head_dim, G_l, G_l) table per layer, zero at
+   start, added — as in the authors' code (``MemoryEfficientSelfAttentionWithPosEmb``) — to the
+   projected queries and keys of every head (values are left alone). G_l is the layer's token
+   grid for the training crop (``pos_embed_grid`` latent pixels divided by the level's
+   downsampling). At any other latent size (non-square, not 512², odd) the table is resized
+   bilinearly to the layer's actual h×w; at the training size it is used as stored. The
+   authors' code only accepts 512² inputs.
+2. **Transposed (channel) self-attention** in Restormer's MDTA form (Zamir et al. 2022, §3.1):
+   1×1 conv then 3×3 depthwise conv make Q, K, V; per head, L2-normalised Q and K give a C×C
+   attention scaled by a learned temperature; a 1×1 conv projects out. The output projection is
+   zero-initialised and the branch is added to the self-attention output, i.e. residually in
+   the block: ``x + SA(n1(x)) + TA(n1(x))`` with ``n1`` the block's own ``norm1``. (The authors'
+   code runs it after ``attn1`` with its own LayerNorm; a processor can only see ``attn1``'s
+   input, and at zero initialisation both forms are the same function.)
+
+Both additions need the layer's spatial size, which the token sequence (B, h·w, C) does not
+carry: a forward pre-hook on each ``Transformer2DModel`` records its input's (h, w), keyed by
+token count, on the processors of its blocks (the key keeps a recomputation under gradient
+checkpointing on the right shape).
+
+The trainable modules live in the ``nn.ModuleDict`` that ``install_self_attention`` returns
+(owned by ``ConsisSRNet``); the processors are plain objects, so the UNet's own ``state_dict``
+stays diffusers' format.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from consissr.models.hpa import module_key
+
+_PROCESSOR_SUFFIX = ".processor"
+_LEVEL = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.|^(mid_block)\.")
+
+
+class TransposedSelfAttention(nn.Module):
+    """Restormer's multi-Dconv head transposed attention (MDTA) with a zero-initialised output.
+
+    Args:
+        dim: channels C of the tokens.
+        heads: number of heads the channels are split into (the layer's own head count).
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.temperature = nn.Parameter(torch.ones(heads, 1, 1))
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=False)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=False)
+        self.project_out = nn.Conv2d(dim, dim, kernel_size=1, bias=False)
+        nn.init.zeros_(self.project_out.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) → (B, C, h, w)."""
+        b, c, h, w = x.shape
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = (t.reshape(b, self.heads, c // self.heads, h * w) for t in (q, k, v))
+        q = F.normalize(q, dim=-1)
+        k = F.normalize(k, dim=-1)
+        attn = ((q @ k.transpose(-2, -1)) * self.temperature).softmax(dim=-1)  # (B, heads, C/h, C/h)
+        out = (attn @ v).reshape(b, c, h, w)
+        return self.project_out(out)
+
+
+class SelfAttentionAddition(nn.Module):
+    """The trainable additions of one ``attn1``: positional table and/or transposed attention.
+
+    Args:
+        dim: the layer's token width (heads × head_dim).
+        heads: the layer's head count.
+        grid: (G_h, G_w), the layer's token grid at the training size.
+        pos_embed / transposed_attention: which additions to build.
+    """
+
+    def __init__(self, *, dim: int, heads: int, grid: tuple[int, int], pos_embed: bool,
+                 transposed_attention: bool) -> None:
+        super().__init__()
+        self.heads = heads
+        self.grid = tuple(grid)
+        self.pos_embed = nn.Parameter(torch.zeros(1, dim // heads, *grid)) if pos_embed else None
+        self.transposed = TransposedSelfAttention(dim, heads) if transposed_attention else None
+
+    def positional(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+        """The table at (height, width), repeated over heads: (1, height·width, heads·head_dim)."""
+        table = self.pos_embed
+        if (height, width) != self.grid:
+            table = F.interpolate(table, size=(height, width), mode="bilinear", align_corners=False)
+        table = table.flatten(2).transpose(1, 2)  # (1, h·w, head_dim), row-major as the tokens
+        return table.repeat(1, 1, self.heads).to(dtype)
+
+
+class ConsisSelfAttnProcessor:
+    """``attn1`` processor: diffusers' SDPA self-attention + positional embedding + transposed attention.
+
+    ``spatial_shapes`` maps a token count to the (h, w) it came from; the pre-hook fills it.
+    """
+
+    def __init__(self, addition: SelfAttentionAddition) -> None:
+        self.addition = addition
+        self.spatial_shapes: dict[int, tuple[int, int]] = {}
+
+    def _shape(self, tokens: int) -> tuple[int, int]:
+        shape = self.spatial_shapes.get(tokens)
+        if shape is None:
+            side = math.isqrt(tokens)
+            if side * side != tokens:
+                raise RuntimeError(
+                    f"no spatial size recorded for {tokens} tokens; call the model through its "
+                    f"forward so the Transformer2DModel hook sees the feature map")
+            shape = (side, side)
+        return shape
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if encoder_hidden_states is not None or hidden_states.ndim != 3:
+            raise ValueError("ConsisSelfAttnProcessor serves token self-attention (B, h·w, C) only")
+        batch_size, tokens, channels = hidden_states.shape
+        height, width = self._shape(tokens)
+        addition = self.addition
+
+        # 1. transposed (channel) attention on the same normalised input, zero at start
+        transposed = None
+        if addition.transposed is not None:
+            grid = hidden_states.transpose(1, 2).reshape(batch_size, channels, height, width)
+            transposed = addition.transposed(grid).flatten(2).transpose(1, 2)
+
+        # 2. spatial self-attention, as diffusers' AttnProcessor2_0, positions added to Q and K
+        residual = hidden_states
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        if addition.pos_embed is not None:
+            position = addition.positional(height, width, query.dtype)
+            query = query + position
+            key = key + position
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        hidden_states = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        hidden_states = hidden_states / attn.rescale_output_factor
+
+        # 3. both branches go into the block's residual stream
+        if transposed is not None:
+            hidden_states = hidden_states + transposed.to(hidden_states.dtype)
+        return hidden_states
+
+
+def level_downsampling(layer_name: str, num_levels: int) -> int:
+    """How much smaller than the latent a UNet layer's feature map is (1, 2, 4, ...)."""
+    match = _LEVEL.match(layer_name)
+    if match is None:
+        raise ValueError(f"cannot tell the resolution level of {layer_name!r}")
+    if match.group(3):
+        return 2 ** (num_levels - 1)
+    index = int(match.group(2))
+    return 2 ** index if match.group(1) == "down_blocks" else 2 ** (num_levels - 1 - index)
+
+
+def self_attention_layers(unet: nn.Module) -> list[str]:
+    """Names of every self-attention layer (``...transformer_blocks.K.attn1``) of a UNet."""
+    return [name[: -len(_PROCESSOR_SUFFIX)] for name in unet.attn_processors
+            if name.endswith("attn1" + _PROCESSOR_SUFFIX)]
+
+
+class _SelfAttentionHooks(nn.ModuleDict):
+    """The per-layer additions, plus the pre-hook handles that feed their processors (h, w)."""
+
+    hook_handles: list
+
+    def remove_hooks(self) -> None:
+        for handle in getattr(self, "hook_handles", []):
+            handle.remove()
+        self.hook_handles = []
+
+
+def install_self_attention(
+    unet: nn.Module,
+    *,
+    pos_embed: bool = True,
+    pos_embed_grid: int = 64,
+    transposed_attention: bool = True,
+    additions: nn.ModuleDict | None = None,
+) -> nn.ModuleDict:
+    """Install ``ConsisSelfAttnProcessor`` on every ``attn1`` of ``unet``; return the additions.
+
+    Args:
+        unet: a diffusers ``UNet2DConditionModel`` (modified in place: processors and hooks).
+        pos_embed: add the learned absolute positional embedding.
+        pos_embed_grid: latent side of the training crops (paper: 512 / 8 = 64); a level
+            downsampled by f stores a ceil(grid / f)² table.
+        transposed_attention: add the MDTA branch.
+        additions: reuse existing additions (e.g. when loading) instead of new zero ones.
+
+    With both flags off nothing is installed and an empty ``ModuleDict`` comes back.
+    """
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
+
+    processors = dict(unet.attn_processors)
+    if any(isinstance(p, ConsisSelfAttnProcessor) for p in processors.values()):
+        raise ValueError("this UNet already has ConsisSR self-attention additions installed")
+    result = _SelfAttentionHooks()
+    if not (pos_embed or transposed_attention):
+        return result
+    num_levels = len(unet.config.block_out_channels)
+    names = self_attention_layers(unet)
+    for name in names:
+        attn = unet.get_submodule(name)
+        if additions is not None:
+            addition = additions[module_key(name)]
+        else:
+            side = math.ceil(pos_embed_grid / level_downsampling(name, num_levels))
+            addition = SelfAttentionAddition(
+                dim=attn.inner_dim, heads=attn.heads, grid=(side, side), pos_embed=pos_embed,
+                transposed_attention=transposed_attention,
+            ).to(device=attn.to_q.weight.device, dtype=attn.to_q.weight.dtype)
+        result[module_key(name)] = addition
+        processors[name + _PROCESSOR_SUFFIX] = ConsisSelfAttnProcessor(addition)
+    unet.set_attn_processor(processors)
+
+    # every Transformer2DModel tells the processors of its blocks the (h, w) of its input
+    handles = [module.register_forward_pre_hook(_record_spatial_shape, with_kwargs=True)
+               for module in unet.modules() if isinstance(module, Transformer2DModel)]
+    result.hook_handles = handles
+    return result
+
+
+def _record_spatial_shape(module, args, kwargs) -> None:
+    """Forward pre-hook of a ``Transformer2DModel``: (h, w) of its input to its blocks' processors.
+
+    A module-level function that looks the processors up at call time, so a deep copy of the
+    net (an EMA model) or a pickled one records into its own processors.
+    """
+    hidden_states = args[0] if args else kwargs["hidden_states"]
+    height, width = hidden_states.shape[-2:]
+    for block in module.transformer_blocks:
+        processor = getattr(block.attn1, "processor", None)
+        if isinstance(processor, ConsisSelfAttnProcessor):
+            processor.spatial_shapes[height * width] = (height, width)

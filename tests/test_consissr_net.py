@@ -1,0 +1,223 @@
+"""ConsisSRNet: zero-init equivalence, trainable policy, any latent size, save/load, paper counts, HPA."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from consissr.config import ModelParams, Params
+from consissr.models.backbone import build_tiny_backbone
+from consissr.models.consissr import (
+    SD21_BASE_UNET_CONFIG,
+    SD21_BASE_UNET_PARAMETERS,
+    ConsisSRNet,
+    apply_trainable_policy,
+    model_info,
+    print_model_info,
+)
+from consissr.models.hpa import IMAGE_TOKENS_KWARG, HybridPromptAttnProcessor
+from consissr.models.self_attention import SelfAttentionAddition
+
+EMBED_DIM = 64  # the tiny robust CLIP's image embedding width
+PARAMS = ModelParams(pos_embed_grid=16, num_image_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def backbone_dir(tmp_path_factory):
+    return build_tiny_backbone(tmp_path_factory.mktemp("consissr") / "backbone", seed=0)
+
+
+@pytest.fixture(scope="module")
+def vanilla_unet(backbone_dir):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(backbone_dir, subfolder="unet").eval()
+
+
+def make_net(vanilla_unet, params: ModelParams = PARAMS) -> ConsisSRNet:
+    return ConsisSRNet.from_backbone(copy.deepcopy(vanilla_unet), params, image_embed_dim=EMBED_DIM).eval()
+
+
+def inputs(batch=2, height=16, width=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        noisy_latents=torch.randn(batch, 4, height, width, generator=g),
+        t=torch.tensor([10, 700][:batch]),
+        encoder_hidden_states=torch.randn(batch, 77, 64, generator=g),
+        lq_cond=torch.randn(batch, 4, height, width, generator=g),
+        image_embeds=torch.randn(batch, EMBED_DIM, generator=g),
+    )
+
+
+def unet_out(unet, x, tokens=None):
+    kwargs = {IMAGE_TOKENS_KWARG: tokens} if tokens is not None else None
+    return unet(x["noisy_latents"], x["t"], x["encoder_hidden_states"], cross_attention_kwargs=kwargs).sample
+
+
+def randomize(module, seed=1, std=0.05):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("size", [(16, 16), (16, 24), (8, 8)])
+def test_fresh_net_is_the_vanilla_unet_bit_for_bit(vanilla_unet, size):
+    net = make_net(vanilla_unet)
+    x = inputs(height=size[0], width=size[1])
+    reference = unet_out(vanilla_unet, x)
+    tokens = net.image_tokens(x["image_embeds"])
+    assert torch.equal(unet_out(net.unet, x), reference)
+    assert torch.equal(unet_out(net.unet, x, tokens), reference)
+    # the whole net: zero HPA/additions and the ControlNet's zero convolutions
+    assert torch.equal(net(**x), reference)
+    assert torch.equal(net(**{**x, "image_embeds": None}), reference)
+
+
+def test_one_step_trains_only_the_policy(vanilla_unet):
+    net = make_net(vanilla_unet).train()
+    trainable = apply_trainable_policy(net)
+    names = {name for name, p in net.named_parameters() if p.requires_grad}
+    assert {id(p) for p in trainable} == {id(p) for p in net.parameters() if p.requires_grad}
+    # the policy: UNet frozen but its additions; ControlNet all but norm2/attn2 of its blocks
+    assert not any(n.startswith("unet.") for n in names)
+    assert any(n.startswith("self_attention.") for n in names) and any(n.startswith("image_proj.") for n in names)
+    control = {n for n in names if n.startswith("controlnet.")}
+    assert "controlnet.conv_in.weight" in control and "controlnet.controlnet_cond_embedding.conv_in.weight" in control
+    assert any(".attn1.to_q." in n for n in control)
+    assert not any(".attn2." in n or ".transformer_blocks.0.norm2." in n for n in control)
+    assert any(".resnets.0.norm2." in n for n in control)  # the resnets' norm2 is not cross-attention
+
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    x = inputs(height=8, width=8)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        F.mse_loss(net(**x), torch.zeros_like(x["noisy_latents"])).backward()
+        grads = {n: p.grad for n, p in net.named_parameters()}
+        optimizer.step()
+        return grads
+
+    grads = step()
+    assert all(grads[n] is None for n in before if n not in names)
+    # every zero-initialised layer of the UNet gets gradient at once
+    zero_init = [n for n in names if n.endswith(("pos_embed", "project_out.weight"))
+                 or (n.startswith("hpa_unet.") and n.endswith("to_out_image.weight"))]
+    assert len(zero_init) == 3 * 4  # 4 transformer blocks in the tiny UNet (1 down, 1 mid, 2 up)
+    for n in zero_init:
+        assert before[n].abs().max() == 0 and grads[n].abs().max() > 0, n
+    changed = {n for n, p in net.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and changed <= names
+    assert {n for n in zero_init} <= changed
+
+    # the ControlNet's HPA layers sit behind its zero convolutions: gradient from the 2nd step
+    grads = step()
+    for n in names:
+        if n.startswith("hpa_controlnet.") and n.endswith("to_out_image.weight"):
+            assert grads[n].abs().max() > 0, n
+
+
+@torch.no_grad()
+def test_any_latent_size_with_trained_additions(vanilla_unet):
+    net = make_net(vanilla_unet)
+    randomize(net.self_attention)
+    randomize(net.hpa_unet)
+    for size in [(16, 24), (8, 8), (24, 16), (12, 20)]:
+        x = inputs(height=size[0], width=size[1])
+        out = net(**x)
+        assert out.shape == x["noisy_latents"].shape and torch.isfinite(out).all()
+        assert not torch.equal(unet_out(net.unet, x), unet_out(vanilla_unet, x))
+    # the table is used as stored at its training grid, resized bilinearly elsewhere
+    addition = next(a for a in net.self_attention.values() if a.grid == (16, 16))
+    assert isinstance(addition, SelfAttentionAddition)
+    table = addition.pos_embed
+    at_grid = addition.positional(16, 16, torch.float32)
+    assert torch.equal(at_grid[..., : table.shape[1]], table.flatten(2).transpose(1, 2))
+    resized = F.interpolate(table, size=(8, 12), mode="bilinear", align_corners=False)
+    assert torch.equal(addition.positional(8, 12, torch.float32)[..., : table.shape[1]],
+                       resized.flatten(2).transpose(1, 2))
+
+
+@torch.no_grad()
+def test_save_and_load_round_trip_exactly(vanilla_unet, tmp_path):
+    net = make_net(vanilla_unet)
+    for part in (net.self_attention, net.hpa_unet, net.hpa_controlnet, net.image_proj, net.controlnet):
+        randomize(part)
+    net.hpa_scale = 0.7
+    x = inputs(height=8, width=16)
+    expected = net(**x)
+    net.save_pretrained(tmp_path / "net")
+    assert sorted(p.name for p in (tmp_path / "net").iterdir()) == [
+        "consissr_adapters.safetensors", "consissr_config.json", "controlnet"]
+
+    loaded = ConsisSRNet.from_pretrained(tmp_path / "net", copy.deepcopy(vanilla_unet)).eval()
+    assert loaded.hpa_scale == 0.7
+    state, loaded_state = net.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[k], loaded_state[k]) for k in state)
+    assert torch.equal(loaded(**x), expected)
+
+
+@torch.no_grad()
+def test_hpa_image_branch_changes_output_and_scales(vanilla_unet):
+    net = make_net(vanilla_unet)
+    randomize(net.hpa_unet, std=0.5)
+    x = inputs()
+    tokens = net.image_tokens(x["image_embeds"])
+    text_only = unet_out(net.unet, x)
+    assert not torch.equal(unet_out(net.unet, x, tokens), text_only)
+    net.hpa_scale = 0.0
+    assert torch.equal(unet_out(net.unet, x, tokens), text_only)
+    processors = [p for m in (net.unet, net.controlnet) for p in m.attn_processors.values()
+                  if isinstance(p, HybridPromptAttnProcessor)]
+    assert len(processors) == 4 + 2 and all(p.scale == 0.0 for p in processors)  # UNet + ControlNet
+
+    # one layer: the image branch enters before the (linear) to_out, so it scales linearly
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    attn = net.unet.get_submodule(name)
+    hidden = torch.randn(2, 64, attn.to_q.in_features)
+
+    def layer(scale):
+        attn.processor.scale = scale
+        return attn(hidden, encoder_hidden_states=x["encoder_hidden_states"], ip_hidden_states=tokens)
+
+    base, one, two = layer(0.0), layer(1.0), layer(2.0)
+    assert (one - base).abs().max() > 1e-4
+    torch.testing.assert_close(two - base, 2 * (one - base), rtol=1e-4, atol=1e-6)
+
+
+def test_parameter_counts_paper_and_tiny(backbone_dir, vanilla_unet, capsys):
+    info = model_info(Params(), "paper", backbone_dir)
+    counts = info["counts"]
+    # the SD 2.1-base UNet itself, built from its config on the meta device
+    assert counts["unet"] == {"total": SD21_BASE_UNET_PARAMETERS, "trainable": 0}
+    assert 865.8e6 < counts["unet"]["total"] < 866.0e6
+
+    # the documented additions, from the config: per transformer block of width C with h heads
+    # of 64 channels on a g×g grid: g²·64 positional + (4C² + 27C + h) MDTA + (64² + 64) HPA
+    widths, heads = SD21_BASE_UNET_CONFIG["block_out_channels"], SD21_BASE_UNET_CONFIG["attention_head_dim"]
+    # (level, transformer blocks) of the UNet: down 2 per level, mid 1, up 3 per level
+    layers = [(lvl, 2) for lvl in range(3)] + [(3, 1)] + [(lvl, 3) for lvl in range(3)]
+    pos = sum(n * (64 // 2 ** lvl) ** 2 * 64 for lvl, n in layers)
+    mdta = sum(n * (4 * widths[lvl] ** 2 + 27 * widths[lvl] + heads[lvl]) for lvl, n in layers)
+    assert counts["pos_embed"] == {"total": pos, "trainable": pos} == {"total": 1_724_416, "trainable": 1_724_416}
+    assert counts["transposed_attention"]["total"] == mdta == 49_898_755
+    assert counts["hpa_unet"]["total"] == 16 * (64 * 64 + 64)
+    assert counts["hpa_controlnet"]["total"] == 7 * (64 * 64 + 64)
+    assert counts["image_projection"]["total"] == 1024 * 4 * 1024 + 4 * 1024 + 2 * 1024
+    assert 360e6 < counts["controlnet"]["total"] < 370e6
+    assert 0 < counts["controlnet"]["trainable"] < counts["controlnet"]["total"]
+    if counts["robust_clip"]["total"]:  # open_clip ViT-H-14 visual tower
+        assert 632.0e6 < counts["robust_clip"]["total"] < 632.2e6
+
+    tiny = print_model_info(Params(), profile="tiny", backbone_dir=backbone_dir)["tiny"]["counts"]
+    assert tiny["unet"]["total"] == sum(p.numel() for p in vanilla_unet.parameters())
+    assert "UNet (frozen SD)" in capsys.readouterr().out
