@@ -13,7 +13,7 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -130,13 +130,19 @@ class ClipParams:
 class TrainClipParams:
     """Robust CLIP fine-tuning, Eq. 3 (paper §4.1: batch 8/GPU, Adam β=(0.9, 0.99), lr 1e-5, 100K it)."""
 
-    batch_size: int = 4  # per device
+    batch_size: int = 4  # per device (paper: 8)
     lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.99)
     iterations: int = 20  # paper: 100_000
+    lr_warmup_steps: int = 0  # linear warm-up, then constant (the paper names no schedule)
     gradient_accumulation: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    checkpoint_every: int = 10
+    gradient_checkpointing: bool = False  # open_clip's set_grad_checkpointing on the student
+    max_grad_norm: float | None = None  # None: no clipping
+    lq_source: Literal["lq_up", "lq"] = "lq_up"  # degraded/<lq_source>/<id>.png; both resized to image_size
+    num_workers: int = 0  # DataLoader workers
+    checkpoint_every: int = 10  # steps; checkpoints/ beside the final weights
+    keep_checkpoints: int = 2
     log_every: int = 1
 
 
@@ -192,6 +198,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("base.seed", "prepare"),
     "degrade": ("base.seed", "degrade"),
     "encode": ("base.device", "backbone", "encode"),
+    "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
 }
 
 

@@ -26,9 +26,16 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def write_json(path: str | Path, data: Any) -> None:
+def write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from consissr.config import params_from_dict
-from consissr.data.latent_cache import LatentPairDataset, encode_latents, encode_pairs
+from consissr.data.latent_cache import LatentPairDataset, encode_pairs
 from consissr.models.backbone import load_vae
 
 N, SIZE = 7, 32
