@@ -106,7 +106,7 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
     device = resolve_device(device)
     dtype = _DTYPES[p.dtype]
     source = resolve_source(backbone.pretrained, backbone_dir)
-    vae = load_vae(source, revision=backbone.revision).to(device=device, dtype=dtype).eval()
+    vae = load_vae(source, revision=backbone.revision, torch_dtype=dtype).to(device).eval()
     params_hash = section_hash(backbone, encode)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest is the commit record: gone until done
