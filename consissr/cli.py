@@ -79,6 +79,18 @@ def run_encode(params: Params, args) -> None:
                  device=params.base.device, backbone_dir=args.backbone)
 
 
+@stage("train-clip", "fine-tune the robust CLIP student on LQ/HQ pairs (Eq. 3); resumes from checkpoints/")
+def _train_clip_args(p):
+    _paths(p, prepared="data/prepared", degraded="data/degraded", out="data/models/robust_clip")
+
+
+def run_train_clip(params: Params, args) -> None:
+    from consissr.training.clip_stage import train_clip
+
+    train_clip(args.prepared, args.degraded, args.out, clip=params.clip, train=params.train_clip,
+               seed=params.base.seed, device=params.base.device)
+
+
 @stage("model-info", "print total and trainable parameter counts per part (both profiles)")
 def _model_info_args(p):
     _paths(p, backbone="data/models/backbone")

@@ -101,3 +101,10 @@ def test_paper_config_spells_out_every_section_of_params_yaml():
         return set().union(*(keys(v, f"{prefix}{k}.") for k, v in node.items()))
 
     assert keys(default) <= keys(paper), "configs/paper.yaml must be a complete drop-in for params.yaml"
+
+
+def test_exponent_without_a_dot_is_a_number(tmp_path):
+    params = load_params(write(tmp_path, "train_clip:\n  lr: 1e-5\n"), {"train_sdsr.lr": "5e-5"})
+    assert (params.train_clip.lr, params.train_sdsr.lr) == (1e-5, 5e-5)
+    with pytest.raises(ParamsError, match="train_clip.lr"):
+        load_params(write(tmp_path, "train_clip:\n  lr: fast\n"))

@@ -56,6 +56,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     import consissr.data.latent_cache as lc
     import consissr.data.sources as src
     import consissr.models.backbone as bb
+    import consissr.training.clip_stage as clip_stage
 
     def consume(*args, **kwargs):  # a stand-in stage function that reads every field it is given
         for value in (*args, *kwargs.values()):
@@ -70,6 +71,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     monkeypatch.setattr(src, "prepare", consume)
     monkeypatch.setattr(deg, "degrade_folder", consume)
     monkeypatch.setattr(lc, "encode_pairs", consume)
+    monkeypatch.setattr(clip_stage, "train_clip", consume)
     args = type("Args", (), {"out": tmp_path, "input": tmp_path, "prepared": tmp_path,
                              "degraded": tmp_path, "backbone": tmp_path})()
     for stage in STAGE_PARAMS:

@@ -1,0 +1,110 @@
+"""Stage ``train_clip``: robust CLIP fine-tuning (paper §3.2, Eq. 3).
+
+    L_robust = || E'(I_LQ) - E(I_HQ) ||²                              (Eq. 3)
+
+The student E' (a copy of the CLIP image tower) sees the degraded image, the frozen teacher E
+the clean one; only the student is trained, with Adam β = (0.9, 0.99), lr 1e-5, batch 8 per GPU
+and 100K iterations in the paper (§4.1). Both images are resized and centre-cropped to the CLIP
+input size (224², ``RobustCLIP.preprocess``).
+
+Outputs in ``out_dir`` (``data/models/robust_clip/``):
+    ``robust_clip.safetensors`` + ``config.json`` — the student (``RobustCLIP.from_pretrained``);
+    ``train_log.json`` — loss and lr per step, the steps run, the seconds taken;
+    ``checkpoints/step-XXXXXXXX/`` — resumable checkpoints (``consissr.training.loop``).
+MLflow (``consissr.tracking``): params, ``loss``/``lr`` per step, the final weights under
+``robust_clip/`` and ``plots/loss_curve.png``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from consissr import tracking
+from consissr.config import ClipParams, TrainClipParams
+from consissr.data.pairs import PairedImageDataset
+from consissr.io import write_json
+from consissr.models.robust_clip import CONFIG_NAME, WEIGHTS_NAME, RobustCLIP
+from consissr.training import loop
+from consissr.training.loop import LoopSettings, TrainResult
+
+log = logging.getLogger(__name__)
+
+TRAIN_LOG = "train_log.json"
+
+
+def robust_clip_step(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """One micro-batch of Eq. 3; ``model`` is the (possibly DDP-wrapped) RobustCLIP."""
+    return model(batch["lq"], batch["hq"])  # RobustCLIP.forward = robust_clip_loss(E'(LQ), E(HQ))
+
+
+def loop_settings(train: TrainClipParams, *, seed: int, device: str) -> LoopSettings:
+    return LoopSettings(
+        iterations=train.iterations, batch_size=train.batch_size, lr=train.lr, betas=train.betas,
+        lr_warmup_steps=train.lr_warmup_steps, gradient_accumulation=train.gradient_accumulation,
+        global_batch=False, mixed_precision=train.mixed_precision,
+        gradient_checkpointing=train.gradient_checkpointing, max_grad_norm=train.max_grad_norm,
+        checkpoint_every=train.checkpoint_every, keep_checkpoints=train.keep_checkpoints,
+        log_every=train.log_every, num_workers=train.num_workers, seed=seed, device=device)
+
+
+def train_clip(
+    prepared_dir: str | os.PathLike,
+    degraded_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    clip: ClipParams,
+    train: TrainClipParams,
+    seed: int,
+    device: str = "auto",
+) -> TrainResult:
+    """Fine-tune the robust CLIP student on the LQ/HQ pairs; save it to ``out_dir``.
+
+    Resumes from ``out_dir/checkpoints`` when a matching checkpoint is there. Under
+    ``accelerate launch`` / ``torchrun`` every process runs this; only the main one writes
+    ``out_dir`` and talks to MLflow. Returns the loop's ``TrainResult`` (``.model`` is the
+    RobustCLIP, teacher included).
+    """
+    prepared_dir, degraded_dir, out_dir = Path(prepared_dir), Path(degraded_dir), Path(out_dir)
+    settings = loop_settings(train, seed=seed, device=device)
+
+    # 1. data: LQ (degraded/lq_up or lq) and HQ (prepared/hq) pixel pairs
+    dataset = PairedImageDataset(prepared_dir, degraded_dir, lq_source=train.lq_source)
+
+    # 2. teacher E and student E' (= E at the start); seeded, so a random tower is the same on
+    #    every rank and on resume (the teacher is never checkpointed: it never changes)
+    torch.manual_seed(seed)
+    model = RobustCLIP.from_params(clip)
+
+    params = {"base.seed": seed, "base.device": device, "clip": clip, "train_clip": train}
+    with tracking.start_run("train_clip", params=params,
+                            inputs={"prepared": prepared_dir, "degraded": degraded_dir}) as run:
+        run.set_tags({"dataset.pairs": len(dataset), "dataset.fingerprint": dataset.fingerprint})
+        # 3. Eq. 3 through the shared loop (checkpoints, resume, DDP, mixed precision)
+        result = loop.train(model=model, loss_fn=robust_clip_step, dataset=dataset, settings=settings,
+                       out_dir=out_dir, tracker=run,
+                       fingerprint={"clip": clip, "data": dataset.fingerprint})
+
+        # 4. the final student, the training log, MLflow artifacts (main process only)
+        if result.is_main_process:
+            robust = result.model
+            robust.save_pretrained(out_dir)
+            history = result.history
+            write_json(out_dir / TRAIN_LOG, {
+                "steps": result.step, "resumed_from": result.resumed_from, "steps_run": result.steps_run,
+                "seconds": round(result.seconds, 3), "num_processes": result.num_processes,
+                "final_loss": history["loss"][-1] if history["loss"] else None,
+                "history": [{"step": s, "loss": l, "lr": r}
+                            for s, l, r in zip(history["step"], history["loss"], history["lr"])]})
+            run.log_metrics({"steps_per_second": result.steps_run / max(result.seconds, 1e-9)}, result.step)
+            run.log_artifact(out_dir / WEIGHTS_NAME, "robust_clip")
+            run.log_artifact(out_dir / CONFIG_NAME, "robust_clip")
+            run.log_artifact(out_dir / TRAIN_LOG)
+            if history["step"]:
+                run.log_plot("plots/loss_curve.png", history["step"], {"Eq. 3 loss": history["loss"]})
+            log.info("train_clip: %d steps, final loss %s → %s", result.step,
+                     history["loss"][-1] if history["loss"] else None, out_dir)
+    return result
