@@ -41,6 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from consissr.models.attention_ops import merge_heads, split_heads
+
 IMAGE_TOKENS_KWARG = "ip_hidden_states"
 _PROCESSOR_SUFFIX = ".processor"
 
@@ -127,34 +129,21 @@ class HybridPromptAttnProcessor:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+        query = split_heads(attn, query, attn.norm_q)
+        key = split_heads(attn, attn.to_k(encoder_hidden_states), attn.norm_k)
+        value = split_heads(attn, attn.to_v(encoder_hidden_states))
+        hidden_states = merge_heads(F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False), query.dtype)
 
         # 3. image branch: same query, the same frozen to_k/to_v, zero-initialised output layer
         if ip_hidden_states is not None and self.scale != 0.0:
             image_tokens = ip_hidden_states
             if attn.norm_cross:
                 image_tokens = attn.norm_encoder_hidden_states(image_tokens)
-            image_key = attn.to_k(image_tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            image_value = attn.to_v(image_tokens).view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-            if attn.norm_k is not None:
-                image_key = attn.norm_k(image_key)
+            image_key = split_heads(attn, attn.to_k(image_tokens), attn.norm_k)
+            image_value = split_heads(attn, attn.to_v(image_tokens))
             image = F.scaled_dot_product_attention(query, image_key, image_value, dropout_p=0.0, is_causal=False)
-            image = self.adapter(image.to(query.dtype))  # per head: (B, heads, L, head_dim)
-            image = image.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+            image = merge_heads(self.adapter(image.to(query.dtype)), query.dtype)  # per head, then merged
             hidden_states = hidden_states + self.scale * image
 
         # 4. the layer's original output projection

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from consissr.models.attention_ops import merge_heads, split_heads
+
 from consissr.models.hpa import module_key
 
 _PROCESSOR_SUFFIX = ".processor"
@@ -157,19 +159,11 @@ class ConsisSelfAttnProcessor:
             position = addition.positional(height, width, query.dtype)
             query = query + position
             key = key + position
-        inner_dim = key.shape[-1]
-        head_dim = inner_dim // attn.heads
-        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False)
-        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
-        hidden_states = hidden_states.to(query.dtype)
+        query = split_heads(attn, query, attn.norm_q)
+        key = split_heads(attn, key, attn.norm_k)
+        value = split_heads(attn, value)
+        hidden_states = merge_heads(F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False), query.dtype)
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
         if attn.residual_connection:
