@@ -91,6 +91,20 @@ def run_train_clip(params: Params, args) -> None:
                seed=params.base.seed, device=params.base.device)
 
 
+@stage("train-sdsr", "train ConsisSR on the cached latents with TALA (Algorithm 1); resumes from checkpoints/")
+def _train_sdsr_args(p):
+    _paths(p, latents="data/latents", degraded="data/degraded", backbone="data/models/backbone",
+           robust_clip="data/models/robust_clip", out="data/models/consissr")
+
+
+def run_train_sdsr(params: Params, args) -> None:
+    from consissr.training.sdsr_stage import train_sdsr
+
+    train_sdsr(args.latents, args.degraded, args.out, backbone_dir=args.backbone, robust_clip_dir=args.robust_clip,
+               backbone=params.backbone, model=params.model, train=params.train_sdsr, seed=params.base.seed,
+               device=params.base.device)
+
+
 @stage("model-info", "print total and trainable parameter counts per part (both profiles)")
 def _model_info_args(p):
     _paths(p, backbone="data/models/backbone")

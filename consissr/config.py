@@ -151,23 +151,30 @@ class TrainClipParams:
 class TrainSdsrParams:
     """Diffusion training with TALA, Algorithm 1 (paper §4.1: batch 8, lr 5e-5, 200K it, γ=10)."""
 
-    batch_size: int = 4  # total over all devices
+    batch_size: int = 4  # total over all devices and accumulation steps (paper: 8)
     lr: float = 5e-5
-    betas: tuple[float, float] = (0.9, 0.99)
+    betas: tuple[float, float] = (0.9, 0.99)  # Adam (paper §4.1)
     iterations: int = 20  # paper: 200_000
+    lr_warmup_steps: int = 0  # linear warm-up, then constant (the paper names no schedule)
     tala: bool = True  # False: plain DDPM training (the ablation baseline)
-    gamma: float = 10.0  # p(t) = (t/T)^γ
+    gamma: float = 10.0  # p(t) = (t/T)^γ (Alg. 1, l. 4)
+    # the text prompt: "empty" (""), "fixed" (prompt_text for every image) or "captions"
+    # (caption_file: JSON {id: caption} or TSV "id<TAB>caption"; a missing id gets "")
     prompt: Literal["empty", "fixed", "captions"] = "empty"
     prompt_text: str = ""
     caption_file: str | None = None
-    prompt_dropout: float = 0.0  # for classifier-free guidance
+    prompt_dropout: float = 0.0  # chance of the empty prompt instead (classifier-free guidance)
     gradient_accumulation: int = 1
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # UNet and ControlNet (diffusers' switch)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    max_grad_norm: float = 1.0
-    checkpoint_every: int = 10
-    sample_every: int = 10
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    num_workers: int = 0  # DataLoader workers
+    checkpoint_every: int = 10  # steps; checkpoints/ beside the final weights
+    keep_checkpoints: int = 2
     log_every: int = 1
+    sample_every: int = 10  # steps between sample grids (LQ | x̂0 at each sample timestep | HQ); 0: never
+    sample_timesteps: tuple[int, ...] = (500, 1000)  # paper t ∈ 1..T at which x̂0 is shown
+    sample_count: int = 4  # images (the first of the latent cache) in a sample grid
 
 
 @dataclass(frozen=True)
@@ -200,6 +207,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "degrade": ("base.seed", "degrade"),
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
+    "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),
 }
 
 

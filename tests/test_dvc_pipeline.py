@@ -57,6 +57,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     import consissr.data.sources as src
     import consissr.models.backbone as bb
     import consissr.training.clip_stage as clip_stage
+    import consissr.training.sdsr_stage as sdsr_stage
 
     def consume(*args, **kwargs):  # a stand-in stage function that reads every field it is given
         for value in (*args, *kwargs.values()):
@@ -72,8 +73,10 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     monkeypatch.setattr(deg, "degrade_folder", consume)
     monkeypatch.setattr(lc, "encode_pairs", consume)
     monkeypatch.setattr(clip_stage, "train_clip", consume)
+    monkeypatch.setattr(sdsr_stage, "train_sdsr", consume)
     args = type("Args", (), {"out": tmp_path, "input": tmp_path, "prepared": tmp_path,
-                             "degraded": tmp_path, "backbone": tmp_path})()
+                             "degraded": tmp_path, "backbone": tmp_path,
+                             "latents": tmp_path, "robust_clip": tmp_path})()
     for stage in STAGE_PARAMS:
         seen: set = set()
         getattr(cli, f"run_{stage}")(Recorder(Params(), "", seen), args)
