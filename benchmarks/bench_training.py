@@ -4,7 +4,7 @@
 
 The same model (tiny backbone: ConsisSR net on the embedded UNet, the tiny robust CLIP), the
 same Algorithm-1 objective (``sdsr_stage.TalaObjective``), Adam, batch 4 of 128² crops
-(latents 16²), fed three ways:
+(latents 16²), fed four ways:
 
 * ``cached``  — the latent cache (``LatentPairDataset``) with the robust CLIP embeddings computed
   once up front: what stage ``train_sdsr`` does;
@@ -12,7 +12,10 @@ same Algorithm-1 objective (``sdsr_stage.TalaObjective``), Adam, batch 4 of 128�
   CLIP-embedded every step;
 * ``online``  — the HQ crops degraded every step (``degradation.sample_kernels`` per image, then
   ``degrade`` on the batch, Real-ESRGAN's second-order pipeline), then VAE-encoded and
-  CLIP-embedded, as the paper's (Real-ESRGAN-style) dataloader does.
+  CLIP-embedded, as the paper's (Real-ESRGAN-style) dataloader does;
+* ``online_reference`` — the same online feed through realesrgan's own ``feed_data`` on basicsr's
+  ops (``benchmarks/reference.py``), one image at a time as its DiffJPEG requires: the paper's
+  dataloader as the official code runs it, without this project's faster USM sharpening.
 
 Each way runs ``--warmup`` steps, then ``--steps`` timed steps, interleaved (a step of each way
 per round, so that load from other processes hits the three alike); every step is split into data
@@ -49,6 +52,7 @@ from consissr.config import (
     ModelParams,
     PrepareParams,
 )
+from benchmarks.reference import make_reference_model, reference_degrade  # noqa: E402
 from consissr.data.degradation import degrade, sample_kernels
 from consissr.data.latent_cache import LatentPairDataset, encode_latents
 from consissr.data.pairs import PairedImageDataset, read_rgb
@@ -63,7 +67,7 @@ from consissr.training.sdsr_stage import (
 )
 
 PARTS = ("data", "degradation", "vae_encode", "clip_embed", "train_step")
-WAYS = ("cached", "pixels", "online")
+WAYS = ("cached", "pixels", "online", "online_reference")
 
 
 def data_dirs(crop: int, tmp: Path) -> dict[str, Path]:
@@ -139,7 +143,9 @@ def bench(dirs: dict[str, Path], *, batch: int, warmup: int, steps: int, seed: i
         "cached": endless(DataLoader(cached, batch_size=batch, shuffle=True, drop_last=True)),
         "pixels": endless(DataLoader(pairs, batch_size=batch, shuffle=True, drop_last=True)),
         "online": endless(DataLoader(HQCrops(pairs), batch_size=batch, shuffle=True, drop_last=True)),
+        "online_reference": endless(DataLoader(HQCrops(pairs), batch_size=batch, shuffle=True, drop_last=True)),
     }
+    reference = make_reference_model(p, gt_size=hq_size(pairs))
 
     def step(way: str) -> dict[str, float]:
         t = {k: 0.0 for k in PARTS}
@@ -153,6 +159,9 @@ def bench(dirs: dict[str, Path], *, batch: int, warmup: int, steps: int, seed: i
                 kernels = [sample_kernels(p) for _ in range(len(hq))]
                 stacked = {k: torch.stack([kk[k] for kk in kernels]) for k in kernels[0]}
                 lq_up = degrade(hq, stacked, p)[1]
+            elif way == "online_reference":  # the same, through realesrgan's own feed_data + basicsr ops
+                lqs = [reference_degrade(hq[i:i + 1], sample_kernels(p), p, reference) for i in range(len(hq))]
+                lq_up = torch.cat([resize_back(lq, hq.shape[-2:]) for lq in lqs])
             else:
                 lq_up = b["lq"]
             t["degradation"] = time.perf_counter() - start
@@ -193,19 +202,32 @@ def bench(dirs: dict[str, Path], *, batch: int, warmup: int, steps: int, seed: i
         }
     for way in WAYS:
         results[way]["speedup_vs_online"] = results[way]["it_per_s"] / results["online"]["it_per_s"]
+        results[way]["speedup_vs_online_reference"] = (
+            results[way]["it_per_s"] / results["online_reference"]["it_per_s"])
     return results
 
 
+def hq_size(pairs: PairedImageDataset) -> int:
+    return int(pairs[0]["hq"].shape[-1])
+
+
+def resize_back(lq: torch.Tensor, size) -> torch.Tensor:
+    """LQ → HQ size as ``degrade`` does for ``lq_up`` (bicubic, clamped, 8-bit)."""
+    up = torch.nn.functional.interpolate(lq, size=tuple(size), mode="bicubic", align_corners=False)
+    return (up.clamp(0, 1) * 255).round() / 255
+
+
 def markdown(results: dict) -> str:
-    lines = ["| feed | it/s | s / step | data | degradation | VAE encode | CLIP embed | fwd+bwd+step | vs online |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| feed | it/s | s / step | data | degradation | VAE encode | CLIP embed | fwd+bwd+step | vs online | vs online (reference ops) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     labels = {"cached": "cached latents (`LatentPairDataset`)", "pixels": "cached pixels, VAE + CLIP every step",
-              "online": "online degradation, VAE + CLIP every step"}
+              "online": "online degradation (this project's `degrade`), VAE + CLIP every step",
+              "online_reference": "online degradation (realesrgan `feed_data`, basicsr ops), VAE + CLIP every step"}
     for way in WAYS:
         r = results[way]
         parts = " | ".join(f"{r['breakdown_s_per_step'][k]:.3f}" for k in PARTS)
         lines.append(f"| {labels[way]} | {r['it_per_s']:.2f} | {r['s_per_step']:.3f} | {parts} | "
-                     f"**{r['speedup_vs_online']:.1f}×** |")
+                     f"**{r['speedup_vs_online']:.2f}×** | **{r['speedup_vs_online_reference']:.2f}×** |")
     return "\n".join(lines)
 
 
