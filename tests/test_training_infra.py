@@ -327,3 +327,19 @@ class _ToyData(torch.utils.data.Dataset):
 
 def _toy_loss(model, batch):
     return model(batch["x"], batch["y"])
+
+
+def test_code_fingerprint_tracks_the_package_source(tmp_path, monkeypatch):
+    """A checkpoint written by other code must not be resumed (DVC reruns the stage on a code change)."""
+    import consissr.training.loop as loop
+
+    before = loop.code_fingerprint()
+    assert before == loop.code_fingerprint()
+    fake = tmp_path / "consissr" / "training"
+    fake.mkdir(parents=True)
+    (tmp_path / "consissr" / "a.py").write_text("x = 1\n")
+    (fake / "loop.py").write_text("")
+    monkeypatch.setattr(loop, "__file__", str(fake / "loop.py"))
+    first = loop.code_fingerprint()
+    (tmp_path / "consissr" / "a.py").write_text("x = 2\n")
+    assert loop.code_fingerprint() != first != before

@@ -283,8 +283,24 @@ def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
+def code_fingerprint() -> str:
+    """Hash of this package's source: a checkpoint written by other code is not resumed.
+
+    DVC reruns a training stage when its code changes; as its output persists (for resuming),
+    the code must be part of what a checkpoint has to match, or the rerun would pick up the old
+    run's final checkpoint and train nothing.
+    """
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
 def _fingerprint(settings: LoopSettings, world: int, extra: Mapping[str, Any] | None) -> tuple[str, dict]:
-    data = {"settings": settings.trajectory(), "num_processes": world, "extra": extra or {}}
+    data = {"settings": settings.trajectory(), "num_processes": world, "code": code_fingerprint(),
+            "extra": extra or {}}
     text = json.dumps(data, sort_keys=True, default=_jsonable)
     return hashlib.sha256(text.encode()).hexdigest()[:16], json.loads(text)
 
