@@ -26,14 +26,12 @@ import torch
 from consissr import tracking
 from consissr.config import ClipParams, TrainClipParams
 from consissr.data.pairs import PairedImageDataset
-from consissr.io import write_json
 from consissr.models.robust_clip import CONFIG_NAME, WEIGHTS_NAME, RobustCLIP
 from consissr.training import loop
 from consissr.training.loop import LoopSettings, TrainResult
 
 log = logging.getLogger(__name__)
 
-TRAIN_LOG = "train_log.json"
 
 
 def robust_clip_step(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -92,19 +90,6 @@ def train_clip(
         if result.is_main_process:
             robust = result.model
             robust.save_pretrained(out_dir)
-            history = result.history
-            write_json(out_dir / TRAIN_LOG, {
-                "steps": result.step, "resumed_from": result.resumed_from, "steps_run": result.steps_run,
-                "seconds": round(result.seconds, 3), "num_processes": result.num_processes,
-                "final_loss": history["loss"][-1] if history["loss"] else None,
-                "history": [{"step": s, "loss": l, "lr": r}
-                            for s, l, r in zip(history["step"], history["loss"], history["lr"])]})
-            run.log_metrics({"steps_per_second": result.steps_run / max(result.seconds, 1e-9)}, result.step)
-            run.log_artifact(out_dir / WEIGHTS_NAME, "robust_clip")
-            run.log_artifact(out_dir / CONFIG_NAME, "robust_clip")
-            run.log_artifact(out_dir / TRAIN_LOG)
-            if history["step"]:
-                run.log_plot("plots/loss_curve.png", history["step"], {"Eq. 3 loss": history["loss"]})
-            log.info("train_clip: %d steps, final loss %s → %s", result.step,
-                     history["loss"][-1] if history["loss"] else None, out_dir)
+            loop.report(result, out_dir, run, loss_label="train_clip (Eq. 3) loss",
+                        artifacts=[(out_dir / WEIGHTS_NAME, "robust_clip"), (out_dir / CONFIG_NAME, "robust_clip")])
     return result

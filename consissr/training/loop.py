@@ -613,6 +613,31 @@ def train(
                        seconds=seconds, steps_run=step - start_step)
 
 
+TRAIN_LOG = "train_log.json"
+
+
+def report(result: TrainResult, out_dir: Path, run, *, artifacts: list[tuple[Path, str | None]],
+           loss_label: str) -> None:
+    """End of a training stage (main process): ``train_log.json``, the weights and a loss curve to MLflow."""
+    from consissr.io import write_json
+
+    history = result.history
+    write_json(out_dir / TRAIN_LOG, {
+        "steps": result.step, "resumed_from": result.resumed_from, "steps_run": result.steps_run,
+        "seconds": round(result.seconds, 3), "num_processes": result.num_processes,
+        "final_loss": history["loss"][-1] if history["loss"] else None,
+        "history": [{"step": s, "loss": l, "lr": r}
+                    for s, l, r in zip(history["step"], history["loss"], history["lr"])]})
+    run.log_metrics({"steps_per_second": result.steps_run / max(result.seconds, 1e-9)}, result.step)
+    for path, artifact_path in artifacts:
+        run.log_artifact(path, artifact_path)
+    run.log_artifact(out_dir / TRAIN_LOG)
+    if history["step"]:
+        run.log_plot("plots/loss_curve.png", history["step"], {loss_label: history["loss"]})
+    log.info("%s: %d steps, final loss %s → %s", loss_label, result.step,
+             history["loss"][-1] if history["loss"] else None, out_dir)
+
+
 def _sample(sample_fn: SampleFn, model: nn.Module, step: int, tracker: Tracker, device: torch.device) -> None:
     """Run ``sample_fn`` in eval mode, without grad, in a forked RNG; log its images."""
     py, npst = random.getstate(), np.random.get_state()

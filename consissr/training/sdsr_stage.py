@@ -56,7 +56,6 @@ from consissr import tracking
 from consissr.config import BackboneParams, ModelParams, TrainSdsrParams
 from consissr.data.latent_cache import MANIFEST, LatentPairDataset
 from consissr.data.pairs import read_rgb
-from consissr.io import write_json
 from consissr.models.backbone import load_backbone
 from consissr.models.consissr import CONFIG_NAME, ConsisSRNet, apply_trainable_policy
 from consissr.models.robust_clip import WEIGHTS_NAME as CLIP_WEIGHTS_NAME
@@ -67,7 +66,6 @@ from consissr.training.tala import tala_noising
 
 log = logging.getLogger(__name__)
 
-TRAIN_LOG = "train_log.json"
 LQ_PIXELS = "lq_up"  # degraded/lq_up/<id>.png: the LQ image at HQ size (CLIP input, pixel condition)
 EMPTY_PROMPT = 0  # row of the prompt table holding the empty prompt ""
 
@@ -423,23 +421,10 @@ def train_sdsr(
         if result.is_main_process:
             trained = result.model.net
             save_final(trained, out_dir)
-            history = result.history
-            write_json(out_dir / TRAIN_LOG, {
-                "steps": result.step, "resumed_from": result.resumed_from, "steps_run": result.steps_run,
-                "seconds": round(result.seconds, 3), "num_processes": result.num_processes,
-                "final_loss": history["loss"][-1] if history["loss"] else None,
-                "history": [{"step": s, "loss": l, "lr": r}
-                            for s, l, r in zip(history["step"], history["loss"], history["lr"])]})
-            run.log_metrics({"steps_per_second": result.steps_run / max(result.seconds, 1e-9)}, result.step)
-            for entry in sorted(out_dir.iterdir()):
-                if entry.name == TRAIN_LOG or entry.name == loop.CHECKPOINTS or entry.name.startswith("."):
-                    continue
-                run.log_artifact(entry, f"consissr/{entry.name}" if entry.is_dir() else "consissr")
-            run.log_artifact(out_dir / TRAIN_LOG)
-            if history["step"]:
-                run.log_plot("plots/loss_curve.png", history["step"], {"Algorithm 1 loss": history["loss"]})
-            log.info("train_sdsr: %d steps, final loss %s → %s", result.step,
-                     history["loss"][-1] if history["loss"] else None, out_dir)
+            trained_parts = [(entry, f"consissr/{entry.name}" if entry.is_dir() else "consissr")
+                             for entry in sorted(out_dir.iterdir())
+                             if entry.name not in (loop.TRAIN_LOG, loop.CHECKPOINTS) and not entry.name.startswith(".")]
+            loop.report(result, out_dir, run, loss_label="train_sdsr (Algorithm 1) loss", artifacts=trained_parts)
     return result
 
 
