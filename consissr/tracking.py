@@ -26,7 +26,6 @@ Distributed runs
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -40,6 +39,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from consissr.io import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -100,12 +101,6 @@ def git_commit(root: Path | None = None) -> tuple[str, bool] | None:
     return commit, bool(status.strip())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def data_hash(path: str | os.PathLike) -> str | None:
@@ -132,9 +127,9 @@ def data_hash(path: str | os.PathLike) -> str | None:
     if path.is_dir():
         for name in ("manifest.json", "index.json"):
             if (path / name).is_file():
-                return f"sha256:{_sha256(path / name)}"
+                return f"sha256:{file_sha256(path / name)}"
         return None
-    return f"sha256:{_sha256(path)}" if path.is_file() else None
+    return f"sha256:{file_sha256(path)}" if path.is_file() else None
 
 
 def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:

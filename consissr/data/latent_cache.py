@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from consissr.config import section_hash
-from consissr.io import atomic_path, write_json
+from consissr.io import atomic_path, file_sha256, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,6 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _read_pair(prepared: Path, degraded: Path, item_id: str) -> tuple[np.ndarray, np.ndarray, str]:
@@ -65,7 +63,7 @@ def _read_pair(prepared: Path, degraded: Path, item_id: str) -> tuple[np.ndarray
             raise ValueError(f"{path}: unreadable: {exc}") from None
     if arrays[0].shape != arrays[1].shape:
         raise ValueError(f"{lq_path}: size {arrays[1].shape[:2]} differs from HQ {arrays[0].shape[:2]}")
-    digest = hashlib.sha256(_file_sha256(hq_path).encode() + _file_sha256(lq_path).encode()).hexdigest()
+    digest = hashlib.sha256(file_sha256(hq_path).encode() + file_sha256(lq_path).encode()).hexdigest()
     return arrays[0], arrays[1], digest
 
 
@@ -147,7 +145,7 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
             tensors = {"lq": torch.cat(lq_lat).contiguous(), "hq": torch.cat(hq_lat).contiguous()}
             with atomic_path(path) as tmp:
                 save_file(tensors, str(tmp), metadata={"ids": json.dumps(chunk_ids), "params_hash": params_hash})
-        shards.append({"file": path.name, "count": len(chunk), "sha256": _file_sha256(path),
+        shards.append({"file": path.name, "count": len(chunk), "sha256": file_sha256(path),
                        "sources_sha256": hashlib.sha256("".join(c[3] for c in chunk).encode()).hexdigest()})
     bar.close()
     for stale in sorted(out.glob("shard-*.safetensors"))[len(shards):]:
@@ -180,7 +178,7 @@ class LatentPairDataset(Dataset):
         self.ids: list[str] = []
         for s, shard in enumerate(self.manifest["shards"]):
             path = self.root / shard["file"]
-            if verify and _file_sha256(path) != shard["sha256"]:
+            if verify and file_sha256(path) != shard["sha256"]:
                 raise ValueError(f"{path}: checksum differs from {manifest_path}")
             with safe_open(str(path), framework="pt") as f:
                 self.ids += json.loads(f.metadata()["ids"])

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, default_collate
 
+from consissr.io import file_sha256
 from consissr import tracking
 from consissr.config import BackboneParams, ModelParams, TrainSdsrParams
 from consissr.data.latent_cache import MANIFEST, LatentPairDataset
@@ -313,12 +314,6 @@ def _check(train: TrainSdsrParams, T: int) -> None:
         raise ValueError(f"train_sdsr.sample_timesteps must lie in 1..{T} (paper t), got {bad}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_final(net: ConsisSRNet, out_dir: Path) -> None:
@@ -400,7 +395,7 @@ def train_sdsr(
     # what a checkpoint must match to be resumed (beyond the loop's own settings)
     fingerprint = {
         "model": model, "backbone": {"source": bb.source, "revision": backbone.revision},
-        "latents": _sha256(latents_dir / MANIFEST), "robust_clip": _sha256(robust_clip_dir / CLIP_WEIGHTS_NAME),
+        "latents": file_sha256(latents_dir / MANIFEST), "robust_clip": file_sha256(robust_clip_dir / CLIP_WEIGHTS_NAME),
         "prompts": hashlib.sha256(json.dumps([texts, prompt_rows.tolist()]).encode()).hexdigest()[:16],
         "tala": train.tala, "gamma": train.gamma, "prompt_dropout": train.prompt_dropout,
     }
