@@ -13,9 +13,7 @@ benchmarks/results/degradation.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -29,6 +27,7 @@ import numpy as np  # noqa: E402
 import skimage.data  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common import machine, write_record  # noqa: E402
 from benchmarks.reference import make_reference_model, reference_degrade  # noqa: E402
 from consissr.compat import USMSharp  # noqa: E402
 from consissr.config import DegradeParams  # noqa: E402
@@ -113,14 +112,6 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,18 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     print(table)
     record = {
-        "machine": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-                    # other processes on the machine slow both paths alike; the ratio is the result
-                    "load_average_1min": [load_before, os.getloadavg()[0]],
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": machine(load_before),
         "params": "DegradeParams() defaults (Real-ESRGAN x4plus)",
         "results": results, "table": table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"machine: {record['machine']}")
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -52,6 +51,7 @@ from consissr.config import (
     ModelParams,
     PrepareParams,
 )
+from benchmarks.common import machine, write_record  # noqa: E402
 from benchmarks.reference import make_reference_model, reference_degrade  # noqa: E402
 from consissr.data.degradation import degrade, sample_kernels
 from consissr.data.latent_cache import LatentPairDataset, encode_latents
@@ -106,14 +106,6 @@ class HQCrops(torch.utils.data.Dataset):
         return {"hq": read_rgb(self.pairs.hq_path(self.pairs.ids[i]))}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def endless(loader):
@@ -245,25 +237,17 @@ def main(argv: list[str] | None = None) -> int:
         dirs = data_dirs(args.crop, Path(tmp))
         load_before = os.getloadavg()[0]
         results = bench(dirs, batch=args.batch, warmup=args.warmup, steps=args.steps, seed=args.seed)
-        load_after = os.getloadavg()[0]
         source = "data/ (DVC outputs)" if dirs["latents"].is_relative_to(ROOT) else "built in a temporary folder"
     table = markdown(results)
     print(table)
     record = {
-        "machine": {"cpu": _cpu_model(), "cpu_count": os.cpu_count(),
-                    # other processes on the machine slow every way alike; the ratio is the result
-                    "load_average_1min": [load_before, load_after],
-                    "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-                    "torch": torch.__version__},
+        "machine": machine(load_before),
         "setup": {"profile": "tiny", "crop": args.crop, "latent": args.crop // 8, "batch": args.batch,
                   "warmup": args.warmup, "steps": args.steps, "data": source,
                   "model": "ConsisSRNet(ModelParams()) on the embedded backbone, tiny robust CLIP, Adam"},
         "results": results, "table": table,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"machine: {record['machine']}")
-    print(f"wrote {args.out}")
+    write_record(args.out, record)
     return 0
 
 
