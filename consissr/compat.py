@@ -5,13 +5,10 @@
    before they are imported.
 2. basicsr's ``DiffJPEG`` returns a channels-last-strided tensor, on which ``filter2D``'s
    ``.view`` fails for batch > 1: ``diff_jpeg`` returns a contiguous tensor.
-3. Hub look-ups retry for ~50 s each before failing offline: ``offline_hub`` sets
-   ``HF_HUB_OFFLINE=1`` unless the user chose otherwise.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 
 
@@ -45,18 +42,12 @@ class ContiguousDiffJPEG(DiffJPEG):
         return super().forward(x, quality=quality).contiguous()
 
 
-def offline_hub() -> None:
-    """Default HF_HUB_OFFLINE=1 when the user has not set it (workaround 3)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
 __all__ = [
     "ContiguousDiffJPEG",
     "DiffJPEG",
     "USMSharp",
     "circular_lowpass_kernel",
     "filter2D",
-    "offline_hub",
     "random_add_gaussian_noise_pt",
     "random_add_poisson_noise_pt",
     "random_mixed_kernels",

@@ -62,3 +62,18 @@ def test_a_real_backbone_is_recorded_by_name_not_downloaded(tmp_path):
 def test_missing_embedded_backbone_says_what_to_run(tmp_path):
     with pytest.raises(FileNotFoundError, match="consissr backbone"):
         load_backbone("embedded", embedded_dir=tmp_path / "nothing")
+
+
+def test_saved_backbone_does_not_depend_on_the_environment(tmp_path, tiny_backbone):
+    """DVC hashes this folder: HF_HUB_OFFLINE (set in tests, maybe not by users) must not leak in."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    code = "import sys; from consissr.models.backbone import build_tiny_backbone; build_tiny_backbone(sys.argv[1], seed=0)"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "online")], env=env, check=True, capture_output=True)
+    files = sorted(p.relative_to(tiny_backbone) for p in tiny_backbone.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "online") for p in (tmp_path / "online").rglob("*") if p.is_file())
+    for rel in files:
+        assert (tiny_backbone / rel).read_bytes() == (tmp_path / "online" / rel).read_bytes(), rel

@@ -139,3 +139,14 @@ def test_missing_embedded_backbone_says_how_to_build_it(pairs, tmp_path):
     prepared, degraded = pairs
     with pytest.raises(FileNotFoundError, match="consissr backbone"):
         encode_pairs(prepared, degraded, tmp_path / "lat", **params(), backbone_dir=tmp_path / "nothing")
+
+
+def test_same_inputs_give_byte_identical_shards(pairs, tiny_backbone, tmp_path):
+    """DVC hashes the cache: re-encoding the same pairs must reproduce every byte."""
+    prepared, degraded = pairs
+    for name in ("a", "b"):
+        encode_pairs(prepared, degraded, tmp_path / name, **params(shard_size=1), backbone_dir=tiny_backbone)
+    files = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert len(files) == N + 2  # shards, manifest.json, report.json
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

@@ -2,7 +2,7 @@
 
 Layout of ``data/latents/``::
 
-    shard-00000.safetensors   tensors "lq", "hq": (N, C, h, w); metadata: ids, params hash
+    shard-00000.safetensors   tensors "lq", "hq": (N, C, h, w); metadata "consissr": ids, params hash
     ...
     manifest.json             written last: counts, shapes, dtype, shards (+ sha256), source hashes
     report.json               pairs skipped, with the reason
@@ -78,11 +78,21 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
 
 
+def _meta(ids: list[str], params_hash: str) -> dict[str, str]:
+    # ONE metadata key: safetensors writes its metadata map in hash order, so with two keys
+    # the same shard could come out as different bytes (and a different DVC hash) each run
+    return {"consissr": json.dumps({"ids": ids, "params_hash": params_hash}, sort_keys=True)}
+
+
+def _shard_meta(f) -> dict:
+    return json.loads((f.metadata() or {}).get("consissr", "{}"))
+
+
 def _shard_ok(path: Path, ids: list[str], params_hash: str) -> bool:
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            return json.loads(meta.get("ids", "[]")) == ids and meta.get("params_hash") == params_hash
+            meta = _shard_meta(f)
+            return meta.get("ids") == ids and meta.get("params_hash") == params_hash
     except Exception:  # noqa: BLE001 - any unreadable file is simply rewritten
         return False
 
@@ -144,7 +154,7 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
                 bar.update(len(part))
             tensors = {"lq": torch.cat(lq_lat).contiguous(), "hq": torch.cat(hq_lat).contiguous()}
             with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata={"ids": json.dumps(chunk_ids), "params_hash": params_hash})
+                save_file(tensors, str(tmp), metadata=_meta(chunk_ids, params_hash))
         shards.append({"file": path.name, "count": len(chunk), "sha256": file_sha256(path),
                        "sources_sha256": hashlib.sha256("".join(c[3] for c in chunk).encode()).hexdigest()})
     bar.close()
@@ -181,7 +191,7 @@ class LatentPairDataset(Dataset):
             if verify and file_sha256(path) != shard["sha256"]:
                 raise ValueError(f"{path}: checksum differs from {manifest_path}")
             with safe_open(str(path), framework="pt") as f:
-                self.ids += json.loads(f.metadata()["ids"])
+                self.ids += _shard_meta(f)["ids"]
             self._index += [(s, i) for i in range(shard["count"])]
         self._handles: dict[int, object] = {}
 

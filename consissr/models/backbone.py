@@ -87,7 +87,7 @@ def build_tiny_backbone(out_dir: str | Path, *, seed: int) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         _clip_tokenizer_files(Path(tmp))
         # from_pretrained on vocab.json + merges.txt: the same call SD's tokenizer/ folder takes
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, pad_token="!", model_max_length=77)
+        tokenizer = CLIPTokenizer.from_pretrained(tmp, pad_token="!", model_max_length=77, local_files_only=True)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDPMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,

@@ -618,7 +618,11 @@ TRAIN_LOG = "train_log.json"
 
 def report(result: TrainResult, out_dir: Path, run, *, artifacts: list[tuple[Path, str | None]],
            loss_label: str) -> None:
-    """End of a training stage (main process): ``train_log.json``, the weights and a loss curve to MLflow."""
+    """End of a training stage (main process): ``train_log.json``, the weights and a loss curve to MLflow.
+
+    ``train_log.json`` records this invocation (resumed from, steps run, seconds), so it is
+    kept out of the stage's DVC hash by ``.dvcignore``: the same training gives the same hash.
+    """
     from consissr.io import write_json
 
     history = result.history
