@@ -150,3 +150,27 @@ def test_same_inputs_give_byte_identical_shards(pairs, tiny_backbone, tmp_path):
     assert len(files) == N + 2  # shards, manifest.json, report.json
     for name in files:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_changed_images_are_re_encoded_not_reused(pairs, tiny_backbone, tmp_path):
+    prepared, degraded = pairs
+    out = tmp_path / "lat"
+    encode_pairs(prepared, degraded, out, **params(), backbone_dir=tiny_backbone)
+    before = LatentPairDataset(out)[4]["lq"].clone()
+    img = degraded / "lq_up" / "img4.png"
+    Image.fromarray(255 - np.asarray(Image.open(img))).save(img)  # a new degradation of one image
+    encode_pairs(prepared, degraded, out, **params(), backbone_dir=tiny_backbone)
+    report = json.loads((out / "report.json").read_text())
+    assert report["shards_reused"] == 2  # img4 sits in the second of three shards
+    assert not torch.equal(LatentPairDataset(out)[4]["lq"], before)
+
+
+def test_a_crop_of_another_size_is_skipped(pairs, tiny_backbone, tmp_path):
+    prepared, degraded = pairs
+    odd = np.zeros((SIZE * 2, SIZE * 2, 3), np.uint8)
+    Image.fromarray(odd).save(prepared / "hq" / "img3.png")
+    Image.fromarray(odd).save(degraded / "lq_up" / "img3.png")
+    manifest = encode_pairs(prepared, degraded, tmp_path / "lat", **params(), backbone_dir=tiny_backbone)
+    report = json.loads((tmp_path / "lat" / "report.json").read_text())
+    assert [r["id"] for r in report["skipped"]] == ["img3"] and "one crop_size per cache" in report["skipped"][0]["reason"]
+    assert manifest["count"] == N - 1

@@ -78,23 +78,46 @@ def encode_latents(vae, images: torch.Tensor) -> torch.Tensor:
     return vae.encode(images).latent_dist.mode() * vae.config.scaling_factor
 
 
-def _meta(ids: list[str], params_hash: str) -> dict[str, str]:
+def _meta(ids: list[str], params_hash: str, sources: str) -> dict[str, str]:
     # ONE metadata key: safetensors writes its metadata map in hash order, so with two keys
     # the same shard could come out as different bytes (and a different DVC hash) each run
-    return {"consissr": json.dumps({"ids": ids, "params_hash": params_hash}, sort_keys=True)}
+    return {"consissr": json.dumps({"ids": ids, "params_hash": params_hash, "sources": sources}, sort_keys=True)}
 
 
 def _shard_meta(f) -> dict:
     return json.loads((f.metadata() or {}).get("consissr", "{}"))
 
 
-def _shard_ok(path: Path, ids: list[str], params_hash: str) -> bool:
+def _shard_ok(path: Path, ids: list[str], params_hash: str, sources: str) -> bool:
+    """A shard an earlier run completed from exactly these pairs (ids and file hashes) and params."""
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = _shard_meta(f)
-            return meta.get("ids") == ids and meta.get("params_hash") == params_hash
+            return _shard_meta(f) == {"ids": ids, "params_hash": params_hash, "sources": sources}
     except Exception:  # noqa: BLE001 - any unreadable file is simply rewritten
         return False
+
+
+def _shard_chunks(prepared: Path, degraded: Path, ids: list[str], size: int, skipped: list, bar):
+    """Readable pairs in index order, ``size`` at a time; unreadable or odd-sized ones are skipped."""
+    chunk, shape = [], None
+    for item_id in ids:
+        bar.update(1)
+        try:
+            hq, lq, digest = _read_pair(prepared, degraded, item_id)
+            if shape is not None and hq.shape != shape:
+                raise ValueError(f"{prepared / 'hq' / item_id}.png: size {hq.shape[:2]} differs from the "
+                                 f"cache's {shape[:2]}; one crop_size per cache")
+        except ValueError as exc:
+            log.warning("skip %s", exc)
+            skipped.append({"id": item_id, "reason": str(exc)})
+            continue
+        shape = hq.shape
+        chunk.append((item_id, hq, lq, digest))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, device: str = "auto",
@@ -121,29 +144,17 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
     for leftover in out.glob(".shard-*"):  # temp files of a run that was killed mid-write
         leftover.unlink()
 
-    # read and check every pair first, so shard contents are fixed before anything is written
-    pairs, skipped = [], []
-    for item_id in tqdm(ids, desc="encode: read", unit="pair", leave=False):
-        try:
-            hq, lq, digest = _read_pair(prepared, degraded, item_id)
-        except ValueError as exc:
-            log.warning("skip %s", exc)
-            skipped.append({"id": item_id, "reason": str(exc)})
-            continue
-        pairs.append((item_id, hq, lq, digest))
-    if not pairs:
-        raise RuntimeError(f"encode: none of the {len(ids)} pairs listed in {index_path} could be read")
-    shapes = {pair[1].shape for pair in pairs}
-    if len(shapes) > 1:
-        raise ValueError(f"{prepared}: crops of different sizes {sorted(shapes)}; one crop_size per cache")
-
-    shards, reused = [], 0
-    bar = tqdm(total=len(pairs), desc="encode", unit="pair")
-    for start in range(0, len(pairs), p.shard_size):
-        chunk = pairs[start:start + p.shard_size]
+    # one shard at a time: read and check its pairs, reuse it if an earlier run wrote exactly
+    # these pairs with these params, else encode and write it (memory: one shard of pixels)
+    skipped: list[dict] = []
+    shards, reused, count, image_shape = [], 0, 0, None
+    bar = tqdm(total=len(ids), desc="encode", unit="pair")
+    for chunk in _shard_chunks(prepared, degraded, ids, p.shard_size, skipped, bar):
         chunk_ids = [c[0] for c in chunk]
+        image_shape = image_shape or list(chunk[0][1].shape)
+        sources = hashlib.sha256("".join(c[3] for c in chunk).encode()).hexdigest()
         path = out / f"shard-{len(shards):05d}.safetensors"
-        if path.exists() and _shard_ok(path, chunk_ids, params_hash):
+        if path.exists() and _shard_ok(path, chunk_ids, params_hash, sources):
             reused += 1
         else:
             lq_lat, hq_lat = [], []
@@ -151,27 +162,29 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
                 part = chunk[b:b + p.batch_size]
                 hq_lat.append(encode_latents(vae, _to_model([c[1] for c in part], device, dtype)).cpu())
                 lq_lat.append(encode_latents(vae, _to_model([c[2] for c in part], device, dtype)).cpu())
-                bar.update(len(part))
             tensors = {"lq": torch.cat(lq_lat).contiguous(), "hq": torch.cat(hq_lat).contiguous()}
             with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata=_meta(chunk_ids, params_hash))
+                save_file(tensors, str(tmp), metadata=_meta(chunk_ids, params_hash, sources))
         shards.append({"file": path.name, "count": len(chunk), "sha256": file_sha256(path),
-                       "sources_sha256": hashlib.sha256("".join(c[3] for c in chunk).encode()).hexdigest()})
+                       "sources_sha256": sources})
+        count += len(chunk)
     bar.close()
+    if not shards:
+        raise RuntimeError(f"encode: none of the {len(ids)} pairs listed in {index_path} could be read")
     for stale in sorted(out.glob("shard-*.safetensors"))[len(shards):]:
         stale.unlink()
 
     with safe_open(str(out / shards[0]["file"]), framework="pt") as f:
         latent_shape = list(f.get_slice("hq").get_shape()[1:])
     manifest = {
-        "count": len(pairs), "latent_shape": latent_shape, "image_shape": list(pairs[0][1].shape),
+        "count": count, "latent_shape": latent_shape, "image_shape": image_shape,
         "dtype": p.dtype, "scaling_factor": float(vae.config.scaling_factor), "backbone": source,
         "params_hash": params_hash, "shards": shards, "skipped": len(skipped),
     }
-    write_json(out / "report.json", {"encoded": len(pairs), "shards_reused": reused, "skipped": skipped})
+    write_json(out / "report.json", {"encoded": count, "shards_reused": reused, "skipped": skipped})
     write_json(out / MANIFEST, manifest)
     log.info("encode: %d pairs in %d shards (%d reused), latent %s, %d skipped",
-             len(pairs), len(shards), reused, latent_shape, len(skipped))
+             count, len(shards), reused, latent_shape, len(skipped))
     return manifest
 
 
