@@ -164,3 +164,17 @@ def test_shared_sample_photos_prepare(tmp_path):
     folder = shared_data("train", "CBSD68")
     report = prepare(PrepareParams(sources=(str(folder),), crop_size=128, crops_per_image=1), out_dir=tmp_path, seed=0)
     assert report["images_used"] == report["files_seen"] >= 60
+
+
+def test_files_whose_names_slug_alike_are_all_kept_and_repeats_are_reported(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate(["a-b.png", "a_b.png", "c.png", "c.jpg"]):
+        Image.fromarray(photo(seed=10 + i)).save(src / name, quality=95)
+    listing = tmp_path / "list.txt"
+    listing.write_text("src/c.png\nsrc/c.png\n")
+    p = PrepareParams(sources=(str(src), str(listing)), crop_size=CROP, crops_per_image=1)
+    report = prepare(p, out_dir=tmp_path / "out", seed=0)
+    index = json.loads((tmp_path / "out" / "index.json").read_text())["items"]
+    assert report["images_used"] == 4 and len({i["id"] for i in index}) == 4
+    assert [d["path"].rsplit("/", 1)[-1] for d in report["duplicates"]] == ["c.png", "c.png"]

@@ -182,17 +182,34 @@ def _files(entry: str, extensions: tuple[str, ...]) -> list[Path]:
     raise FileNotFoundError(f"prepare.sources: {entry!r} is neither 'embedded', a folder nor a list file")
 
 
-def iter_sources(sources: tuple[str, ...], extensions: tuple[str, ...]) -> Iterator[SourceImage]:
-    seen: set[str] = set()
+def iter_sources(sources: tuple[str, ...], extensions: tuple[str, ...], duplicates: list | None = None
+                 ) -> Iterator[SourceImage]:
+    """Every image of every source once. The same file listed twice is yielded once (and noted in
+    ``duplicates``); distinct files whose readable ids would clash get a hash of their path appended."""
+    seen_files: set[str] = set()
+    keys: set[str] = set()
     for index, entry in enumerate(sources):
-        items = _embedded() if entry == "embedded" else (
-            SourceImage(key=f"s{index}_{_slug(str(p.with_suffix('')))}", label=str(p),
-                        load=lambda p=p: load_rgb(p))
-            for p in _files(entry, extensions))
+        if entry == "embedded":
+            items = list(_embedded())
+        else:
+            items = []
+            for path in _files(entry, extensions):
+                resolved = str(path.resolve())
+                if resolved in seen_files:
+                    if duplicates is not None:
+                        duplicates.append({"path": str(path), "reason": "listed more than once; used once"})
+                    continue
+                seen_files.add(resolved)
+                key = f"s{index}_{_slug(str(path))}"
+                if key in keys:  # e.g. a-b.png and a_b.png, or a name cut by the slug's length
+                    key = f"{key}_{hashlib.sha256(resolved.encode()).hexdigest()[:8]}"
+                keys.add(key)
+                items.append(SourceImage(key=key, label=str(path), load=lambda p=path: load_rgb(p)))
         for item in items:
-            if item.key in seen:  # the same file listed twice
-                continue
-            seen.add(item.key)
+            if entry == "embedded":
+                if item.key in keys:  # `embedded` named twice
+                    continue
+                keys.add(item.key)
             yield item
 
 
@@ -242,11 +259,11 @@ def prepare(p, *, out_dir: str | Path, seed: int) -> dict:
     """
     out_dir = Path(out_dir)
     guard = eval_hashes(p.eval_dirs, p.extensions)
-    items, skipped, normalised = [], [], []
+    items, skipped, normalised, duplicates = [], [], [], []
     seen_files = 0
     with atomic_dir(out_dir) as tmp:
         (tmp / "hq").mkdir()
-        for src in tqdm(list(iter_sources(p.sources, p.extensions)), desc="prepare", unit="img"):
+        for src in tqdm(list(iter_sources(p.sources, p.extensions, duplicates)), desc="prepare", unit="img"):
             seen_files += 1
             try:
                 rgb, notes = src.load()
@@ -274,7 +291,8 @@ def prepare(p, *, out_dir: str | Path, seed: int) -> dict:
                 items.append({"id": item_id, "source": src.label, "box": [x, y, p.crop_size, p.crop_size],
                               "source_sha256": digest, "sha256": content_hash(crop)})
         report = {"files_seen": seen_files, "images_used": len({i["source"] for i in items}),
-                  "crops_written": len(items), "normalised": normalised, "skipped": skipped}
+                  "crops_written": len(items), "normalised": normalised, "skipped": skipped,
+                  "duplicates": duplicates}
         if not items:
             raise RuntimeError(
                 f"prepare: none of the {seen_files} input files in {list(p.sources)} could be used"
