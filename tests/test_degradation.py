@@ -274,9 +274,21 @@ def test_bad_files_are_skipped_and_reported(tmp_path, caplog):
 
 def test_all_bad_folder_raises(tmp_path):
     root = make_prepared(tmp_path / "prepared", {}, extra_items=({"id": "missing"},))
-    with pytest.raises(RuntimeError, match="none of the 1 items"):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "index.json").write_text("{}")  # a previous run's output
+    with pytest.raises(RuntimeError, match=r"none of the 1 items .*first problem: hq/missing\.png"):
         degrade_folder(root, tmp_path / "out", P, seed=1)
-    assert json.loads((tmp_path / "out" / "report.json").read_text())["written"] == 0
+    assert (tmp_path / "out" / "index.json").read_text() == "{}"  # kept, not half-replaced
+    assert not list(tmp_path.glob(".out.tmp*"))
+
+
+def test_rerun_leaves_no_stale_outputs(tmp_path):
+    root = make_prepared(tmp_path / "prepared", {"a": photo("astronaut", 100, 150), "b": photo("coffee", 50, 200)})
+    degrade_folder(root, tmp_path / "out", P, seed=1)
+    index = json.loads((root / "index.json").read_text())
+    (root / "index.json").write_text(json.dumps({"items": index["items"][:1]}))
+    degrade_folder(root, tmp_path / "out", P, seed=1)
+    assert sorted(p.name for p in (tmp_path / "out" / "lq").iterdir()) == ["a.png"]
 
 
 def test_missing_index_is_a_clear_error(tmp_path):

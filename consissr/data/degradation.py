@@ -50,7 +50,7 @@ from consissr.compat import (
     random_mixed_kernels,
 )
 from consissr.config import DegradationOrder, DegradeParams
-from consissr.io import write_bytes, write_json
+from consissr.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -356,11 +356,12 @@ def _load_index(in_dir: Path) -> list[dict[str, Any]]:
 def degrade_folder(in_dir: str | Path, out_dir: str | Path, p: DegradeParams, *, seed: int) -> dict[str, Any]:
     """Degrade every item of ``in_dir/index.json`` (``in_dir/hq/<id>.png``) into ``out_dir``.
 
-    Writes, each atomically: ``lq/<id>.png`` (H/scale), ``lq_up/<id>.png`` (H), ``index.json``
+    Builds the folder beside ``out_dir`` and swaps it in when complete: ``lq/<id>.png`` (H/scale), ``lq_up/<id>.png`` (H), ``index.json``
     (the written items: id, hq path relative to ``in_dir``, lq paths relative to ``out_dir``,
     sizes, per-image seed, plus the prepared item's source/sha256) and ``report.json``
     (``{"written": n, "skipped": [{"id", "path", "reason"}]}``). A missing, corrupt or unusable
-    HQ file is skipped and reported; if no item can be degraded, raises ``RuntimeError``.
+    HQ file is skipped and reported; if no item can be degraded, raises ``RuntimeError`` naming
+    the first problem and leaves the previous ``out_dir`` as it was.
 
     Returns the report dict.
     """
@@ -371,41 +372,46 @@ def degrade_folder(in_dir: str | Path, out_dir: str | Path, p: DegradeParams, *,
     skipped: list[dict[str, Any]] = []
     seen: set[str] = set()
 
-    for item in tqdm(items, desc="degrade", unit="img"):
-        image_id = item.get("id") if isinstance(item, dict) else None
-        rel_hq = f"hq/{image_id}.png"
-        try:
-            if not isinstance(image_id, str) or not _SAFE_ID.fullmatch(image_id):
-                rel_hq = None
-                raise _BadInput(f"invalid id {image_id!r} (must be a plain file name)")
-            if image_id in seen:
-                raise _BadInput("duplicate id")
-            seen.add(image_id)
-            hq = _read_hq(in_dir / rel_hq, p, min_size)
-        except _BadInput as exc:
-            log.warning("degrade: skipping %s (%s): %s", image_id, rel_hq, exc)
-            skipped.append({"id": image_id if isinstance(image_id, str) else repr(image_id),
-                            "path": rel_hq, "reason": str(exc)})
-            continue
+    # the folder is built beside out_dir and swapped in whole: no stale or half-written outputs
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "lq").mkdir()
+        (tmp / "lq_up").mkdir()
+        for item in tqdm(items, desc="degrade", unit="img"):
+            image_id = item.get("id") if isinstance(item, dict) else None
+            rel_hq = f"hq/{image_id}.png"
+            try:
+                if not isinstance(image_id, str) or not _SAFE_ID.fullmatch(image_id):
+                    rel_hq = None
+                    raise _BadInput(f"invalid id {image_id!r} (must be a plain file name)")
+                if image_id in seen:
+                    raise _BadInput("duplicate id")
+                seen.add(image_id)
+                hq = _read_hq(in_dir / rel_hq, p, min_size)
+            except _BadInput as exc:
+                log.warning("degrade: skipping %s (%s): %s", image_id, rel_hq, exc)
+                skipped.append({"id": image_id if isinstance(image_id, str) else repr(image_id),
+                                "path": rel_hq, "reason": str(exc)})
+                continue
 
-        item_seed = image_seed(seed, image_id)
-        with seeded(item_seed):
-            kernels = sample_kernels(p)
-            lq, lq_up = degrade(hq, kernels, p)
-        write_bytes(out_dir / "lq" / f"{image_id}.png", _png_bytes(lq[0]))
-        write_bytes(out_dir / "lq_up" / f"{image_id}.png", _png_bytes(lq_up[0]))
-        record = {"id": image_id, "hq": rel_hq, "lq": f"lq/{image_id}.png", "lq_up": f"lq_up/{image_id}.png",
-                  "hq_size": list(hq.shape[-2:]), "lq_size": list(lq.shape[-2:]), "seed": item_seed}
-        record.update({k: item[k] for k in ("source", "sha256") if k in item})
-        written.append(record)
+            item_seed = image_seed(seed, image_id)
+            with seeded(item_seed):
+                kernels = sample_kernels(p)
+                lq, lq_up = degrade(hq, kernels, p)
+            (tmp / "lq" / f"{image_id}.png").write_bytes(_png_bytes(lq[0]))
+            (tmp / "lq_up" / f"{image_id}.png").write_bytes(_png_bytes(lq_up[0]))
+            record = {"id": image_id, "hq": rel_hq, "lq": f"lq/{image_id}.png", "lq_up": f"lq_up/{image_id}.png",
+                      "hq_size": list(hq.shape[-2:]), "lq_size": list(lq.shape[-2:]), "seed": item_seed}
+            record.update({k: item[k] for k in ("source", "sha256") if k in item})
+            written.append(record)
 
-    report = {"written": len(written), "skipped": skipped}
-    write_json(out_dir / "report.json", report)
-    if not written:
-        raise RuntimeError(f"degrade: none of the {len(items)} items in {in_dir / 'index.json'} could be "
-                           f"degraded (reasons in {out_dir / 'report.json'})")
-    write_json(out_dir / "index.json", {
-        "hq_dir": str(in_dir), "scale": p.scale, "base_seed": seed,
-        "params": dataclasses.asdict(p), "items": written})
+        report = {"written": len(written), "skipped": skipped}
+        if not written:
+            first = f" (first problem: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+            raise RuntimeError(f"degrade: none of the {len(items)} items in {in_dir / 'index.json'} could be "
+                               f"degraded{first}")
+        write_json(tmp / "report.json", report)
+        write_json(tmp / "index.json", {
+            "hq_dir": str(in_dir), "scale": p.scale, "base_seed": seed,
+            "params": dataclasses.asdict(p), "items": written})
     log.info("degrade: wrote %d LQ images to %s, skipped %d", len(written), out_dir, len(skipped))
     return report
