@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -221,3 +222,17 @@ def test_parameter_counts_paper_and_tiny(backbone_dir, vanilla_unet, capsys):
     tiny = print_model_info(Params(), profile="tiny", backbone_dir=backbone_dir)["tiny"]["counts"]
     assert tiny["unet"]["total"] == sum(p.numel() for p in vanilla_unet.parameters())
     assert "UNet (frozen SD)" in capsys.readouterr().out
+
+
+def test_policy_freezes_the_hpa_when_its_scale_is_zero(vanilla_unet):
+    """hpa_scale 0 skips the image branch; trainable parameters without gradient would break DDP."""
+    on = make_net(vanilla_unet)
+    off = make_net(vanilla_unet, dataclasses.replace(PARAMS, hpa_scale=0.0))
+    apply_trainable_policy(on)
+    apply_trainable_policy(off)
+    trainable_on = {n for n, p in on.named_parameters() if p.requires_grad}
+    trainable_off = {n for n, p in off.named_parameters() if p.requires_grad}
+    hpa = {n for n in trainable_on if n.startswith(("hpa_unet.", "hpa_controlnet.", "image_proj."))}
+    assert hpa and trainable_off == trainable_on - hpa
+    off(**inputs()).square().mean().backward()
+    assert all(p.grad is not None for p in off.parameters() if p.requires_grad)

@@ -108,6 +108,9 @@ def test_checkpoints_of_other_settings_are_dropped_not_resumed(tmp_path, caplog)
                          settings=dataclasses.replace(settings, lr=2e-2))
     assert (changed.resumed_from, changed.steps_run) == (None, 3)
     assert "lr: 0.01 → 0.02" in caplog.text
+    # the other run's checkpoints are set aside, not deleted, and not resumed
+    stale = sorted(p.name for p in (tmp_path / loop.CHECKPOINTS / loop.STALE).glob("*/step-*"))
+    assert stale and stale[-1] == "step-00000004"
 
 
 def test_sample_fn_logs_images_and_never_changes_the_trajectory(tmp_path):

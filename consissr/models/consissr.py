@@ -313,9 +313,12 @@ def apply_trainable_policy(net: ConsisSRNet) -> list[nn.Parameter]:
       UNet. This is the authors' optimiser (``configure_optimizers`` skips ``attn2``/``norm2``
       names of the control model except ``to_out_ip``).
     * The robust CLIP tower is not part of this net (trained in its own stage, Eq. 3).
+    * With ``hpa_scale == 0`` (the no-image-prompt ablation) the HPA layers never take part in the
+      forward, so they stay frozen: a trainable parameter without gradient breaks DDP.
     """
     net.requires_grad_(False)
-    for module in (net.self_attention, net.hpa_unet, net.hpa_controlnet, net.image_proj):
+    hpa = (net.hpa_unet, net.hpa_controlnet, net.image_proj) if net.hpa_scale != 0 else ()
+    for module in (net.self_attention, *hpa):
         module.requires_grad_(True)
     frozen = _controlnet_frozen_cross_attention(net.controlnet)
     for parameter in net.controlnet.parameters():

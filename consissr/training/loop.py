@@ -78,6 +78,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
+STALE = "stale"
 CHECKPOINTS = "checkpoints"
 WEIGHTS_FILE = "trainable.safetensors"
 STATE_FILE = "state.pt"
@@ -353,7 +354,11 @@ def _fsync(path: Path) -> None:
 
 
 def _clear_stale(ckpt_root: Path, fingerprint: str, fingerprint_data: dict) -> None:
-    """Remove unfinished temp folders, and checkpoints written with other settings (with a warning)."""
+    """Remove unfinished temp folders; move checkpoints written with other settings or code aside.
+
+    They go to ``checkpoints/stale/<their fingerprint>/`` (never resumed, never deleted here: a
+    long run is not lost to an edited log line; delete them once you are sure).
+    """
     if not ckpt_root.is_dir():
         return
     for p in ckpt_root.iterdir():
@@ -363,9 +368,13 @@ def _clear_stale(ckpt_root: Path, fingerprint: str, fingerprint_data: dict) -> N
         meta = json.loads((ckpt / META_FILE).read_text())
         if meta.get("fingerprint") != fingerprint:
             changed = _diff(meta.get("fingerprint_data", {}), fingerprint_data)
-            log.warning("removing checkpoint %s: written with other settings (%s); starting afresh",
-                        ckpt, ", ".join(changed) or "unknown difference")
-            shutil.rmtree(ckpt)
+            target = ckpt_root / STALE / str(meta.get("fingerprint", "unknown")) / ckpt.name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if target.exists():
+                shutil.rmtree(target)
+            ckpt.rename(target)
+            log.warning("not resuming checkpoint %s: written with other settings (%s); moved to %s, "
+                        "starting afresh", ckpt.name, ", ".join(changed) or "unknown difference", target)
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -427,6 +436,11 @@ def _new_accelerator(settings: LoopSettings):
     cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
     if settings.mixed_precision == "fp16" and cpu:
         raise ValueError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+    if settings.device.startswith("cuda:"):
+        if "LOCAL_RANK" in os.environ:  # a launcher assigns one GPU per process
+            raise ValueError(f"base.device {settings.device!r} names one GPU; under accelerate launch / "
+                             "torchrun use 'auto' or 'cuda' (CUDA_VISIBLE_DEVICES picks the GPUs)")
+        torch.cuda.set_device(torch.device(settings.device))  # accelerate then uses that GPU
     # cpu=True also makes a torchrun/accelerate launch on a CPU machine a gloo DDP run
     return Accelerator(cpu=cpu, mixed_precision=settings.mixed_precision, gradient_accumulation_steps=1)
 

@@ -98,7 +98,9 @@ class TalaObjective(nn.Module):
         self.net = net
         self.gamma, self.tala, self.prompt_dropout = float(gamma), bool(tala), float(prompt_dropout)
         self.register_buffer("alphas_cumprod", alphas_cumprod.detach().float().clone(), persistent=False)
-        self.register_buffer("prompt_embeds", prompt_embeds.detach().float().clone(), persistent=False)
+        # the prompt table stays on the CPU, outside the module's buffers: with captions it can be
+        # large, and DDP would copy every buffer to each GPU and broadcast it every step
+        self.prompt_embeds = prompt_embeds.detach().float().cpu()
 
     def enable_gradient_checkpointing(self) -> None:
         """diffusers' switch on the UNet and the ControlNet (what the loop's setting calls)."""
@@ -106,7 +108,8 @@ class TalaObjective(nn.Module):
         self.net.controlnet.enable_gradient_checkpointing()
 
     def text_embeds(self, prompt: torch.Tensor) -> torch.Tensor:
-        return self.prompt_embeds[prompt]
+        """Rows ``prompt`` of the prompt table, on the prompt's device."""
+        return self.prompt_embeds[prompt.cpu()].to(prompt.device)
 
     def condition(self, batch: dict) -> torch.Tensor:
         """The ControlNet condition: the LQ latent, or the LQ image for a pixel ControlNet."""
@@ -364,6 +367,10 @@ def train_sdsr(
     bb = load_backbone(backbone.pretrained, revision=backbone.revision, embedded_dir=backbone_dir)
     alphas_cumprod = bb.noise_scheduler.alphas_cumprod
     _check(train, len(alphas_cumprod))
+    prediction = bb.noise_scheduler.config.get("prediction_type", "epsilon")
+    if prediction != "epsilon":  # Algorithm 1's target ε* is a noise target
+        raise ValueError(f"backbone {bb.source}: prediction_type {prediction!r}; TALA (Algorithm 1) needs an "
+                         "ε-prediction model such as stabilityai/stable-diffusion-2-1-base")
 
     # 2. data: cached latents; robust CLIP student embeddings of the LQ images (frozen here, so
     #    computed once); the prompt table embedded once by the frozen text encoder
