@@ -40,13 +40,7 @@ def robust_clip_step(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def loop_settings(train: TrainClipParams, *, seed: int, device: str) -> LoopSettings:
-    return LoopSettings(
-        iterations=train.iterations, batch_size=train.batch_size, lr=train.lr, betas=train.betas,
-        lr_warmup_steps=train.lr_warmup_steps, gradient_accumulation=train.gradient_accumulation,
-        global_batch=False, mixed_precision=train.mixed_precision,
-        gradient_checkpointing=train.gradient_checkpointing, max_grad_norm=train.max_grad_norm,
-        checkpoint_every=train.checkpoint_every, keep_checkpoints=train.keep_checkpoints,
-        log_every=train.log_every, num_workers=train.num_workers, seed=seed, device=device)
+    return LoopSettings.from_params(train, global_batch=False, seed=seed, device=device)  # batch_size is per process
 
 
 def train_clip(

@@ -164,6 +164,14 @@ class LoopSettings:
     _CADENCE = ("iterations", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every",
                 "num_workers", "device")
 
+    @classmethod
+    def from_params(cls, train: Any, *, global_batch: bool, seed: int, device: str) -> "LoopSettings":
+        """From a stage's params section (``TrainClipParams``, ``TrainSdsrParams``): every field of
+        the same name, plus what the section does not hold."""
+        names = {f.name for f in dataclasses.fields(cls)} - {"global_batch", "seed", "device"}
+        return cls(**{n: getattr(train, n) for n in names if hasattr(train, n)},
+                   global_batch=global_batch, seed=seed, device=device)
+
     def trajectory(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self._CADENCE}
 

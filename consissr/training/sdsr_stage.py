@@ -288,14 +288,7 @@ def make_sample_fn(vae: nn.Module, dataset: SdsrDataset, *, timesteps: Sequence[
 # the stage
 # --------------------------------------------------------------------------------------------
 def loop_settings(train: TrainSdsrParams, *, seed: int, device: str) -> LoopSettings:
-    return LoopSettings(
-        iterations=train.iterations, batch_size=train.batch_size, lr=train.lr, betas=train.betas,
-        lr_warmup_steps=train.lr_warmup_steps, gradient_accumulation=train.gradient_accumulation,
-        global_batch=True, mixed_precision=train.mixed_precision,
-        gradient_checkpointing=train.gradient_checkpointing, max_grad_norm=train.max_grad_norm,
-        checkpoint_every=train.checkpoint_every, keep_checkpoints=train.keep_checkpoints,
-        log_every=train.log_every, sample_every=train.sample_every, num_workers=train.num_workers,
-        seed=seed, device=device)
+    return LoopSettings.from_params(train, global_batch=True, seed=seed, device=device)  # batch_size is the total over processes and accumulation
 
 
 def _work_device(device: str) -> torch.device:
