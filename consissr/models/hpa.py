@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from consissr.models.attention_ops import merge_heads, split_heads
+from consissr.models.attention_ops import merge_heads, prepare_mask_and_norm, project_out, split_heads
 
 IMAGE_TOKENS_KWARG = "ip_hidden_states"
 _PROCESSOR_SUFFIX = ".processor"
@@ -115,13 +115,8 @@ class HybridPromptAttnProcessor:
         if input_ndim == 4:
             batch_size, channel, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape)
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        key_length = (hidden_states if encoder_hidden_states is None else encoder_hidden_states).shape[1]
+        hidden_states, attention_mask = prepare_mask_and_norm(attn, hidden_states, attention_mask, key_length)
 
         # 2. text branch: the layer's own attention
         query = attn.to_q(hidden_states)
@@ -147,13 +142,13 @@ class HybridPromptAttnProcessor:
             hidden_states = hidden_states + self.scale * image
 
         # 4. the layer's original output projection
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
+        if input_ndim == 4:  # (to_out first, then back to the image layout, as diffusers)
+            hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
             hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+            if attn.residual_connection:
+                hidden_states = hidden_states + residual
+            return hidden_states / attn.rescale_output_factor
+        return project_out(attn, hidden_states, residual)
 
 
 def cross_attention_layers(model: nn.Module) -> list[str]:

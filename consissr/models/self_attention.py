@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from consissr.models.attention_ops import merge_heads, split_heads
+from consissr.models.attention_ops import merge_heads, prepare_mask_and_norm, project_out, split_heads
 
 from consissr.models.hpa import module_key
 
@@ -147,11 +147,7 @@ class ConsisSelfAttnProcessor:
 
         # 2. spatial self-attention, as diffusers' AttnProcessor2_0, positions added to Q and K
         residual = hidden_states
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, tokens, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        hidden_states, attention_mask = prepare_mask_and_norm(attn, hidden_states, attention_mask, tokens)
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
@@ -164,11 +160,7 @@ class ConsisSelfAttnProcessor:
         value = split_heads(attn, value)
         hidden_states = merge_heads(F.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False), query.dtype)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        hidden_states = hidden_states / attn.rescale_output_factor
+        hidden_states = project_out(attn, hidden_states, residual)
 
         # 3. both branches go into the block's residual stream
         if transposed is not None:
