@@ -5,11 +5,21 @@
    before they are imported.
 2. basicsr's ``DiffJPEG`` returns a channels-last-strided tensor, on which ``filter2D``'s
    ``.view`` fails for batch > 1: ``diff_jpeg`` returns a contiguous tensor.
+3. pyiqa 0.1.16 resolves weight files into ``download_util.DEFAULT_CACHE_DIR``, fixed at import
+   to ``torch.hub.get_dir()/pyiqa``, and torchvision backbones / its CLIP into
+   ``torch.hub.get_dir()`` at call time: ``pyiqa_weights_dir`` points both at one folder while
+   metrics are built (files checked beforehand, so nothing is downloaded).
+4. pyiqa's MANIQA first builds timm's ``vit_base_patch8_224`` with ImageNet weights (a hub
+   download), then overwrites every one of them with a strict load of the MANIQA checkpoint:
+   ``pyiqa_weights_dir`` builds that ViT without the download.
 """
 
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
 
 
 def _alias_functional_tensor() -> None:
@@ -31,6 +41,7 @@ from basicsr.data.degradations import (  # noqa: E402
     random_add_poisson_noise_pt,
     random_mixed_kernels,
 )
+from basicsr.metrics import calculate_niqe, calculate_psnr, calculate_ssim  # noqa: E402
 from basicsr.utils import DiffJPEG, USMSharp  # noqa: E402
 from basicsr.utils.img_process_util import filter2D  # noqa: E402
 
@@ -42,12 +53,40 @@ class ContiguousDiffJPEG(DiffJPEG):
         return super().forward(x, quality=quality).contiguous()
 
 
+@contextmanager
+def pyiqa_weights_dir(hub_dir: str | Path) -> Iterator[None]:
+    """Build pyiqa metrics from the weights under ``hub_dir`` (torch.hub layout; workarounds 3, 4)."""
+    import timm
+    import torch.hub
+    import pyiqa.utils.download_util as download_util
+
+    saved = torch.hub._hub_dir, download_util.DEFAULT_CACHE_DIR, timm.create_model
+    create_model = timm.create_model
+
+    def no_vit_download(name, *args, **kwargs):
+        if name == "vit_base_patch8_224":
+            kwargs["pretrained"] = False
+        return create_model(name, *args, **kwargs)
+
+    torch.hub.set_dir(str(hub_dir))
+    download_util.DEFAULT_CACHE_DIR = str(Path(hub_dir) / "pyiqa")
+    timm.create_model = no_vit_download
+    try:
+        yield
+    finally:
+        torch.hub._hub_dir, download_util.DEFAULT_CACHE_DIR, timm.create_model = saved
+
+
 __all__ = [
     "ContiguousDiffJPEG",
     "DiffJPEG",
     "USMSharp",
+    "calculate_niqe",
+    "calculate_psnr",
+    "calculate_ssim",
     "circular_lowpass_kernel",
     "filter2D",
+    "pyiqa_weights_dir",
     "random_add_gaussian_noise_pt",
     "random_add_poisson_noise_pt",
     "random_mixed_kernels",

@@ -178,6 +178,45 @@ class TrainSdsrParams:
 
 
 @dataclass(frozen=True)
+class EvalDatasetParams:
+    """One evaluation set (consissr/evaluation/datasets.py); relative paths are from the repo root."""
+
+    name: str
+    kind: Literal["synthetic", "paired", "embedded"]
+    hr: str | None = None  # synthetic, paired: the HR image folder
+    lr: str | None = None  # paired: the LR image folder, matched to ``hr`` by file name
+    lr_suffix: str = ""  # paired: stripped from LR file stems before matching (RealSR: "_LR4")
+    hr_suffix: str = ""  # paired: stripped from HR file stems (RealSR: "_HR")
+    count: int = 8  # synthetic / embedded: degraded crops in all (StableSR's DIV2K-Val: 3000)
+    paper: str | None = None  # this set's name in the paper's tables (results.yaml: DIV2K, RealSR, DrealSR)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Tables 1–2 and Fig. 10 (consissr/evaluation/). Methods are named as in the paper's tables."""
+
+    datasets: tuple[EvalDatasetParams, ...] = (EvalDatasetParams(name="embedded", kind="embedded"),)
+    lr_crop: int = 32  # LR crop side; HR crops are scale × it (StableSR protocol: 128 → 512)
+    scale: int = 4
+    max_images: int = 0  # per dataset; 0: all
+    methods: tuple[str, ...] = ("bicubic", "gan", "ganemb-rec", "ganemb-gen", "full")
+    full_steps: int = 50  # `full`: sampling from pure noise (paper Table 1)
+    rec_t_max: int = 600  # `ganemb-rec` (paper Table 2: t_max 600, 10 steps)
+    rec_steps: int = 10
+    gen_t_max: int = 1000  # `ganemb-gen` (paper Table 2: t_max 1000, 10 steps)
+    gen_steps: int = 10
+    sweep_t_max: tuple[int, ...] = (600, 1000)  # Fig. 10: GANEmb t_max × steps (paper: 600..1000 × 5, 10, 20)
+    sweep_steps: tuple[int, ...] = (5,)
+    sweep_dataset: str | None = None  # the dataset swept; None: the first
+    sweep_nr_metric: str = "niqe"  # Fig. 10's no-reference metric beside PSNR
+    metrics: tuple[str, ...] = ("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", "clipiqa")
+    crop_border: int = 4  # psnr/ssim border crop on the Y channel (BasicSR, the authors' scripts)
+    weights_dir: str | None = None  # metric weights in torch.hub's layout (pyiqa/, checkpoints/, clip/); None: torch.hub.get_dir()
+    color_fix: Literal["adain", "wavelet", "none"] = "adain"
+    grid_images: int = 4  # images per dataset shown as LQ | bicubic | GAN | ganemb-rec | full | HQ
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams = BaseParams()
     backbone: BackboneParams = BackboneParams()
@@ -188,6 +227,7 @@ class Params:
     clip: ClipParams = ClipParams()
     train_clip: TrainClipParams = TrainClipParams()
     train_sdsr: TrainSdsrParams = TrainSdsrParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -208,6 +248,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),
+    "evaluate": ("base.seed", "base.device", "base.profile", "degrade", "evaluate"),
 }
 
 
@@ -250,6 +291,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     unknown = sorted(set(raw) - names)
     if unknown:
         raise ParamsError(f"unknown key {prefix}{unknown[0]!s} (allowed in {where}: {', '.join(sorted(names))})")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.name not in raw and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ParamsError(f"missing key {prefix}{required[0]} (required in {where})")
     kwargs = {}
     for f in dataclasses.fields(cls):
         if f.name in raw:

@@ -1,0 +1,89 @@
+"""Evaluation metrics: Y-channel PSNR/SSIM as BasicSR computes them, and the unavailable path."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from consissr.evaluation.metrics import HIGHER_IS_BETTER, MetricSuite, weight_files
+from conftest import SHARED_DATA
+
+
+def _photo_pairs():
+    """Real photos (Set5 from ../shared/data, else scikit-image's) and a degraded copy of each."""
+    folder = SHARED_DATA / "test" / "Set5"
+    if folder.is_dir():
+        images = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("*.png"))[:3]]
+    else:
+        import skimage.data
+        images = [skimage.data.astronaut(), skimage.data.chelsea(), skimage.data.coffee()]
+    pairs = []
+    rng = np.random.default_rng(0)
+    for hq in images:
+        hq = hq[:192, :192]  # NIQE needs at least 2 blocks of 96²
+        blurred = np.asarray(Image.fromarray(hq).resize((48, 48), Image.BICUBIC).resize((192, 192), Image.BICUBIC))
+        noisy = np.clip(blurred.astype(np.float64) + rng.normal(0, 3, blurred.shape), 0, 255).round().astype(np.uint8)
+        pairs.append((noisy, hq))
+    return pairs
+
+
+def test_y_channel_psnr_ssim_agree_with_basicsr():
+    from consissr.compat import calculate_psnr, calculate_ssim
+
+    suite = MetricSuite(["psnr", "ssim"], crop_border=4)
+    for sr, hq in _photo_pairs():
+        ours = suite.score(sr, hq)
+        # basicsr reads BGR uint8 images, HWC
+        ref_psnr = calculate_psnr(sr[..., ::-1], hq[..., ::-1], crop_border=4, test_y_channel=True)
+        ref_ssim = calculate_ssim(sr[..., ::-1], hq[..., ::-1], crop_border=4, test_y_channel=True)
+        assert 15 < ref_psnr < 40
+        assert ours["psnr"] == pytest.approx(ref_psnr, abs=2e-3)
+        assert ours["ssim"] == pytest.approx(ref_ssim, abs=5e-5)  # float32 input vs float64
+
+
+def test_border_crop_and_colour_space_matter():
+    """The agreement above is not vacuous: no crop, or pyiqa's default YIQ luma, give other values."""
+    from consissr.compat import calculate_psnr
+
+    sr, hq = _photo_pairs()[0]
+    sr = sr.copy()
+    sr[:4] = 0  # damage only the border
+    ref = calculate_psnr(sr[..., ::-1], hq[..., ::-1], crop_border=4, test_y_channel=True)
+    assert MetricSuite(["psnr"], crop_border=4).score(sr, hq)["psnr"] == pytest.approx(ref, abs=2e-3)
+    assert MetricSuite(["psnr"], crop_border=0).score(sr, hq)["psnr"] < ref - 3
+    import pyiqa
+    yiq = pyiqa.create_metric("psnr", test_y_channel=True, crop_border=4)
+    from consissr.evaluation.metrics import _to_tensor
+    assert abs(float(yiq(_to_tensor(sr), _to_tensor(hq))) - ref) > 0.2
+    # pyiqa's own SSIM metric rounds Y first: further from basicsr than ours
+    from consissr.compat import calculate_ssim
+    ref_ssim = calculate_ssim(sr[..., ::-1], hq[..., ::-1], crop_border=4, test_y_channel=True)
+    rounded = pyiqa.create_metric("ssim", test_y_channel=True, color_space="ycbcr", crop_border=4)
+    assert abs(float(rounded(_to_tensor(sr), _to_tensor(hq))) - ref_ssim) > 1e-4
+
+
+def test_empty_weights_dir_makes_metrics_unavailable_naming_the_file(tmp_path):
+    names = list(HIGHER_IS_BETTER)
+    suite = MetricSuite(names, weights_dir=tmp_path)
+    sr, hq = _photo_pairs()[0]
+    scores = suite.score(sr, hq)
+    for name in ("lpips", "maniqa", "musiq", "clipiqa"):
+        info = suite.info[name]
+        assert not info.available and name not in scores
+        assert info.needs == [str(tmp_path / rel) for rel in weight_files(name)]
+        assert all(str(tmp_path) in need for need in info.needs)
+        json.dumps(info.to_dict())
+    assert weight_files("lpips")[0] == "pyiqa/LPIPS_v0.1_alex-df73285e.pth"
+    assert weight_files("clipiqa") == ("clip/RN50.pt",)
+    assert not any(tmp_path.iterdir()), "nothing may be downloaded into the weights folder"
+    # always computed: psnr, ssim, and NIQE from basicsr's shipped parameters
+    assert set(scores) == {"psnr", "ssim", "niqe"}
+    assert "basicsr" in suite.info["niqe"].source
+    assert "niqe_modelparameters.mat" in suite.info["niqe"].reason
+
+
+def test_basicsr_niqe_fallback_prefers_the_sharp_photo(tmp_path):
+    suite = MetricSuite(["niqe"], weights_dir=tmp_path)
+    for degraded, hq in _photo_pairs()[:2]:
+        assert suite.score(hq)["niqe"] < suite.score(degraded)["niqe"]
