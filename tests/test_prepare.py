@@ -143,7 +143,19 @@ def test_crops_are_deterministic_per_image_and_seed(tmp_path):
 
 def test_embedded_source_needs_no_files(tmp_path):
     report = prepare(PrepareParams(sources=("embedded",), crop_size=64, crops_per_image=1), out_dir=tmp_path, seed=0)
-    assert report["images_used"] == 10 and report["skipped"] == []
+    assert report["images_used"] == 8 and report["skipped"] == []  # 10 photos, 2 held out for evaluation
+
+
+def test_held_out_embedded_photos_are_guarded(tmp_path):
+    import skimage.data
+
+    from consissr.data.sources import EMBEDDED_EVAL_PHOTOS, EMBEDDED_PHOTOS
+
+    assert set(EMBEDDED_EVAL_PHOTOS).isdisjoint(EMBEDDED_PHOTOS)
+    (tmp_path / "train").mkdir()
+    Image.fromarray(skimage.data.coffee()).save(tmp_path / "train" / "mine.png")
+    with pytest.raises(ContaminationError, match=r"mine\.png.*skimage:coffee"):
+        run(tmp_path / "train", tmp_path / "out")
 
 
 def test_contamination_guard_names_both_files(tmp_path):

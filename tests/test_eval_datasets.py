@@ -1,0 +1,93 @@
+"""Evaluation sets: paired matching, missing partners, wrong scale, the crop protocol, seeded degradation."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from consissr.config import DegradeParams, EvalDatasetParams, EvaluateParams
+from consissr.evaluation.datasets import build_set, paired_set
+
+
+def save(path, arr):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def noise(h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def paired_folders(tmp_path):
+    lr, hr = tmp_path / "lr", tmp_path / "hr"
+    for i, name in enumerate(["a", "b"]):
+        big = noise(4 * 40, 4 * 48, i)
+        save(hr / f"{name}_HR.png", big)
+        save(lr / f"{name}_LR4.png", big[::4, ::4])
+    save(lr / "orphan_LR4.png", noise(40, 48, 7))                 # no HR partner
+    save(hr / "lonely_HR.png", noise(160, 192, 8))                # no LR partner
+    save(lr / "odd_LR4.png", noise(40, 48, 9))
+    save(hr / "odd_HR.png", noise(3 * 40, 3 * 48, 9))             # x3, not x4
+    save(lr / "small_LR4.png", noise(20, 20, 10))
+    save(hr / "small_HR.png", noise(80, 80, 10))                  # x4 but below the LR crop
+    return EvalDatasetParams(name="real", kind="paired", lr=str(lr), hr=str(hr), lr_suffix="_LR4", hr_suffix="_HR")
+
+
+def test_paired_matching_and_each_skip_reason(tmp_path):
+    entry = paired_folders(tmp_path)
+    s = paired_set(entry, lr_crop=32, scale=4)
+    assert [i.id for i in s.items] == ["a", "b"]
+    reasons = {p.rsplit("/", 1)[-1]: r for p, r in ((x["path"], x["reason"]) for x in s.skipped)}
+    assert set(reasons) == {"orphan_LR4.png", "lonely_HR.png", "odd_HR.png", "small_LR4.png"}
+    assert "no HR partner" in reasons["orphan_LR4.png"]
+    assert "no LR partner" in reasons["lonely_HR.png"]
+    assert "not 4x the LR size 48x40" in reasons["odd_HR.png"]
+    assert "smaller than evaluate.lr_crop 32" in reasons["small_LR4.png"]
+
+
+def test_paired_centre_crop_protocol(tmp_path):
+    entry = paired_folders(tmp_path)
+    item = paired_set(entry, lr_crop=32, scale=4).items[0]
+    lq, hq = item.load()
+    assert lq.shape == (32, 32, 3) and hq.shape == (128, 128, 3)
+    big = noise(160, 192, 0)
+    # LR 48x40: centre box top (40-32)//2 = 4, left (48-32)//2 = 8; HR box = the same box x4
+    np.testing.assert_array_equal(hq, big[16:144, 32:160])
+    np.testing.assert_array_equal(lq, big[::4, ::4][4:36, 8:40])
+    np.testing.assert_array_equal(lq, hq[::4, ::4])  # the pair stays aligned
+
+
+def test_paired_needs_both_folders():
+    with pytest.raises(ValueError, match="needs both"):
+        paired_set(EvalDatasetParams(name="x", kind="paired", lr="somewhere"), lr_crop=32, scale=4)
+
+
+def test_synthetic_crops_are_seeded_and_x4(tmp_path):
+    import skimage.data
+    save(tmp_path / "hr" / "rocket.png", skimage.data.rocket())
+    save(tmp_path / "hr" / "tiny.png", noise(50, 50, 1))
+    entry = EvalDatasetParams(name="div", kind="synthetic", hr=str(tmp_path / "hr"), count=3)
+    ev = EvaluateParams(lr_crop=24)
+    a, b = (build_set(entry, ev, DegradeParams(), seed=3) for _ in range(2))
+    assert len(a.items) == 3 and [i["path"].endswith("tiny.png") for i in a.skipped] == [True]
+    for x, y in zip(a.items, b.items):
+        (lq1, hq1), (lq2, hq2) = x.load(), y.load()
+        assert lq1.shape == (24, 24, 3) and hq1.shape == (96, 96, 3)
+        np.testing.assert_array_equal(lq1, lq2)
+        np.testing.assert_array_equal(hq1, hq2)
+    assert len({i.id for i in a.items}) == 3
+    other = build_set(entry, ev, DegradeParams(), seed=4)
+    assert not np.array_equal(other.items[0].load()[0], a.items[0].load()[0])
+
+
+def test_embedded_set_uses_only_held_out_photos():
+    s = build_set(EvalDatasetParams(name="embedded", kind="embedded", count=4), EvaluateParams(lr_crop=24),
+                  DegradeParams(), seed=0)
+    assert [i.id.rsplit("_c", 1)[0] for i in s.items] == ["embedded_chelsea", "embedded_coffee"] * 2
+    lq, hq = s.items[0].load()
+    assert lq.shape == (24, 24, 3) and hq.dtype == np.uint8
+
+
+def test_crop_below_what_degrade_can_handle_is_refused():
+    with pytest.raises(ValueError, match="below the smallest size"):
+        build_set(EvalDatasetParams(name="e", kind="embedded"), EvaluateParams(lr_crop=8), DegradeParams(), seed=0)
