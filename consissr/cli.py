@@ -105,6 +105,22 @@ def run_train_sdsr(params: Params, args) -> None:
                device=params.base.device)
 
 
+@stage("evaluate", "Tables 1-2 and Fig. 10: the paper's methods and metrics on every evaluate.datasets entry")
+def _evaluate_args(p):
+    _paths(p, prepared="data/prepared", metrics="metrics", plots="plots/evaluate", report="reports/evaluate",
+           work="data/eval")
+    p.add_argument("--pipeline", type=Path, default=None,
+                   help="a saved ConsisSRPipeline folder (default: assembled from data/models/*)")
+
+
+def run_evaluate(params: Params, args) -> None:
+    from consissr.evaluation.stage import evaluate
+
+    evaluate(params.evaluate, degrade=params.degrade, seed=params.base.seed, device=params.base.device,
+             metrics_dir=args.metrics, plots_dir=args.plots, report_dir=args.report, work_dir=args.work,
+             prepared_dir=args.prepared, pipeline_dir=args.pipeline)
+
+
 @stage("model-info", "print total and trainable parameter counts per part (both profiles)")
 def _model_info_args(p):
     _paths(p, backbone="data/models/backbone")

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import sys
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -42,9 +41,7 @@ from basicsr.data.degradations import (  # noqa: E402
     random_add_poisson_noise_pt,
     random_mixed_kernels,
 )
-with warnings.catch_warnings():  # basicsr's niqe.py imports scipy.ndimage.filters (deprecated)
-    warnings.simplefilter("ignore", DeprecationWarning)
-    from basicsr.metrics import calculate_niqe, calculate_psnr, calculate_ssim  # noqa: E402
+from basicsr.metrics import calculate_niqe, calculate_psnr, calculate_ssim  # noqa: E402
 from basicsr.utils import DiffJPEG, USMSharp  # noqa: E402
 from basicsr.utils.img_process_util import filter2D  # noqa: E402
 

@@ -248,7 +248,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),
-    "evaluate": ("base.seed", "base.device", "base.profile", "degrade", "evaluate"),
+    "evaluate": ("base.seed", "base.device", "degrade", "evaluate"),
 }
 
 

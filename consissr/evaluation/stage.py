@@ -1,0 +1,267 @@
+"""Stage ``evaluate``: every registry dataset × the paper's methods → metrics, report, Fig. 10, grids.
+
+Methods (names as in the paper's tables): ``bicubic``; ``gan`` (the Real-ESRGAN stage alone);
+``ganemb-rec`` / ``ganemb-gen`` (GAN-Embedding, Algorithm 2, from t_max 600 / 1000 in 10
+steps, Table 2); ``full`` (sampling from noise, 50 steps, Table 1). The pipeline and the metric
+networks are loaded once; each dataset is materialised once (LQ/HQ PNGs) and every method reads
+it. Fig. 10 sweeps GANEmb's t_max × steps on one dataset. One MLflow run records it all.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from consissr.config import DegradeParams, EvaluateParams
+from consissr.data.degradation import image_seed
+from consissr.data.sources import ContaminationError
+from consissr.evaluation.datasets import EvalSet, build_set
+from consissr.evaluation.metrics import MetricSuite
+from consissr.evaluation.report import (
+    PAPER_RESULTS,
+    dataset_metrics,
+    fig10_rows,
+    image_grid,
+    paper_rows,
+    write_fig10,
+    write_report,
+)
+from consissr.io import atomic_dir, write_json
+
+log = logging.getLogger(__name__)
+
+KNOWN_METHODS = ("bicubic", "gan", "ganemb-rec", "ganemb-gen", "full")
+
+
+class SRPipeline(Protocol):
+    """What the stage needs of ``consissr.inference.pipeline.ConsisSRPipeline`` (contracts.md item 3)."""
+
+    def __call__(self, image: np.ndarray, **kwargs: Any) -> Any: ...
+    def gan_upscale(self, image: np.ndarray) -> np.ndarray: ...
+
+
+def method_settings(ev: EvaluateParams) -> dict[str, dict]:
+    """The sampler settings of each requested method, in table order."""
+    table = {"bicubic": {}, "gan": {},
+             "ganemb-rec": {"mode": "ganemb", "t_max": ev.rec_t_max, "steps": ev.rec_steps},
+             "ganemb-gen": {"mode": "ganemb", "t_max": ev.gen_t_max, "steps": ev.gen_steps},
+             "full": {"mode": "full", "steps": ev.full_steps}}
+    unknown = [m for m in ev.methods if m not in table]
+    if unknown:
+        raise ValueError(f"evaluate.methods: unknown method {unknown[0]!r}; known: {', '.join(KNOWN_METHODS)}")
+    return {m: table[m] for m in KNOWN_METHODS if m in ev.methods}
+
+
+def bicubic(lq: np.ndarray, scale: int) -> np.ndarray:
+    """×scale bicubic (torch, as ``degrade``'s ``lq_up``), clamped to [0, 1]; float HxWx3 in and out."""
+    t = torch.from_numpy(np.ascontiguousarray(lq, np.float32)).permute(2, 0, 1).unsqueeze(0)
+    up = torch.nn.functional.interpolate(t, scale_factor=scale, mode="bicubic", align_corners=False)
+    return up.clamp(0, 1)[0].permute(1, 2, 0).numpy()
+
+
+class Upscalers:
+    """Runs one method on one LQ image; the pipeline is loaded on first need, once."""
+
+    def __init__(self, load_pipeline: Callable[[], SRPipeline], *, scale: int, color_fix: str) -> None:
+        self._load = load_pipeline
+        self._pipe: SRPipeline | None = None
+        self.scale, self.color_fix = scale, color_fix
+
+    @property
+    def pipe(self) -> SRPipeline:
+        if self._pipe is None:
+            self._pipe = self._load()
+            if hasattr(self._pipe, "set_progress_bar_config"):
+                self._pipe.set_progress_bar_config(disable=True)  # one bar per dataset and method instead
+        return self._pipe
+
+    def __call__(self, method: str, settings: Mapping, lq: np.ndarray, seed: int) -> np.ndarray:
+        if method == "bicubic":
+            return bicubic(lq, self.scale)
+        if method == "gan":
+            return np.asarray(self.pipe.gan_upscale(lq), np.float32)
+        out = self.pipe(lq, mode=settings["mode"], t_max=settings.get("t_max"),
+                        num_inference_steps=settings["steps"], color_fix=self.color_fix, seed=seed, output_type="np")
+        return np.asarray(out.images[0], np.float32)
+
+
+def to_uint8(img: np.ndarray) -> np.ndarray:
+    """Float [0, 1] → uint8 with rounding: outputs are scored as the PNGs the authors' scripts read."""
+    return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"))
+
+
+def materialise(eval_set: EvalSet, folder: Path) -> list[str]:
+    """Write ``folder/{lq,hq}/<id>.png`` and ``index.json`` for one set; returns the ids."""
+    (folder / "lq").mkdir(parents=True)
+    (folder / "hq").mkdir()
+    ids = []
+    for item in tqdm(eval_set.items, desc=f"evaluate {eval_set.name}: LQ/HQ pairs", unit="img"):
+        lq, hq = item.load()
+        Image.fromarray(lq).save(folder / "lq" / f"{item.id}.png")
+        Image.fromarray(hq).save(folder / "hq" / f"{item.id}.png")
+        ids.append(item.id)
+    write_json(folder / "index.json", {"name": eval_set.name, "kind": eval_set.kind,
+                                       "items": [{"id": i.id, "source": i.source} for i in eval_set.items],
+                                       "skipped": eval_set.skipped})
+    return ids
+
+
+def check_contamination(sets: list[EvalSet], prepared_index: Path) -> None:
+    """Fail when an evaluation image's whole HR source is a training source (``prepare``'s index)."""
+    if not prepared_index.is_file():
+        log.warning("evaluate: %s absent: training sources not checked against evaluation images", prepared_index)
+        return
+    train = {it["source_sha256"]: it["source"] for it in json.loads(prepared_index.read_text()).get("items", [])
+             if "source_sha256" in it}
+    for s in sets:
+        for item in s.items:
+            digest = item.source_sha256()
+            if digest in train:
+                raise ContaminationError(f"evaluation image {item.source} ({s.name}) has the same pixels as "
+                                         f"training source {train[digest]} ({prepared_index})")
+
+
+def _mlflow_key(*parts: str) -> str:
+    return "/".join(re.sub(r"[^A-Za-z0-9_.\- ]", "_", p) for p in parts)
+
+
+def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: str, metrics_dir: str | Path,
+             plots_dir: str | Path, report_dir: str | Path, work_dir: str | Path,
+             prepared_dir: str | Path | None = None, pipeline_dir: str | Path | None = None,
+             load_pipeline: Callable[[], SRPipeline] | None = None) -> dict[str, dict]:
+    """Evaluate every dataset of ``ev.datasets`` in one MLflow run; returns dataset name → metrics document.
+
+    Writes ``metrics_dir/<dataset>.json``, ``plots_dir/fig10.{json,csv,png}``,
+    ``report_dir/table.md`` and ``report_dir/grids/<dataset>/<id>.png``, and the LQ/HQ pairs and
+    grid outputs under ``work_dir/<dataset>/``; each folder is built beside and swapped in whole.
+    The pipeline comes from ``load_pipeline()`` (default: ``consissr.inference.pipeline.load_pipeline``
+    on ``pipeline_dir``; None: the default stage outputs), loaded only if a method needs it.
+    """
+    from consissr import tracking
+
+    if load_pipeline is None:
+        def load_pipeline():
+            from consissr.inference.pipeline import load_pipeline as load
+
+            return load(pipeline_dir, device=device)
+    params = {"base.seed": seed, "base.device": device, "degrade": degrade, "evaluate": ev}
+    inputs = {"pipeline": Path(pipeline_dir)} if pipeline_dir else {
+        name: Path("data/models") / name for name in ("backbone", "robust_clip", "consissr", "gan")}
+    with tracking.start_run("evaluate", params=params, inputs=inputs) as run:
+        return _evaluate(ev, degrade=degrade, seed=seed, device=device, load_pipeline=load_pipeline,
+                         metrics_dir=metrics_dir, plots_dir=plots_dir, report_dir=report_dir, work_dir=work_dir,
+                         prepared_dir=prepared_dir, run=run)
+
+
+def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: str,
+              load_pipeline: Callable[[], SRPipeline], metrics_dir: str | Path, plots_dir: str | Path,
+              report_dir: str | Path, work_dir: str | Path, prepared_dir: str | Path | None, run: Any
+              ) -> dict[str, dict]:
+    settings = method_settings(ev)
+    names = [d.name for d in ev.datasets]
+    if len(set(names)) != len(names) or not names:
+        raise ValueError(f"evaluate.datasets: names must be unique and at least one: {names}")
+    sweep_name = ev.sweep_dataset or names[0]
+    if sweep_name not in names:
+        raise ValueError(f"evaluate.sweep_dataset {sweep_name!r} is not one of {names}")
+    sets = [build_set(entry, ev, degrade, seed) for entry in ev.datasets]
+    if prepared_dir is not None:
+        check_contamination(sets, Path(prepared_dir) / "index.json")
+    torch_device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    suite = MetricSuite(ev.metrics, weights_dir=ev.weights_dir, crop_border=ev.crop_border, device=torch_device)
+    upscale = Upscalers(load_pipeline, scale=ev.scale, color_fix=ev.color_fix)
+    results = yaml_load(PAPER_RESULTS)
+    docs: dict[str, dict] = {}
+    with atomic_dir(work_dir) as work, atomic_dir(metrics_dir) as metrics_out, \
+            atomic_dir(plots_dir) as plots_out, atomic_dir(report_dir) as report_out:
+        for s in sets:
+            folder = work / s.name
+            ids = materialise(s, folder)
+            grid_ids = ids[:ev.grid_images]
+            per_image: list[dict] = []
+            for method, cfg in settings.items():
+                for image_id in tqdm(ids, desc=f"evaluate {s.name}: {method}", unit="img"):
+                    lq, hq = _read_png(folder / "lq" / f"{image_id}.png"), _read_png(folder / "hq" / f"{image_id}.png")
+                    sr = to_uint8(upscale(method, cfg, lq.astype(np.float32) / 255.0, image_seed(seed, image_id)))
+                    if sr.shape != hq.shape:
+                        raise RuntimeError(f"{method} returned {sr.shape} for LQ {lq.shape}; expected {hq.shape}")
+                    per_image.append({"id": image_id, "method": method, **suite.score(sr, hq)})
+                    if image_id in grid_ids:
+                        (folder / method).mkdir(exist_ok=True)
+                        Image.fromarray(sr).save(folder / method / f"{image_id}.png")
+            sweep = _sweep(s.name, folder, ids, ev, upscale, suite, seed) if s.name == sweep_name else []
+            info = {k: v.to_dict() for k, v in suite.info.items()}
+            for name, failure in suite.failures.items():
+                info[name]["failures"] = f"some images have no value, e.g. {failure}"
+            doc = dataset_metrics(
+                dataset={"name": s.name, "kind": s.kind, "paper": s.paper, "images": len(ids), "skipped": s.skipped},
+                metric_info=info, per_image=per_image, settings=settings, sweep=sweep)
+            write_json(metrics_out / f"{s.name}.json", doc)
+            docs[s.name] = doc
+            _write_grids(report_out / "grids" / s.name, folder, grid_ids, list(settings))
+            _log_dataset(run, s.name, doc)
+            if s.name == sweep_name and sweep:
+                rows = fig10_rows(doc, ev.sweep_nr_metric)
+                write_fig10(plots_out, rows, title=f"Fig. 10 on {s.name}: GAN-Embedding t_max × steps")
+                for r in rows:
+                    run.log_metrics({_mlflow_key("fig10", f"steps{r['steps']}", k): r[k]
+                                     for k in ("psnr", "no_reference") if r[k] is not None}, step=r["t_max"])
+        paper = {s.name: paper_rows(results, s.paper) for s in sets if s.paper}
+        write_report(report_out / "table.md", list(docs.values()), paper,
+                     preamble="Our rows are ranked among themselves; the paper's rows (italic) are its printed numbers.")
+    run.flush()
+    for path in (report_dir, metrics_dir, plots_dir):
+        run.log_artifact(path, Path(path).name)
+    return docs
+
+
+def yaml_load(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _sweep(name: str, folder: Path, ids: list[str], ev: EvaluateParams, upscale: Upscalers, suite: MetricSuite,
+           seed: int) -> list[dict]:
+    rows = []
+    for steps in ev.sweep_steps:
+        for t_max in ev.sweep_t_max:
+            cfg = {"mode": "ganemb", "t_max": t_max, "steps": steps}
+            for image_id in tqdm(ids, desc=f"evaluate {name}: Fig. 10 t_max={t_max} steps={steps}", unit="img"):
+                lq, hq = _read_png(folder / "lq" / f"{image_id}.png"), _read_png(folder / "hq" / f"{image_id}.png")
+                sr = to_uint8(upscale("ganemb", cfg, lq.astype(np.float32) / 255.0, image_seed(seed, image_id)))
+                rows.append({"id": image_id, "t_max": t_max, "steps": steps, **suite.score(sr, hq)})
+    return rows
+
+
+def _write_grids(out: Path, folder: Path, ids: list[str], methods: list[str]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for image_id in ids:
+        cols = {"LQ": _read_png(folder / "lq" / f"{image_id}.png"), "HQ": _read_png(folder / "hq" / f"{image_id}.png")}
+        cols.update({m: _read_png(folder / m / f"{image_id}.png") for m in methods if (folder / m / f"{image_id}.png").is_file()})
+        Image.fromarray(image_grid(cols)).save(out / f"{image_id}.png")
+
+
+def _log_dataset(run: Any, name: str, doc: Mapping) -> None:
+    values = {}
+    for method, row in doc["methods"].items():
+        for metric, stats in row.items():
+            if metric == "rank_avg" and stats is not None:
+                values[_mlflow_key(name, method, "rank_avg")] = stats
+            elif isinstance(stats, dict) and stats.get("mean") is not None:
+                values[_mlflow_key(name, method, metric)] = stats["mean"]
+    run.log_metrics(values, step=0)

@@ -1,0 +1,108 @@
+"""Stage `evaluate` orchestration over a contract-shaped pipeline: files, schema, one pipeline load, MLflow."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from consissr.config import DegradeParams, EvalDatasetParams, EvaluateParams
+from consissr.evaluation.report import validate_metrics
+from consissr.evaluation.stage import bicubic, evaluate, method_settings
+
+
+class ContractPipeline:
+    """Stands in for ConsisSRPipeline (contracts.md item 3): same call signature, records each call;
+    its 'restoration' is bicubic plus a t_max- and steps-dependent tint, so each setting differs."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, image, *, mode, t_max=None, num_inference_steps=None, color_fix="adain", seed=None,
+                 output_type="pil", **kw):
+        assert isinstance(image, np.ndarray) and image.dtype == np.float32 and output_type == "np"
+        self.calls.append((mode, t_max, num_inference_steps, seed))
+        tint = (t_max or 0) / 20000 + num_inference_steps / 1000
+        return SimpleNamespace(images=np.clip(bicubic(image, 4) + tint, 0, 1)[None])
+
+    def gan_upscale(self, image):
+        return np.repeat(np.repeat(image, 4, axis=0), 4, axis=1)
+
+
+@pytest.fixture
+def mlflow_uri(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def test_evaluate_writes_tables_plots_grids_and_one_run(tmp_path, mlflow_uri):
+    ev = EvaluateParams(datasets=(EvalDatasetParams(name="embedded", kind="embedded", count=2),), lr_crop=24,
+                        full_steps=3, rec_steps=2, gen_steps=2, sweep_t_max=(600, 1000), sweep_steps=(2, 3),
+                        metrics=("psnr", "ssim", "niqe", "lpips"), weights_dir=str(tmp_path / "no_weights"),
+                        sweep_nr_metric="ssim", grid_images=1)
+    (tmp_path / "no_weights").mkdir()
+    pipe, loads = ContractPipeline(), []
+
+    def load():
+        loads.append(1)
+        return pipe
+
+    out = {k: tmp_path / k for k in ("metrics", "plots", "report", "work")}
+    docs = evaluate(ev, degrade=DegradeParams(), seed=0, device="cpu", metrics_dir=out["metrics"],
+                    plots_dir=out["plots"], report_dir=out["report"], work_dir=out["work"], load_pipeline=load)
+    assert loads == [1], "the pipeline is loaded once per stage"
+    # each method asked the pipeline for its own settings, 2 images each; then the 2x2 sweep
+    calls = [c[:3] for c in pipe.calls]
+    assert calls[:6] == [("ganemb", 600, 2)] * 2 + [("ganemb", 1000, 2)] * 2 + [("full", None, 3)] * 2
+    assert sorted(set(calls[6:])) == [("ganemb", t, s) for t in (600, 1000) for s in (2, 3)]
+
+    doc = json.loads((out["metrics"] / "embedded.json").read_text())
+    validate_metrics(doc)
+    assert doc == json.loads(json.dumps(docs["embedded"]))
+    assert list(doc["methods"]) == ["bicubic", "gan", "ganemb-rec", "ganemb-gen", "full"]
+    assert doc["metrics"]["lpips"]["available"] is False and "lpips" not in doc["methods"]["full"]
+    assert "failures" in doc["metrics"]["niqe"]  # 96² outputs are below NIQE's two 96² blocks
+    # the bicubic row is what bicubic upscaling of the written LQ scores, computed independently
+    from PIL import Image
+    from consissr.compat import calculate_psnr
+    ref = []
+    for image_id in [r["id"] for r in doc["per_image"] if r["method"] == "bicubic"]:
+        lq = np.asarray(Image.open(out["work"] / "embedded" / "lq" / f"{image_id}.png"), np.float32) / 255
+        hq = np.asarray(Image.open(out["work"] / "embedded" / "hq" / f"{image_id}.png"))
+        sr = (np.clip(bicubic(lq, 4), 0, 1) * 255 + 0.5).astype(np.uint8)
+        ref.append(calculate_psnr(sr[..., ::-1], hq[..., ::-1], crop_border=4, test_y_channel=True))
+    assert doc["methods"]["bicubic"]["psnr"]["mean"] == pytest.approx(np.mean(ref), abs=2e-3)
+
+    table = (out["report"] / "table.md").read_text()
+    assert "| Method | PSNR↑ | SSIM↑ | LPIPS↓ | NIQE↓ | Rank(avg)↓ |" in table
+    assert "(paper)" not in table  # the embedded set is not one of the paper's
+    rows = json.loads((out["plots"] / "fig10.json").read_text())
+    assert {(r["t_max"], r["steps"]) for r in rows} == {(600, 2), (1000, 2), (600, 3), (1000, 3)}
+    assert (out["plots"] / "fig10.png").is_file() and (out["plots"] / "fig10.csv").is_file()
+    grids = list((out["report"] / "grids" / "embedded").glob("*.png"))
+    assert len(grids) == 1 and Image.open(grids[0]).size[0] == 6 * 96 + 5 * 2  # LQ|bicubic|GAN|ganemb-rec|full|HQ
+
+    from mlflow import MlflowClient
+    client = MlflowClient(mlflow_uri)
+    runs = client.search_runs([client.get_experiment_by_name("consissr").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    m = runs[0].data.metrics
+    assert m["embedded/bicubic/psnr"] == pytest.approx(doc["methods"]["bicubic"]["psnr"]["mean"])
+    assert [h.step for h in client.get_metric_history(runs[0].info.run_id, "fig10/steps2/psnr")] == [600, 1000]
+
+
+def test_paper_rows_appear_for_a_paper_dataset(tmp_path, mlflow_uri):
+    ev = EvaluateParams(datasets=(EvalDatasetParams(name="mine", kind="embedded", count=1, paper="RealSR"),),
+                        lr_crop=24, methods=("bicubic",), metrics=("psnr",), sweep_t_max=(), sweep_steps=())
+    evaluate(ev, degrade=DegradeParams(), seed=0, device="cpu", metrics_dir=tmp_path / "m", plots_dir=tmp_path / "p",
+             report_dir=tmp_path / "r", work_dir=tmp_path / "w",
+             load_pipeline=lambda: pytest.fail("bicubic alone needs no pipeline"))
+    table = (tmp_path / "r" / "table.md").read_text()
+    assert "| *Ours [T1] (paper)* | *25.51* | *1.71* |" in table
+    assert "| *Ours-rec-s10 [T2] (paper)* | *26.12* | *2.00* |" in table
+
+
+def test_unknown_method_is_named():
+    with pytest.raises(ValueError, match="unknown method 'ganemb'; known: bicubic"):
+        method_settings(EvaluateParams(methods=("ganemb",)))
