@@ -55,6 +55,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     import consissr.data.degradation as deg
     import consissr.data.latent_cache as lc
     import consissr.data.sources as src
+    import consissr.evaluation.stage as eval_stage
     import consissr.models.backbone as bb
     import consissr.training.clip_stage as clip_stage
     import consissr.training.sdsr_stage as sdsr_stage
@@ -74,9 +75,11 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     monkeypatch.setattr(lc, "encode_pairs", consume)
     monkeypatch.setattr(clip_stage, "train_clip", consume)
     monkeypatch.setattr(sdsr_stage, "train_sdsr", consume)
+    monkeypatch.setattr(eval_stage, "evaluate", consume)
     args = type("Args", (), {"out": tmp_path, "input": tmp_path, "prepared": tmp_path,
                              "degraded": tmp_path, "backbone": tmp_path,
-                             "latents": tmp_path, "robust_clip": tmp_path})()
+                             "latents": tmp_path, "robust_clip": tmp_path, "metrics": tmp_path, "plots": tmp_path,
+                             "report": tmp_path, "work": tmp_path, "pipeline": None})()
     for stage in STAGE_PARAMS:
         seen: set = set()
         getattr(cli, f"run_{stage}")(Recorder(Params(), "", seen), args)
