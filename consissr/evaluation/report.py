@@ -176,7 +176,7 @@ def markdown_table(doc: Mapping, paper_rows: Mapping[str, Mapping[str, float]] |
         lines.append(f"| *{name} (paper)* | " + " | ".join(f"*{c}*" for c in cells) + " |")
     unavailable = {m: info[m] for m in metrics if not info[m]["available"]}
     if unavailable:
-        lines += [""] + [f"- {m}: n/a — needs {', '.join(i.get('needs') or [])}{' ' + i['reason'] if i.get('reason') else ''}"
+        lines += [""] + [f"- {m}: n/a — " + (f"needs {', '.join(i['needs'])}" if i.get("needs") else i.get("reason", ""))
                          for m, i in unavailable.items()]
     notes = [f"- {m}: {info[m]['source']}" for m in metrics if info[m]["available"] and "basicsr" in info[m].get("source", "")]
     if ds.get("skipped"):
