@@ -116,7 +116,8 @@ def _evaluate_args(p):
 def run_evaluate(params: Params, args) -> None:
     from consissr.evaluation.stage import evaluate
 
-    evaluate(params.evaluate, degrade=params.degrade, seed=params.base.seed, device=params.base.device,
+    evaluate(params.evaluate, degrade=params.degrade, inference=params.inference, seed=params.base.seed,
+             device=params.base.device,
              metrics_dir=args.metrics, plots_dir=args.plots, report_dir=args.report, work_dir=args.work,
              prepared_dir=args.prepared, pipeline_dir=args.pipeline)
 

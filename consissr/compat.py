@@ -5,11 +5,12 @@
    before they are imported.
 2. basicsr's ``DiffJPEG`` returns a channels-last-strided tensor, on which ``filter2D``'s
    ``.view`` fails for batch > 1: ``diff_jpeg`` returns a contiguous tensor.
-3. pyiqa 0.1.16 resolves weight files into ``download_util.DEFAULT_CACHE_DIR``, fixed at import
+3. ``realesrgan`` (for ``RealESRGANer``) is imported here too, after the alias of item 1.
+4. pyiqa 0.1.16 resolves weight files into ``download_util.DEFAULT_CACHE_DIR``, fixed at import
    to ``torch.hub.get_dir()/pyiqa``, and torchvision backbones / its CLIP into
    ``torch.hub.get_dir()`` at call time: ``pyiqa_weights_dir`` points both at one folder while
    metrics are built (files checked beforehand, so nothing is downloaded).
-4. pyiqa's MANIQA first builds timm's ``vit_base_patch8_224`` with ImageNet weights (a hub
+5. pyiqa's MANIQA first builds timm's ``vit_base_patch8_224`` with ImageNet weights (a hub
    download), then overwrites every one of them with a strict load of the MANIQA checkpoint:
    ``pyiqa_weights_dir`` builds that ViT without the download.
 """
@@ -42,8 +43,10 @@ from basicsr.data.degradations import (  # noqa: E402
     random_mixed_kernels,
 )
 from basicsr.metrics import calculate_niqe, calculate_psnr, calculate_ssim  # noqa: E402
+from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
 from basicsr.utils import DiffJPEG, USMSharp  # noqa: E402
 from basicsr.utils.img_process_util import filter2D  # noqa: E402
+from realesrgan import RealESRGANer  # noqa: E402
 
 
 class ContiguousDiffJPEG(DiffJPEG):
@@ -80,6 +83,8 @@ def pyiqa_weights_dir(hub_dir: str | Path) -> Iterator[None]:
 __all__ = [
     "ContiguousDiffJPEG",
     "DiffJPEG",
+    "RRDBNet",
+    "RealESRGANer",
     "USMSharp",
     "calculate_niqe",
     "calculate_psnr",

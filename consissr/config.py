@@ -212,8 +212,23 @@ class EvaluateParams:
     metrics: tuple[str, ...] = ("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", "clipiqa")
     crop_border: int = 4  # psnr/ssim border crop on the Y channel (BasicSR, the authors' scripts)
     weights_dir: str | None = None  # metric weights in torch.hub's layout (pyiqa/, checkpoints/, clip/); None: torch.hub.get_dir()
-    color_fix: Literal["adain", "wavelet", "none"] = "adain"
     grid_images: int = 4  # images per dataset shown as LQ | bicubic | GAN | ganemb-rec | full | HQ
+
+
+@dataclass(frozen=True)
+class InferenceParams:
+    """Sampling defaults of ``ConsisSRPipeline`` (consissr/inference/); no DVC stage reads them yet."""
+
+    mode: Literal["full", "ganemb"] = "full"  # §3.1: 50 spaced DDPM steps | Algorithm 2 (GAN-Embedding)
+    num_inference_steps: int = 50  # full mode (§3.1)
+    preset: Literal["rec", "gen"] = "rec"  # GANEmb default, Table 2: rec = (t_max 600, 10 steps), gen = (1000, 10)
+    prompt: str = ""  # the training prompt (train_sdsr.prompt: empty)
+    negative_prompt: str = ""
+    guidance_scale: float = 1.0  # 1 = no classifier-free guidance (only useful after training with prompt_dropout)
+    color_fix: Literal["adain", "wavelet", "none"] = "adain"
+    tile_size: int = 256  # output pixels; larger images run in tiles (latent diffusion, VAE, GAN)
+    tile_overlap: int = 64  # output pixels shared by neighbouring tiles
+    control_from_gan: bool = False  # GANEmb: ControlNet and robust CLIP see the GAN output instead of the LQ
 
 
 @dataclass(frozen=True)
@@ -227,6 +242,7 @@ class Params:
     clip: ClipParams = ClipParams()
     train_clip: TrainClipParams = TrainClipParams()
     train_sdsr: TrainSdsrParams = TrainSdsrParams()
+    inference: InferenceParams = InferenceParams()
     evaluate: EvaluateParams = EvaluateParams()
 
     def to_dict(self) -> dict[str, Any]:
@@ -248,7 +264,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),
-    "evaluate": ("base.seed", "base.device", "degrade", "evaluate"),
+    "evaluate": ("base.seed", "base.device", "degrade", "inference", "evaluate"),
 }
 
 

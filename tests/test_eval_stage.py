@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from consissr.config import DegradeParams, EvalDatasetParams, EvaluateParams
+from consissr.config import DegradeParams, EvalDatasetParams, EvaluateParams, InferenceParams
 from consissr.evaluation.report import validate_metrics
 from consissr.evaluation.stage import bicubic, evaluate, method_settings
 
@@ -18,8 +18,7 @@ class ContractPipeline:
     def __init__(self):
         self.calls = []
 
-    def __call__(self, image, *, mode, t_max=None, num_inference_steps=None, color_fix="adain", seed=None,
-                 output_type="pil", **kw):
+    def __call__(self, image, *, mode, t_max=None, num_inference_steps=None, seed=None, output_type="pil", **kw):
         assert isinstance(image, np.ndarray) and image.dtype == np.float32 and output_type == "np"
         self.calls.append((mode, t_max, num_inference_steps, seed))
         tint = (t_max or 0) / 20000 + num_inference_steps / 1000
@@ -49,7 +48,7 @@ def test_evaluate_writes_tables_plots_grids_and_one_run(tmp_path, mlflow_uri):
         return pipe
 
     out = {k: tmp_path / k for k in ("metrics", "plots", "report", "work")}
-    docs = evaluate(ev, degrade=DegradeParams(), seed=0, device="cpu", metrics_dir=out["metrics"],
+    docs = evaluate(ev, degrade=DegradeParams(), inference=InferenceParams(), seed=0, device="cpu", metrics_dir=out["metrics"],
                     plots_dir=out["plots"], report_dir=out["report"], work_dir=out["work"], load_pipeline=load)
     assert loads == [1], "the pipeline is loaded once per stage"
     # each method asked the pipeline for its own settings, 2 images each; then the 2x2 sweep
@@ -95,7 +94,7 @@ def test_evaluate_writes_tables_plots_grids_and_one_run(tmp_path, mlflow_uri):
 def test_paper_rows_appear_for_a_paper_dataset(tmp_path, mlflow_uri):
     ev = EvaluateParams(datasets=(EvalDatasetParams(name="mine", kind="embedded", count=1, paper="RealSR"),),
                         lr_crop=24, methods=("bicubic",), metrics=("psnr",), sweep_t_max=(), sweep_steps=())
-    evaluate(ev, degrade=DegradeParams(), seed=0, device="cpu", metrics_dir=tmp_path / "m", plots_dir=tmp_path / "p",
+    evaluate(ev, degrade=DegradeParams(), inference=InferenceParams(), seed=0, device="cpu", metrics_dir=tmp_path / "m", plots_dir=tmp_path / "p",
              report_dir=tmp_path / "r", work_dir=tmp_path / "w",
              load_pipeline=lambda: pytest.fail("bicubic alone needs no pipeline"))
     table = (tmp_path / "r" / "table.md").read_text()

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from consissr.config import DegradeParams, EvaluateParams
+from consissr.config import DegradeParams, EvaluateParams, InferenceParams
 from consissr.data.degradation import image_seed
 from consissr.data.sources import ContaminationError
 from consissr.evaluation.datasets import EvalSet, build_set
@@ -71,10 +71,10 @@ def bicubic(lq: np.ndarray, scale: int) -> np.ndarray:
 class Upscalers:
     """Runs one method on one LQ image; the pipeline is loaded on first need, once."""
 
-    def __init__(self, load_pipeline: Callable[[], SRPipeline], *, scale: int, color_fix: str) -> None:
+    def __init__(self, load_pipeline: Callable[[], SRPipeline], *, scale: int) -> None:
         self._load = load_pipeline
         self._pipe: SRPipeline | None = None
-        self.scale, self.color_fix = scale, color_fix
+        self.scale = scale
 
     @property
     def pipe(self) -> SRPipeline:
@@ -90,7 +90,7 @@ class Upscalers:
         if method == "gan":
             return np.asarray(self.pipe.gan_upscale(lq), np.float32)
         out = self.pipe(lq, mode=settings["mode"], t_max=settings.get("t_max"),
-                        num_inference_steps=settings["steps"], color_fix=self.color_fix, seed=seed, output_type="np")
+                        num_inference_steps=settings["steps"], seed=seed, output_type="np")
         return np.asarray(out.images[0], np.float32)
 
 
@@ -139,7 +139,8 @@ def _mlflow_key(*parts: str) -> str:
     return "/".join(re.sub(r"[^A-Za-z0-9_.\- ]", "_", p) for p in parts)
 
 
-def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: str, metrics_dir: str | Path,
+def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, inference: InferenceParams, seed: int, device: str,
+             metrics_dir: str | Path,
              plots_dir: str | Path, report_dir: str | Path, work_dir: str | Path,
              prepared_dir: str | Path | None = None, pipeline_dir: str | Path | None = None,
              load_pipeline: Callable[[], SRPipeline] | None = None) -> dict[str, dict]:
@@ -149,7 +150,8 @@ def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: s
     ``report_dir/table.md`` and ``report_dir/grids/<dataset>/<id>.png``, and the LQ/HQ pairs and
     grid outputs under ``work_dir/<dataset>/``; each folder is built beside and swapped in whole.
     The pipeline comes from ``load_pipeline()`` (default: ``consissr.inference.pipeline.load_pipeline``
-    on ``pipeline_dir``; None: the default stage outputs), loaded only if a method needs it.
+    on ``pipeline_dir``, None: the default stage outputs, with ``inference`` as its sampling defaults
+    — prompt, guidance, colour fix, tiles), loaded only if a method needs it.
     """
     from consissr import tracking
 
@@ -157,8 +159,8 @@ def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: s
         def load_pipeline():
             from consissr.inference.pipeline import load_pipeline as load
 
-            return load(pipeline_dir, device=device)
-    params = {"base.seed": seed, "base.device": device, "degrade": degrade, "evaluate": ev}
+            return load(pipeline_dir, device=device, defaults=inference)
+    params = {"base.seed": seed, "base.device": device, "degrade": degrade, "inference": inference, "evaluate": ev}
     inputs = {"pipeline": Path(pipeline_dir)} if pipeline_dir else {
         name: Path("data/models") / name for name in ("backbone", "robust_clip", "consissr", "gan")}
     with tracking.start_run("evaluate", params=params, inputs=inputs) as run:
@@ -183,7 +185,7 @@ def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: 
         check_contamination(sets, Path(prepared_dir) / "index.json")
     torch_device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
     suite = MetricSuite(ev.metrics, weights_dir=ev.weights_dir, crop_border=ev.crop_border, device=torch_device)
-    upscale = Upscalers(load_pipeline, scale=ev.scale, color_fix=ev.color_fix)
+    upscale = Upscalers(load_pipeline, scale=ev.scale)
     results = yaml_load(PAPER_RESULTS)
     docs: dict[str, dict] = {}
     with atomic_dir(work_dir) as work, atomic_dir(metrics_dir) as metrics_out, \
