@@ -1,0 +1,89 @@
+"""`dvc repro evaluate` on the embedded default in a temporary copy, then `dvc metrics diff` after a param change."""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO
+
+SMALL = {  # the embedded default made smaller still, so the whole chain runs in minutes on 2 cores
+    "train_clip.iterations": 2, "train_sdsr.iterations": 2,
+    "evaluate.lr_crop": 24, "evaluate.full_steps": 2, "evaluate.rec_steps": 2, "evaluate.gen_steps": 2,
+    "evaluate.sweep_t_max": [600, 1000], "evaluate.sweep_steps": [1], "evaluate.sweep_nr_metric": "ssim",
+    "evaluate.grid_images": 1,
+}
+
+
+def _run(cwd, *args, env):
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout + proc.stderr
+
+
+def _set(params_path, values):
+    raw = yaml.safe_load(params_path.read_text())
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+    raw["evaluate"]["datasets"][0]["count"] = 2
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_dvc_repro_evaluate_then_metrics_diff(tmp_path):
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, tmp_path / rel)
+    bin_dir = Path(sys.executable).parent
+    env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
+               HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    dvc = str(bin_dir / "dvc")
+    _set(tmp_path / "params.yaml", SMALL)
+    _run(tmp_path, "git", "init", "-q", env=env)
+    out = _run(tmp_path, dvc, "repro", "evaluate", env=env)
+    assert "Running stage 'evaluate'" in out
+
+    doc = json.loads((tmp_path / "metrics" / "embedded.json").read_text())
+    from consissr.evaluation.report import validate_metrics
+    validate_metrics(doc)
+    assert list(doc["methods"]) == ["bicubic", "gan", "ganemb-rec", "ganemb-gen", "full"]
+    assert all(doc["methods"][m]["psnr"]["n"] == 2 for m in doc["methods"])
+    table = (tmp_path / "reports" / "evaluate" / "table.md").read_text()
+    assert "| Method | PSNR↑ | SSIM↑ | LPIPS↓ | NIQE↓ | MANIQA↑ | MUSIQ↑ | CLIPIQA↑ | Rank(avg)↓ |" in table
+    assert len(list((tmp_path / "reports" / "evaluate" / "grids" / "embedded").glob("*.png"))) == 1
+    rows = json.loads((tmp_path / "plots" / "evaluate" / "fig10.json").read_text())
+    assert {(r["t_max"], r["steps"]) for r in rows} == {(600, 1), (1000, 1)}
+    rendered = _run(tmp_path, dvc, "plots", "show", "--json", env=env)
+    assert "fig10_psnr" in rendered and '"steps"' in rendered
+
+    from mlflow import MlflowClient
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = [r for r in client.search_runs([client.get_experiment_by_name("consissr").experiment_id])
+            if r.data.tags.get("stage") == "evaluate"]
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    assert runs[0].data.metrics["embedded/full/psnr"] == pytest.approx(doc["methods"]["full"]["psnr"]["mean"])
+
+    # a second configuration: only `evaluate` reruns, and `dvc metrics diff` shows the change
+    _run(tmp_path, "git", "add", "-A", env=env)
+    _run(tmp_path, "git", "commit", "-qm", "first evaluation", env=env)
+    _set(tmp_path / "params.yaml", {**SMALL, "evaluate.full_steps": 3})
+    again = _run(tmp_path, dvc, "repro", "evaluate", env=env)
+    assert re.findall(r"Running stage '(\w+)'", again) == ["evaluate"]
+    diff = _run(tmp_path, dvc, "metrics", "diff", "--json", env=env)
+    changed = json.loads(diff)["metrics/embedded.json"]
+    assert changed["methods.full.settings.steps"] == {"old": 2, "new": 3, "diff": 1}
+    assert "methods.full.psnr.mean" in changed and "methods.bicubic.psnr.mean" not in changed
