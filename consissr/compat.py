@@ -36,6 +36,7 @@ def _alias_functional_tensor() -> None:
 _alias_functional_tensor()
 
 import basicsr  # noqa: E402,F401  (after the alias)
+from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
 from basicsr.data.degradations import (  # noqa: E402
     circular_lowpass_kernel,
     random_add_gaussian_noise_pt,
@@ -43,7 +44,6 @@ from basicsr.data.degradations import (  # noqa: E402
     random_mixed_kernels,
 )
 from basicsr.metrics import calculate_niqe, calculate_psnr, calculate_ssim  # noqa: E402
-from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
 from basicsr.utils import DiffJPEG, USMSharp  # noqa: E402
 from basicsr.utils.img_process_util import filter2D  # noqa: E402
 from realesrgan import RealESRGANer  # noqa: E402
@@ -58,10 +58,10 @@ class ContiguousDiffJPEG(DiffJPEG):
 
 @contextmanager
 def pyiqa_weights_dir(hub_dir: str | Path) -> Iterator[None]:
-    """Build pyiqa metrics from the weights under ``hub_dir`` (torch.hub layout; workarounds 3, 4)."""
+    """Build pyiqa metrics from the weights under ``hub_dir`` (torch.hub layout; workarounds 4, 5)."""
+    import pyiqa.utils.download_util as download_util
     import timm
     import torch.hub
-    import pyiqa.utils.download_util as download_util
 
     saved = torch.hub._hub_dir, download_util.DEFAULT_CACHE_DIR, timm.create_model
     create_model = timm.create_model

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import REPO
 
 SMALL = {  # the embedded default made smaller still, so the whole chain runs in minutes on 2 cores

@@ -4,10 +4,10 @@ import json
 
 import numpy as np
 import pytest
+from conftest import SHARED_DATA
 from PIL import Image
 
 from consissr.evaluation.metrics import HIGHER_IS_BETTER, MetricSuite, weight_files
-from conftest import SHARED_DATA
 
 
 def _photo_pairs():

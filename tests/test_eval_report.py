@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from consissr.evaluation.report import (
+    PAPER_RESULTS,
     dataset_metrics,
     fig10_rows,
     image_grid,
@@ -17,7 +18,6 @@ from consissr.evaluation.report import (
     write_fig10,
 )
 
-from consissr.evaluation.report import PAPER_RESULTS
 HIGHER = {"psnr": True, "lpips": False, "niqe": False, "clipiqa": True}
 
 

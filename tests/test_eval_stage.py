@@ -64,6 +64,7 @@ def test_evaluate_writes_tables_plots_grids_and_one_run(tmp_path, mlflow_uri):
     assert "failures" in doc["metrics"]["niqe"]  # 96² outputs are below NIQE's two 96² blocks
     # the bicubic row is what bicubic upscaling of the written LQ scores, computed independently
     from PIL import Image
+
     from consissr.compat import calculate_psnr
     ref = []
     for image_id in [r["id"] for r in doc["per_image"] if r["method"] == "bicubic"]:
@@ -105,3 +106,20 @@ def test_paper_rows_appear_for_a_paper_dataset(tmp_path, mlflow_uri):
 def test_unknown_method_is_named():
     with pytest.raises(ValueError, match="unknown method 'ganemb'; known: bicubic"):
         method_settings(EvaluateParams(methods=("ganemb",)))
+
+
+def test_an_evaluation_image_used_for_training_fails_the_stage(tmp_path):
+    import skimage.data
+
+    from consissr.data.sources import ContaminationError, content_hash
+    from consissr.evaluation.datasets import build_set
+    from consissr.evaluation.stage import check_contamination
+
+    s = build_set(EvalDatasetParams(name="embedded", kind="embedded", count=2), EvaluateParams(lr_crop=24),
+                  DegradeParams(), seed=0)
+    index = tmp_path / "index.json"
+    index.write_text(json.dumps({"items": [{"source": "x.png", "source_sha256": content_hash(skimage.data.rocket())}]}))
+    check_contamination([s], index)  # rocket is a training photo, not an evaluation one
+    index.write_text(json.dumps({"items": [{"source": "leak.png", "source_sha256": content_hash(skimage.data.coffee())}]}))
+    with pytest.raises(ContaminationError, match="skimage:coffee.*leak.png"):
+        check_contamination([s], index)

@@ -169,10 +169,10 @@ def synthetic_from_sources(name: str, kind: str, paper: str | None, sources: lis
                 continue
             y, x = boxes[src.key][k]
             item_id = f"{src.key}_c{k}"
-            hq = rgb[y:y + hr_size, x:x + hr_size]
+            hq, crop_seed = rgb[y:y + hr_size, x:x + hr_size], image_seed(seed, item_id)
             items.append(EvalItem(
                 id=item_id, source=f"{src.label} box {x},{y},{hr_size}", source_sha256=lambda r=rgb: content_hash(r),
-                load=lambda hq=hq, s=image_seed(seed, item_id): (degrade_crop(hq, degrade_params, s), hq)))
+                load=lambda hq=hq, s=crop_seed: (degrade_crop(hq, degrade_params, s), hq)))
     for s in skipped:
         log.warning("evaluate %s: skip %s: %s", name, s["path"], s["reason"])
     return EvalSet(name, kind, paper, items, skipped)

@@ -126,9 +126,9 @@ class MetricSuite:
 
     def __init__(self, names, *, weights_dir: str | Path | None = None, crop_border: int = 4,
                  device: str | torch.device = "cpu") -> None:
-        from consissr.compat import pyiqa_weights_dir
-
         import pyiqa
+
+        from consissr.compat import pyiqa_weights_dir
 
         self.device = torch.device(device)
         self.weights_dir = Path(weights_dir) if weights_dir else Path(torch.hub.get_dir())
