@@ -75,7 +75,6 @@ def speed(pipe, size: int, repeats: int, seed: int) -> dict:
     runs = {"full-50": dict(mode="full", num_inference_steps=50), "ganemb-rec-10": dict(mode="ganemb", preset="rec")}
     calls = {name: (lambda kw=kw: pipe(lq, seed=seed, output_type="np", **kw)) for name, kw in runs.items()}
     calls["gan"] = lambda: pipe.gan_upscale(lq)
-    pipe.gan.tile_size = 0
     for call in calls.values():  # warm-up
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
