@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,12 @@ from PIL import Image
 
 from consissr.config import InferenceParams
 from consissr.inference.color import color_fix as apply_color_fix
-from consissr.inference.schedules import FULL_STEPS, GANEMB_PRESETS, gan_start_latent, set_spaced_timesteps
+from consissr.inference.schedules import (
+    FULL_STEPS,
+    GANEMB_PRESETS,
+    gan_start_latent,
+    set_spaced_timesteps,
+)
 from consissr.inference.tiling import (
     check_tiles,
     gaussian_weights,
@@ -138,8 +144,9 @@ class ConsisSRPipeline(DiffusionPipeline):
         """Move the torch parts and the GAN's network (diffusers' ``to`` reads ``.dtype``/``.device``
         attributes that ``ConsisSRNet``, ``RobustCLIP`` and ``RealESRGANer`` do not have)."""
         device = resolve_device(device) if device is not None else None
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.vae, self.text_encoder, self.net, self.robust_clip):
-            module.to(device=device, dtype=dtype)
+            module.to(**moves)
         if self.gan is not None and device is not None:
             self.gan.model.to(device)
             self.gan.device = device
@@ -213,13 +220,24 @@ class ConsisSRPipeline(DiffusionPipeline):
     # ----------------------------------------------------------------------------------------
     # building blocks
     # ----------------------------------------------------------------------------------------
-    def gan_upscale(self, image: np.ndarray) -> np.ndarray:
-        """The GAN alone: float HxWx3 in [0, 1] → float32 (sH)x(sW)x3 (Algorithm 2, l. 1)."""
+    def gan_upscale(self, image: np.ndarray, *, tile: int | None = None) -> np.ndarray:
+        """The GAN alone: float HxWx3 in [0, 1] → float32 (sH)x(sW)x3 (Algorithm 2, l. 1).
+
+        ``tile``: RealESRGANer's tile size in input pixels for this call (0: whole image; ``None``:
+        the tiling that ``tile_size`` gives an image this large).
+        """
         if self.gan is None:
             raise RuntimeError("this pipeline has no GAN (data/models/gan missing?): run `dvc repro train_gan`")
         from consissr.models.gan import gan_upscale
 
-        return gan_upscale(self.gan, image)
+        if tile is None:
+            tile_size = self.defaults.tile_size
+            tile = tile_size // self.scale if self.scale * max(image.shape[:2]) > tile_size else 0
+        saved, self.gan.tile_size = self.gan.tile_size, tile
+        try:
+            return gan_upscale(self.gan, image)
+        finally:
+            self.gan.tile_size = saved
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative_prompt: str, guidance: bool) -> torch.Tensor:
@@ -275,7 +293,7 @@ class ConsisSRPipeline(DiffusionPipeline):
                 raise ValueError("presets (rec, gen) belong to mode='ganemb'")
             if t_max not in (None, T):
                 raise ValueError(f"mode='full' starts from pure noise at t = T = {T}; t_max={t_max} needs mode='ganemb'")
-            t_max, steps = T, num_inference_steps or (d.num_inference_steps if d.mode == "full" else FULL_STEPS)
+            t_max, steps = T, num_inference_steps or d.num_inference_steps or FULL_STEPS
         elif mode == "ganemb":
             preset = preset or d.preset
             if preset not in GANEMB_PRESETS:
@@ -383,9 +401,7 @@ class ConsisSRPipeline(DiffusionPipeline):
         lq_up = F.interpolate(lq, size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
         gan_out = None
         if plan.mode == "ganemb":
-            if self.gan is not None:
-                self.gan.tile_size = plan.tile_size // self.scale if tiled else 0
-            gan_np = self.gan_upscale(lq[0].permute(1, 2, 0).numpy())
+            gan_np = self.gan_upscale(lq[0].permute(1, 2, 0).numpy(), tile=plan.tile_size // self.scale if tiled else 0)
             gan_out = torch.from_numpy(gan_np).permute(2, 0, 1)[None]
             if gan_out.shape[-2:] != (out_h, out_w):
                 raise RuntimeError(f"the GAN gave {tuple(gan_out.shape[-2:])}, expected {(out_h, out_w)}")
@@ -401,7 +417,7 @@ class ConsisSRPipeline(DiffusionPipeline):
             z_gan = self.encode_image(pad_to_multiple(gan_out, multiple)).to(dtype) if plan.mode == "ganemb" else None
 
         # 3. the start: x_T ~ N(0, I) (full), or the GAN latent noised to t_max (Algorithm 2, l. 2–3)
-        timesteps = set_spaced_timesteps(self.scheduler, plan.steps, plan.t_max, device=device)
+        timesteps = set_spaced_timesteps(self.scheduler, plan.steps, plan.t_max)  # on the CPU: they index ᾱ
         noise = torch.randn(cond.shape, generator=generator, dtype=torch.float32).to(device, dtype)
         latents = noise if plan.mode == "full" else gan_start_latent(self.scheduler, z_gan, noise, plan.t_max)
 
