@@ -30,6 +30,8 @@ def paired_folders(tmp_path):
     save(hr / "odd_HR.png", noise(3 * 40, 3 * 48, 9))             # x3, not x4
     save(lr / "small_LR4.png", noise(20, 20, 10))
     save(hr / "small_HR.png", noise(80, 80, 10))                  # x4 but below the LR crop
+    (lr / "broken_LR4.png").write_bytes(b"not a png")              # unreadable
+    save(hr / "broken_HR.png", noise(160, 192, 11))
     return EvalDatasetParams(name="real", kind="paired", lr=str(lr), hr=str(hr), lr_suffix="_LR4", hr_suffix="_HR")
 
 
@@ -38,7 +40,8 @@ def test_paired_matching_and_each_skip_reason(tmp_path):
     s = paired_set(entry, lr_crop=32, scale=4)
     assert [i.id for i in s.items] == ["a", "b"]
     reasons = {p.rsplit("/", 1)[-1]: r for p, r in ((x["path"], x["reason"]) for x in s.skipped)}
-    assert set(reasons) == {"orphan_LR4.png", "lonely_HR.png", "odd_HR.png", "small_LR4.png"}
+    assert set(reasons) == {"orphan_LR4.png", "lonely_HR.png", "odd_HR.png", "small_LR4.png", "broken_HR.png"}
+    assert "broken_LR4.png" in reasons["broken_HR.png"]  # the reader's message names the bad file
     assert "no HR partner" in reasons["orphan_LR4.png"]
     assert "no LR partner" in reasons["lonely_HR.png"]
     assert "not 4x the LR size 48x40" in reasons["odd_HR.png"]

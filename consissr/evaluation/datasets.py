@@ -19,16 +19,7 @@ import numpy as np
 import torch
 
 from consissr.config import DegradeParams, EvalDatasetParams, EvaluateParams
-from consissr.data.sources import (
-    EMBEDDED_EVAL_PHOTOS,
-    BadImage,
-    SourceImage,
-    _embedded,
-    content_hash,
-    crop_boxes,
-    item_seed,
-    load_rgb,
-)
+from consissr.data.sources import EMBEDDED_EVAL_PHOTOS, content_hash, crop_boxes, load_rgb
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +34,23 @@ class EvalItem:
     source: str  # the file(s) or photo it comes from
     source_sha256: Callable[[], str]  # content hash of the whole decoded HR source (contamination check)
     load: Callable[[], tuple[np.ndarray, np.ndarray]]
+
+
+@dataclass
+class _Source:
+    key: str
+    label: str
+    load: Callable[[], np.ndarray]  # HxWx3 uint8 RGB; ValueError (naming the file) when unusable
+
+
+def _read(path: Path) -> np.ndarray:
+    return load_rgb(path)[0]
+
+
+def _skimage_photo(name: str) -> np.ndarray:
+    import skimage.data
+
+    return np.ascontiguousarray(getattr(skimage.data, name)())
 
 
 @dataclass
@@ -95,10 +103,9 @@ def paired_set(entry: EvalDatasetParams, *, lr_crop: int, scale: int) -> EvalSet
     for stem in sorted(set(lr_files) & set(hr_files)):
         lr_path, hr_path = lr_files[stem], hr_files[stem]
         try:
-            lr, _ = load_rgb(lr_path)
-            hr, _ = load_rgb(hr_path)
-        except BadImage as exc:
-            skipped.append({"path": str(exc).split(": ")[0], "reason": str(exc).split(": ", 1)[-1]})
+            lr, hr = _read(lr_path), _read(hr_path)
+        except ValueError as exc:  # the reader's error names the file and the problem
+            skipped.append({"path": f"{lr_path} | {hr_path}", "reason": str(exc)})
             continue
         (h, w), (hh, hw) = lr.shape[:2], hr.shape[:2]
         if (hh, hw) != (h * scale, w * scale):
@@ -109,7 +116,7 @@ def paired_set(entry: EvalDatasetParams, *, lr_crop: int, scale: int) -> EvalSet
             continue
         # only the crop is kept in memory; the loader re-reads the files when asked
         items.append(EvalItem(id=stem, source=f"{lr_path} | {hr_path}",
-                              source_sha256=lambda p=hr_path: content_hash(load_rgb(p)[0]),
+                              source_sha256=lambda p=hr_path: content_hash(_read(p)),
                               load=lambda a=lr_path, b=hr_path: _paired_crop(a, b, lr_crop, scale)))
     for s in skipped:
         log.warning("evaluate %s: skip %s: %s", entry.name, s["path"], s["reason"])
@@ -117,7 +124,7 @@ def paired_set(entry: EvalDatasetParams, *, lr_crop: int, scale: int) -> EvalSet
 
 
 def _paired_crop(lr_path: Path, hr_path: Path, lr_crop: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
-    lr, hr = load_rgb(lr_path)[0], load_rgb(hr_path)[0]
+    lr, hr = _read(lr_path), _read(hr_path)
     if not lr_crop:
         return lr, hr
     top, left = centre_box(*lr.shape[:2], lr_crop)
@@ -138,7 +145,7 @@ def degrade_crop(hq: np.ndarray, p: DegradeParams, seed: int) -> np.ndarray:
     return (lq[0] * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def synthetic_from_sources(name: str, kind: str, paper: str | None, sources: list[SourceImage], *, count: int,
+def synthetic_from_sources(name: str, kind: str, paper: str | None, sources: list[_Source], *, count: int,
                            lr_crop: int, scale: int, degrade_params: DegradeParams, seed: int) -> EvalSet:
     """``count`` HR crops of ``lr_crop × scale``, spread evenly over ``sources`` at seeded positions,
     each degraded under its own seed (``degradation.image_seed(seed, id)``)."""
@@ -149,11 +156,11 @@ def synthetic_from_sources(name: str, kind: str, paper: str | None, sources: lis
         raise ValueError(f"evaluate.lr_crop {lr_crop}: HR crops of {hr_size}² are below the smallest size "
                          f"{min_image_size(degrade_params)} these degrade params can degrade")
     skipped: list[dict] = []
-    usable: list[tuple[SourceImage, np.ndarray]] = []
+    usable: list[tuple[_Source, np.ndarray]] = []
     for src in sources:
         try:
-            rgb, _ = src.load()
-        except BadImage as exc:
+            rgb = src.load()
+        except ValueError as exc:
             skipped.append({"path": src.label, "reason": str(exc).removeprefix(f"{src.label}: ")})
             continue
         if min(rgb.shape[:2]) < hr_size:
@@ -162,7 +169,7 @@ def synthetic_from_sources(name: str, kind: str, paper: str | None, sources: lis
         usable.append((src, rgb))
     items: list[EvalItem] = []
     per_image = math.ceil(count / len(usable)) if usable else 0
-    boxes = {src.key: crop_boxes(*rgb.shape[:2], hr_size, per_image, item_seed(seed, src.key)) for src, rgb in usable}
+    boxes = {src.key: crop_boxes(*rgb.shape[:2], hr_size, per_image, image_seed(seed, src.key)) for src, rgb in usable}
     for k in range(per_image):
         for src, rgb in usable:
             if len(items) == count or k >= len(boxes[src.key]):
@@ -186,10 +193,10 @@ def build_set(entry: EvalDatasetParams, ev: EvaluateParams, degrade_params: Degr
         if entry.kind == "synthetic":
             if not entry.hr:
                 raise ValueError(f"evaluate.datasets {entry.name!r}: a synthetic set needs an `hr` folder")
-            sources = [SourceImage(key=path.stem, label=str(path), load=lambda p=path: load_rgb(p))
-                       for path in _image_files(Path(entry.hr))]
+            sources = [_Source(path.stem, str(path), lambda p=path: _read(p)) for path in _image_files(Path(entry.hr))]
         else:
-            sources = list(_embedded(EMBEDDED_EVAL_PHOTOS))
+            sources = [_Source(f"embedded_{name}", f"skimage:{name}", lambda n=name: _skimage_photo(n))
+                       for name in EMBEDDED_EVAL_PHOTOS]
         if degrade_params.scale != ev.scale:
             raise ValueError(f"evaluate.scale {ev.scale} differs from degrade.scale {degrade_params.scale}")
         out = synthetic_from_sources(entry.name, entry.kind, entry.paper, sources, count=entry.count,
