@@ -96,6 +96,9 @@ def test_markdown_table_layout():
     assert lines[5] == "| full | 21.25 | **5.5000** | n/a | **1.50** |"
     assert lines[6] == "| *Ours [T1] (paper)* | *23.95* | *4.8323* | *n/a* | *2.00* |"
     assert "maniqa: n/a — needs /w/pyiqa/MANIQA_PIPAL-ae6d356b.pth" in text
+    doc = sample_doc()
+    doc["metrics"]["niqe"]["failures"] = "some images have no value, e.g. 96x96: ..."
+    assert "- niqe: some images have no value, e.g. 96x96" in markdown_table(doc)
 
 
 def test_fig10_files(tmp_path):

@@ -179,6 +179,7 @@ def markdown_table(doc: Mapping, paper_rows: Mapping[str, Mapping[str, float]] |
         lines += [""] + [f"- {m}: n/a — " + (f"needs {', '.join(i['needs'])}" if i.get("needs") else i.get("reason", ""))
                          for m, i in unavailable.items()]
     notes = [f"- {m}: {info[m]['source']}" for m in metrics if info[m]["available"] and "basicsr" in info[m].get("source", "")]
+    notes += [f"- {m}: {info[m]['failures']}" for m in metrics if info[m].get("failures")]
     if ds.get("skipped"):
         notes.append(f"- {len(ds['skipped'])} file(s) skipped (see metrics JSON `dataset.skipped`)")
     return "\n".join(lines + notes) + "\n"
@@ -240,7 +241,10 @@ def write_fig10(out_dir: str | Path, rows: Sequence[Mapping], *, title: str = ""
         ax.set_xlabel("t_max")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:
+            ax.legend()
+        else:
+            ax.text(0.5, 0.5, "n/a", ha="center", va="center", transform=ax.transAxes)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
