@@ -183,14 +183,19 @@ def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: 
     sets = [build_set(entry, ev, degrade, seed) for entry in ev.datasets]
     if prepared_dir is not None:
         check_contamination(sets, Path(prepared_dir) / "index.json")
-    torch_device = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    suite = MetricSuite(ev.metrics, weights_dir=ev.weights_dir, crop_border=ev.crop_border, device=torch_device)
+    if sweep_name and ev.sweep_steps and ev.sweep_nr_metric not in ev.metrics:
+        raise ValueError(f"evaluate.sweep_nr_metric {ev.sweep_nr_metric!r} is not one of evaluate.metrics")
+    from consissr.inference.pipeline import resolve_device
+
+    suite = MetricSuite(ev.metrics, weights_dir=ev.weights_dir, crop_border=ev.crop_border,
+                        device=resolve_device(device))
     upscale = Upscalers(load_pipeline, scale=ev.scale)
     results = yaml_load(PAPER_RESULTS)
     docs: dict[str, dict] = {}
     with atomic_dir(work_dir) as work, atomic_dir(metrics_dir) as metrics_out, \
             atomic_dir(plots_dir) as plots_out, atomic_dir(report_dir) as report_out:
         for s in sets:
+            suite.failures.clear()  # per dataset
             folder = work / s.name
             ids = materialise(s, folder)
             grid_ids = ids[:ev.grid_images]
