@@ -184,7 +184,7 @@ def _lq(h: int, w: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).random((h, w, 3), dtype=np.float32)
 
 
-FAST = {"num_inference_steps": 2, "output_type": "np"}
+FAST = {"num_inference_steps": 2, "output_type": "np", "tile_size": 512}  # untiled; tiling has its own test
 
 
 def test_components_and_defaults(pipe):
@@ -192,6 +192,7 @@ def test_components_and_defaults(pipe):
 
     assert isinstance(pipe, DiffusionPipeline) and isinstance(pipe.scheduler, DDPMScheduler)
     assert pipe.unet is pipe.net.unet and pipe.controlnet is pipe.net.controlnet
+    assert set(pipe.components) == {"vae", "text_encoder", "tokenizer", "scheduler", "net", "robust_clip", "gan"}
     assert pipe.defaults == InferenceParams() and pipe.scale == 4
     rec, gen = pipe.plan(mode="ganemb", preset="rec"), pipe.plan(mode="ganemb", preset="gen")
     assert (rec.t_max, rec.steps, gen.t_max, gen.steps) == (600, 10, 1000, 10)
@@ -213,10 +214,9 @@ def test_same_seed_same_image_and_odd_size(pipe):
     assert first.shape == (1, 180, 268, 3) and first.dtype == np.float32
     assert np.array_equal(first, again)
     assert np.abs(first - other).mean() > 1e-3
-    pil = pipe(_pil(lq), seed=SEED, num_inference_steps=2).images[0]
+    pil = pipe(_pil(lq), seed=SEED, num_inference_steps=1, tile_size=512).images[0]
     assert pil.size == (268, 180) and pil.mode == "RGB"
-    gan_mode = pipe(lq, mode="ganemb", seed=SEED, **FAST).images
-    assert gan_mode.shape == (1, 180, 268, 3) and np.array_equal(gan_mode, pipe(lq, mode="ganemb", seed=SEED, **FAST).images)
+    assert pipe(lq, mode="ganemb", seed=SEED, **FAST).images.shape == (1, 180, 268, 3)
 
 
 def _pil(array: np.ndarray):
@@ -292,19 +292,19 @@ def test_guidance_with_equal_prompts_is_no_guidance_and_hpa_scale_matters(pipe):
 def test_tiled_and_untiled_agree_on_a_small_image(pipe):
     """Tiling changes the output less than a change of seed does.
 
-    The tiles do not compute the same function as the whole image: a tile's UNet attends to its
+    A 24² → 96² image with 64-px tiles. The tiles do not compute the same function as the whole image: a tile's UNet attends to its
     window only, GroupNorm statistics are per window, the positional table is resized to the
     window, and the VAE's GroupNorms see one tile. So tiled ≠ untiled by construction; the
     bound below says the blend hides it well: the mean absolute difference is under a quarter
     of what a different seed changes (the sampler's own spread), and under 0.05 of the range.
     """
-    lq = _lq(32, 32, seed=5)
-    kw = {"num_inference_steps": 3, "color_fix": "none", "output_type": "np"}
+    lq = _lq(24, 24, seed=5)
+    kw = {"num_inference_steps": 2, "color_fix": "none", "output_type": "np"}
     whole = pipe(lq, seed=SEED, tile_size=256, **kw).images
-    tiled = pipe(lq, seed=SEED, tile_size=64, tile_overlap=32, **kw).images
+    tiled = pipe(lq, seed=SEED, tile_size=64, tile_overlap=32, **kw).images  # 2×2 latent windows, 3×3 VAE tiles
     reseeded = pipe(lq, seed=SEED + 1, tile_size=256, **kw).images
     diff, spread = np.abs(tiled - whole).mean(), np.abs(reseeded - whole).mean()
-    assert tiled.shape == whole.shape == (1, 128, 128, 3)
+    assert tiled.shape == whole.shape == (1, 96, 96, 3)
     assert 0 < diff < 0.25 * spread and diff < 0.05, (diff, spread)
 
 
