@@ -105,6 +105,18 @@ def run_train_sdsr(params: Params, args) -> None:
                device=params.base.device)
 
 
+@stage("train-gan", "fit the RRDBNet for GAN-Embedding mode with L1 (or check and record gan.pretrained)")
+def _train_gan_args(p):
+    _paths(p, prepared="data/prepared", degraded="data/degraded", out="data/models/gan")
+
+
+def run_train_gan(params: Params, args) -> None:
+    from consissr.training.gan_stage import train_gan
+
+    train_gan(args.prepared, args.degraded, args.out, gan=params.gan, train=params.train_gan,
+              scale=params.degrade.scale, seed=params.base.seed, device=params.base.device)
+
+
 @stage("model-info", "print total and trainable parameter counts per part (both profiles)")
 def _model_info_args(p):
     _paths(p, backbone="data/models/backbone")
