@@ -185,8 +185,8 @@ class GanParams:
     # RealESRGAN_x4plus.pth, with num_block 23, num_feat 64, num_grow_ch 32), checked and recorded
     pretrained: str | None = None
     num_block: int = 2  # RRDB blocks (x4plus: 23)
-    num_feat: int = 32  # (x4plus: 64)
-    num_grow_ch: int = 16  # (x4plus: 32)
+    num_feat: int = 16  # (x4plus: 64)
+    num_grow_ch: int = 8  # (x4plus: 32)
 
 
 @dataclass(frozen=True)
