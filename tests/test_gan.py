@@ -19,10 +19,10 @@ from consissr.models.gan import (
     WEIGHTS_NAME,
     X4PLUS_ARCH,
     GanWeightsError,
+    bilinear_init,
     build_rrdbnet,
     gan_upscale,
     load_gan,
-    bilinear_init,
     save_gan,
 )
 

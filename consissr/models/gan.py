@@ -75,7 +75,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise GanWeightsError(f"{path}: GAN weights file not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a torch file, pickled code ...
+    except Exception as exc:  # noqa: BLE001  (truncated zip, not a torch file, pickled code ...)
         raise GanWeightsError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(checkpoint, dict):
@@ -217,6 +217,19 @@ def gan_upscale(upsampler: RealESRGANer, image: np.ndarray) -> np.ndarray:
     return output[0].float().clamp_(0.0, 1.0).permute(1, 2, 0).cpu().numpy()
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "X4PLUS_ARCH", "GanWeightsError", "build_rrdbnet", "check_weights",
-           "gan_upscale", "load_gan", "bilinear_init", "read_gan_config", "read_state_dict", "record_pretrained", "save_gan",
-           "weights_path"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "X4PLUS_ARCH",
+    "GanWeightsError",
+    "bilinear_init",
+    "build_rrdbnet",
+    "check_weights",
+    "gan_upscale",
+    "load_gan",
+    "read_gan_config",
+    "read_state_dict",
+    "record_pretrained",
+    "save_gan",
+    "weights_path",
+]

@@ -34,10 +34,10 @@ from consissr.io import write_json
 from consissr.models.gan import (
     CONFIG_NAME,
     WEIGHTS_NAME,
+    bilinear_init,
     build_rrdbnet,
     gan_upscale,
     load_gan,
-    bilinear_init,
     record_pretrained,
     save_gan,
 )
