@@ -105,6 +105,18 @@ def run_train_sdsr(params: Params, args) -> None:
                device=params.base.device)
 
 
+@stage("train-gan", "fit the RRDBNet for GAN-Embedding mode with L1 (or check and record gan.pretrained)")
+def _train_gan_args(p):
+    _paths(p, prepared="data/prepared", degraded="data/degraded", out="data/models/gan")
+
+
+def run_train_gan(params: Params, args) -> None:
+    from consissr.training.gan_stage import train_gan
+
+    train_gan(args.prepared, args.degraded, args.out, gan=params.gan, train=params.train_gan,
+              scale=params.degrade.scale, seed=params.base.seed, device=params.base.device)
+
+
 @stage("evaluate", "Tables 1-2 and Fig. 10: the paper's methods and metrics on every evaluate.datasets entry")
 def _evaluate_args(p):
     _paths(p, prepared="data/prepared", metrics="metrics", plots="plots/evaluate", report="reports/evaluate",

@@ -178,6 +178,42 @@ class TrainSdsrParams:
 
 
 @dataclass(frozen=True)
+class GanParams:
+    """The GAN of GAN-Embedding mode (Algorithm 2, l. 1): basicsr's RRDBNet. Owned by consissr/models/gan.py."""
+
+    # null: train_gan fits the RRDBNet below; else a Real-ESRGAN .pth used as is (paper:
+    # RealESRGAN_x4plus.pth, with num_block 23, num_feat 64, num_grow_ch 32), checked and recorded
+    pretrained: str | None = None
+    num_block: int = 2  # RRDB blocks (x4plus: 23)
+    num_feat: int = 16  # (x4plus: 64)
+    num_grow_ch: int = 8  # (x4plus: 32)
+
+
+@dataclass(frozen=True)
+class TrainGanParams:
+    """L1 fit of the RRDBNet, LQ → HQ, like Real-ESRNet (Wang et al. 2021, train_realesrnet_x4plus.yml:
+    L1, Adam lr 2e-4, β = (0.9, 0.99), batch 12 per GPU, 64² LQ patches, 1M iterations)."""
+
+    batch_size: int = 8  # per device
+    patch_size: int = 32  # LQ patch side, randomly cropped (HQ patch: scale × this)
+    # bilinear: the untrained net is two bilinear ×2 steps, the RRDB trunk a zero-started residual
+    # (models/gan.py bilinear_init; a head start for CPU minutes); random: basicsr's init, as Real-ESRNet
+    init: Literal["bilinear", "random"] = "bilinear"
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    iterations: int = 300
+    lr_warmup_steps: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    max_grad_norm: float | None = None  # None: no clipping
+    num_workers: int = 0  # DataLoader workers
+    checkpoint_every: int = 100  # steps; checkpoints/ beside the final weights
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    sample_every: int = 100  # steps between LQ | bicubic | GAN | HQ grids in MLflow; 0: never
+    sample_count: int = 4  # pairs (the first of degraded/index.json) in a grid
+
+
+@dataclass(frozen=True)
 class EvalDatasetParams:
     """One evaluation set (consissr/evaluation/datasets.py); relative paths are from the repo root."""
 
@@ -242,6 +278,8 @@ class Params:
     clip: ClipParams = ClipParams()
     train_clip: TrainClipParams = TrainClipParams()
     train_sdsr: TrainSdsrParams = TrainSdsrParams()
+    gan: GanParams = GanParams()
+    train_gan: TrainGanParams = TrainGanParams()
     inference: InferenceParams = InferenceParams()
     evaluate: EvaluateParams = EvaluateParams()
 
@@ -264,6 +302,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),
+    "train_gan": ("base.seed", "base.device", "degrade.scale", "gan", "train_gan"),
     "evaluate": ("base.seed", "base.device", "degrade", "inference", "evaluate"),
 }
 
