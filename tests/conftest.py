@@ -1,4 +1,6 @@
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,16 @@ def shared_data(*parts: str) -> Path:
     if not path.is_dir():
         pytest.skip(f"sample data {path} is absent (it lives beside the repo, never inside it)")
     return path
+
+
+def copy_tracked_files(dest: Path) -> Path:
+    """The repository's git-tracked files, copied into ``dest`` (a fresh checkout for `dvc repro` tests)."""
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        if (REPO / rel).is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / rel, dest / rel)
+    return dest
 
 
 @pytest.fixture(scope="session")

@@ -1,16 +1,15 @@
 """dvc.yaml stays true to the code, and `dvc repro` rebuilds the data stages end to end."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO, copy_tracked_files
 
 from consissr.config import STAGE_PARAMS, stage_param_keys
-from conftest import REPO
 
 DVC = REPO / "dvc.yaml"
 
@@ -103,11 +102,7 @@ def ran(output):
 
 @pytest.mark.slow
 def test_dvc_repro_end_to_end_in_a_temporary_copy(tmp_path):
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, tmp_path / rel)
+    copy_tracked_files(tmp_path)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     data_stages = {"backbone", "prepare", "degrade", "encode"}
 

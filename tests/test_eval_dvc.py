@@ -3,14 +3,13 @@
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import copy_tracked_files
 
 SMALL = {  # the embedded default made smaller still, so the whole chain runs in minutes on 2 cores
     "train_clip.iterations": 2, "train_sdsr.iterations": 2, "train_gan.iterations": 2,
@@ -40,11 +39,7 @@ def _set(params_path, values):
 
 @pytest.mark.slow
 def test_dvc_repro_evaluate_then_metrics_diff(tmp_path):
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, tmp_path / rel)
+    copy_tracked_files(tmp_path)
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
                HF_HUB_OFFLINE="1", GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
