@@ -36,7 +36,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -94,13 +94,13 @@ def git_commit(root: Path | None = None) -> tuple[str, bool] | None:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # dvc.lock is left out: `dvc repro` itself rewrites it while the stages run
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)dvc.lock", ":(exclude)*/dvc.lock"], cwd=root,
                                 capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return commit, bool(status.strip())
-
-
 
 
 def data_hash(path: str | os.PathLike) -> str | None:
@@ -151,6 +151,17 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # runs
 # --------------------------------------------------------------------------------------------
+class Tracker(Protocol):
+    """What the training loop and stages call on a run (``Run`` and ``NullRun`` implement it)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_image(self, image: Any, name: str, step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
+    def log_plot(self, name: str, steps: Sequence[int], series: Mapping[str, Sequence[float]],
+                 *, logy: bool = False) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+
 class NullRun:
     """The do-nothing run of non-main ranks (and of ``start_run(enabled=False)``)."""
 
@@ -337,5 +348,5 @@ def start_run(
             client.set_terminated(run.run_id, status)
 
 
-__all__ = ["NullRun", "Run", "artifact_location", "data_hash", "flatten", "git_commit", "is_main_process",
+__all__ = ["NullRun", "Run", "Tracker", "artifact_location", "data_hash", "flatten", "git_commit", "is_main_process",
            "line_plot", "repo_root", "start_run", "tracking_uri"]

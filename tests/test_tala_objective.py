@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from consissr.models.backbone import SD_SCHEDULE
-from consissr.training.sdsr_stage import EMPTY_PROMPT, TalaObjective
-from consissr.training.tala import tala_noising
+from consissr.training.prompts import EMPTY_PROMPT
+from consissr.training.tala import TalaObjective, tala_noising
 from diffusers import DDPMScheduler
 
 

@@ -30,6 +30,9 @@ import torchvision.transforms.functional as TF
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from consissr.errors import InputError
+from consissr.io import atomic_path, write_json
+
 if TYPE_CHECKING:
     from consissr.config import ClipParams
 
@@ -196,7 +199,7 @@ class RobustCLIP(nn.Module):
             with_teacher=with_teacher, preprocess_cfg=config["preprocess_cfg"])
         model.student.load_state_dict(state, strict=True)
         if model.embed_dim != config["embed_dim"]:
-            raise ValueError(
+            raise InputError(
                 f"{directory}: embed_dim {model.embed_dim} != saved {config['embed_dim']}")
         return model
 
@@ -212,10 +215,9 @@ class RobustCLIP(nn.Module):
                   "image_size": self.image_size, "embed_dim": self.embed_dim,
                   "preprocess_cfg": self.preprocess_cfg}
         # weights first: config.json appearing marks a complete save
-        _atomic_write(directory / WEIGHTS_NAME,
-                      lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        write_json(directory / CONFIG_NAME, config, sort_keys=True)
         return directory
 
     # ----------------------------------------------------------------------------------------
@@ -313,16 +315,6 @@ def _center_crop_or_pad(x: torch.Tensor, target: tuple[int, int], fill: float) -
 def _plain_preprocess_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     """JSON-friendly copy of open_clip's preprocess cfg (tuples → lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 __all__ = ["CLIP_CONFIG_DIR", "PAPER_CLIP", "RobustCLIP", "robust_clip_loss"]
