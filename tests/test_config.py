@@ -2,9 +2,9 @@ import dataclasses
 
 import pytest
 import yaml
+from conftest import REPO
 
 from consissr.config import Params, ParamsError, leaf_keys, load_params
-from conftest import REPO
 
 
 def write(tmp_path, text):

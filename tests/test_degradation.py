@@ -35,8 +35,6 @@ if str(ROOT) not in sys.path:  # benchmarks/ is not an installed package
 from benchmarks.reference import reference_degrade, reference_kernels  # noqa: E402
 from consissr.compat import USMSharp, filter2D  # noqa: E402
 from consissr.config import DegradeParams  # noqa: E402
-from consissr.data.layout import item_seed  # noqa: E402
-from consissr.errors import InputError  # noqa: E402
 from consissr.data.degradation import (  # noqa: E402
     _gaussian_1d,
     _gaussian_blur_separable,
@@ -46,6 +44,8 @@ from consissr.data.degradation import (  # noqa: E402
     seeded,
     usm_sharp_separable,
 )
+from consissr.data.layout import item_seed  # noqa: E402
+from consissr.errors import InputError  # noqa: E402
 
 P = DegradeParams()
 CBSD68 = Path("/work/shared/data/train/CBSD68")

@@ -6,12 +6,12 @@ import logging
 import cv2
 import numpy as np
 import pytest
+from conftest import shared_data
 from PIL import Image
 
 from consissr.config import PrepareParams
 from consissr.data.sources import ContaminationError, load_rgb, prepare
 from consissr.errors import InputError
-from conftest import shared_data
 
 CROP = 32
 

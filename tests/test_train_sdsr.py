@@ -28,8 +28,8 @@ from safetensors.torch import load_file
 from test_train_clip import make_pairs
 
 from consissr.config import BackboneParams, EncodeParams, ModelParams, TrainSdsrParams
-from consissr.errors import MissingInputError, ParamsError
 from consissr.data.layout import read_rgb
+from consissr.errors import MissingInputError, ParamsError
 from consissr.models.backbone import load_backbone
 from consissr.models.consissr import (
     CONFIG_NAME,

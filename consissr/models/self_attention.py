@@ -39,7 +39,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from consissr.models.attention_ops import merge_heads, prepare_mask_and_norm, project_out, split_heads
-
 from consissr.models.hpa import module_key
 
 _PROCESSOR_SUFFIX = ".processor"
