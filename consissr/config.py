@@ -183,7 +183,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class ClipParams:
-    """Robust CLIP (paper §3.2, Eq. 3). Owned by consissr/models/robust_clip.py."""
+    """Robust CLIP (paper §3.3, Eq. 3). Owned by consissr/models/robust_clip.py."""
 
     model_name: str = "consissr-tiny-vit"  # paper: ViT-H-14
     pretrained: str | None = None  # paper: laion2b_s32b_b79k

@@ -1,26 +1,11 @@
 """MLflow at the edge: the one module that imports mlflow.
 
-A stage opens one MLflow run with :func:`start_run` and hands the yielded :class:`Run` to the
-training loop, which only calls its methods (``log_metrics``, ``log_image``, ``set_tags``) and
-never imports mlflow. Following MLflow's own advice, a run
-
-* logs its params once, at the start, flattened to dotted keys (``train_clip.lr``);
-* is tagged with the git commit (``mlflow.source.git.commit``) and, per input folder, the DVC
-  hash of that data (``input.<name>.hash``: the ``md5`` of the out in ``dvc.lock``, else the
-  sha256 of the folder's ``manifest.json`` / ``index.json``);
-* logs metrics in batches with an explicit ``step``;
-* logs images, plots, files and folders as artifacts (the final model at the end).
-
-Where it logs
-    ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo>/mlflow.db`` (``<repo>`` = the
-    nearest folder above the working directory holding ``dvc.yaml`` or ``.git``). For a sqlite
-    store the experiment's artifact location is set explicitly to ``mlartifacts/`` beside the
-    database — otherwise MLflow writes artifacts to ``./mlruns`` relative to wherever the
-    command happened to run. Open the UI with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
-
-Distributed runs
-    Only the main process (``RANK`` 0, as set by ``accelerate launch`` / ``torchrun``) talks to
-    MLflow; every other rank gets a :class:`NullRun` with the same methods doing nothing.
+A stage opens one run with :func:`start_run` (params once, flattened to dotted keys; tags: git
+commit, ``git_dirty`` ignoring ``dvc.lock``, and the DVC hash of each input) and hands the
+yielded :class:`Run` — a :class:`Tracker` — to the training loop. Metrics go in batches with an
+explicit ``step``. The store is ``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db`` with
+artifacts in ``mlartifacts/`` beside it. Only the main process (``RANK`` 0) logs; other ranks get
+a :class:`NullRun`.
 """
 
 from __future__ import annotations
@@ -71,7 +56,8 @@ def tracking_uri() -> str:
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment keeps its artifacts: ``<db folder>/mlartifacts/<experiment>``.
 
-    Only for a sqlite store (ENVIRONMENT.md workaround 5); a tracking server decides itself.
+    Only for a sqlite store (MLflow would otherwise write to ./mlruns of the working directory); a
+    tracking server decides itself.
     """
     prefix = "sqlite:///"
     if not uri.startswith(prefix):

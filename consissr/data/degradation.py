@@ -1,22 +1,12 @@
 """Real-ESRGAN second-order degradation (Wang et al. 2021, §3.1): the ``degrade`` stage.
 
-ConsisSR (paper §4.1) trains on LQ/HQ pairs synthesised with Real-ESRGAN's pipeline:
-USM-sharpen the HQ crop, then two orders of [blur → random resize → noise → JPEG], then the
-final [resize to H/scale + sinc filter] and JPEG in random order, then clamp and round to 8 bit.
+    LQ = JPEG ∘ [resize ↓s + sinc] ∘ (JPEG ∘ noise ∘ resize ∘ blur)² (USM(HQ))      (x4plus settings, paper §4.1)
 
-Three public functions mirror the reference code one to one:
-
-* ``sample_kernels`` — ``RealESRGANDataset.__getitem__``'s kernel draws (realesrgan 0.3.0,
-  ``realesrgan/data/realesrgan_dataset.py``), same global ``random`` / ``np.random`` calls in the
-  same order.
-* ``degrade`` — ``RealESRGANModel.feed_data`` (``realesrgan/models/realesrgan_model.py``): same
-  basicsr ops, same draws from ``random`` / ``np.random`` / ``torch`` in the same order. The one
-  change is USM sharpening, done by ``usm_sharp_separable`` (see there why).
-* ``degrade_folder`` — the DVC stage: prepared ``hq/<id>.png`` → ``lq/``, ``lq_up/``,
-  ``index.json``, ``report.json``; a bad input file is skipped and reported, never fatal.
-
-Every image is degraded under its own seed, ``layout.item_seed(base_seed, id)``, so outputs are
-bit-identical whatever the processing order or the set of other images.
+``sample_kernels`` and ``degrade`` mirror realesrgan 0.3.0's ``RealESRGANDataset.__getitem__``
+and ``RealESRGANModel.feed_data`` draw for draw (same global RNG calls, same order); the one
+change is the separable USM (``usm_sharp_separable``, see there why). ``degrade_folder`` is the
+stage: ``hq/<id>.png`` → ``lq/``, ``lq_up/``, ``index.json``, ``report.json``, each image under
+its own seed (``layout.item_seed``); a bad input is skipped and reported, never fatal.
 """
 
 from __future__ import annotations

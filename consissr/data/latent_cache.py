@@ -1,19 +1,11 @@
 """Stage ``encode``: LQ/HQ pairs → scaled VAE latents in safetensors shards, and the Dataset.
 
-Layout of ``data/latents/``::
+    z = vae.encode(x).latent_dist.mode() · scaling_factor,  x ∈ [-1, 1]   (deterministic: the posterior mean)
 
-    shard-00000.safetensors   tensors "lq", "hq": (N, C, h, w); metadata "consissr": ids, params hash
-    ...
-    manifest.json             written last: counts, shapes, dtype, shards (+ sha256), source hashes
-    report.json               pairs skipped, with the reason
-
-Latents are ``vae.encode(x).latent_dist.mode() * vae.config.scaling_factor`` for x in [-1, 1]:
-the posterior mean, so the cache is deterministic. LQ is the degraded image resized back to HQ
-size (``degraded/lq_up``), as ConsisSR's ControlNet and TALA use it at latent size.
-
-Every shard is written to a temporary file and renamed, so a run killed mid-write leaves no
-readable partial shard; a rerun keeps the complete shards whose ids and params hash match and
-writes the rest. ``LatentPairDataset`` refuses a folder without a manifest.
+``data/latents/`` holds ``shard-XXXXX.safetensors`` ("lq", "hq": (N, C, h, w); ids and params
+hash in the metadata), ``manifest.json`` (written last) and ``report.json``. LQ is
+``degraded/lq_up`` (the LQ image at HQ size). Shards are written atomically; a rerun keeps the
+complete shards whose pairs and params match. ``LatentPairDataset`` refuses a folder without a manifest.
 """
 
 from __future__ import annotations

@@ -1,14 +1,9 @@
 """Stage ``prepare``: image sources → normalised RGB → deterministic HQ crops.
 
-Sources (``prepare.sources``): the word ``embedded`` means the RGB photos that ship inside
-scikit-image (no network); any other entry is an image folder (searched recursively, so the
-ImageNet ``train/<class>/*.JPEG`` layout works) or a text file listing one path per line
-(relative paths are relative to the list file).
-
-Every input is decoded by ``load_rgb``, which normalises what it can and rejects the rest
-with a reason (README "Bad inputs"). One bad file never stops the stage: it becomes a line in
-``report.json`` and a log line. The output folder is built beside the target and swapped in
-only when complete.
+``prepare.sources``: ``embedded`` (scikit-image's RGB photos), image folders (recursive, so
+ImageNet's ``train/<class>/*.JPEG`` works) or list files. ``load_rgb`` normalises what it can and
+rejects the rest with a reason; a bad file becomes a line in ``report.json``, never a stop.
+Crops are seeded per source (``layout.item_seed``); the output folder is swapped in whole.
 """
 
 from __future__ import annotations

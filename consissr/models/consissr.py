@@ -1,19 +1,11 @@
 """The ConsisSR network (paper §3.2–3.3, Fig. 3/5): frozen SD UNet + ControlNet + hybrid prompt.
 
-``ConsisSRNet`` assembles
-
-* the backbone's **UNet**, frozen, with the self-attention additions of ``self_attention.py``
-  (positional embedding + transposed attention, zero-initialised) on every ``attn1``;
-* a **ControlNet** made by ``ControlNetModel.from_unet`` and conditioned on the LQ input;
-* the **Hybrid Prompt Adapter** of ``hpa.py`` on every ``attn2`` of both, fed by an
-  ``ImageProjection`` of the robust CLIP image embedding.
-
-A fresh net predicts exactly what the plain UNet predicts (every addition starts at zero and
-the ControlNet's zero convolutions add zero residuals), bit for bit in fp32.
-
-Only what is trained is saved (``save_pretrained``): the ControlNet through its own
-``save_pretrained`` and the added parameters in one safetensors file with a config json.
-The frozen UNet comes back from the backbone (``from_pretrained(directory, backbone)``).
+``ConsisSRNet`` = the backbone's frozen UNet with the self-attention additions
+(``self_attention.py``) on every ``attn1``, a ControlNet (``ControlNetModel.from_unet``)
+conditioned on the LQ input, and the Hybrid Prompt Adapter (``hpa.py``) on every ``attn2`` of
+both. A fresh net predicts exactly what the plain UNet predicts, bit for bit in fp32. Only the
+trained parts are saved (``save_pretrained``: ``controlnet/`` + adapters safetensors + config
+json); the frozen UNet comes back from the backbone.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
-"""Robust CLIP (paper §3.2, Eq. 3): a CLIP image encoder fine-tuned to see through degradations.
-
-A frozen *teacher* CLIP visual tower embeds the high-quality image; a trainable *student* copy
-of it embeds the degraded low-quality image, and the student learns to match the teacher:
+"""Robust CLIP (paper §3.3, Eq. 3): a CLIP image encoder fine-tuned to see through degradations.
 
     L_robust = || E_student(I_LQ) - E_teacher(I_HQ) ||²            (Eq. 3)
 
-Both towers come from open_clip's own ``create_model_and_transforms`` (the only place this
-project imports open_clip), so the paper's ``ViT-H-14`` / ``laion2b_s32b_b79k`` and the tiny
-``consissr-tiny-vit`` registered from ``clip_configs/`` load through the same code path, as do
-``pretrained=<checkpoint file>`` and ``model_name="local-dir:<folder>"`` (a folder holding
-``open_clip_config.json`` + ``open_clip_model.safetensors``). Only the visual towers are kept.
-
-The trained student is saved as ``robust_clip.safetensors`` + ``config.json``; restoring it
-for inference (``with_teacher=False``) needs no pretrained CLIP weights.
+Both visual towers come from open_clip's ``create_model_and_transforms`` (the one place this
+project imports open_clip): ``ViT-H-14`` / ``laion2b_s32b_b79k``, the tiny ``consissr-tiny-vit``
+from ``clip_configs/``, a checkpoint file or ``local-dir:<folder>``. The trained student is saved
+as ``robust_clip.safetensors`` + ``config.json``; inference (``with_teacher=False``) needs no
+pretrained CLIP weights.
 """
 
 from __future__ import annotations
@@ -95,7 +89,7 @@ def _load_visual(
 
 
 class RobustCLIP(nn.Module):
-    """Frozen teacher + trainable student CLIP visual towers (paper §3.2, Eq. 3).
+    """Frozen teacher + trainable student CLIP visual towers (paper §3.3, Eq. 3).
 
     Args:
         model_name: an open_clip model name (paper: ``"ViT-H-14"``; tiny: ``"consissr-tiny-vit"``)

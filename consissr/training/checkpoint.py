@@ -142,7 +142,7 @@ def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / META_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted(found, key=_step_of)
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -213,7 +213,7 @@ def prepare_resume(out_dir: Path, fp: Fingerprint, *, strict: bool) -> None:
         for ckpt in ckpts:
             _set_aside(root, ckpt, read_meta(ckpt))
         log.info("the run in %s finished at step %s; starting afresh (its checkpoints are in %s)",
-                 out_dir, read_meta_step(ckpts[-1]), root / STALE)
+                 out_dir, _step_of(ckpts[-1]), root / STALE)
         return
     for ckpt in ckpts:
         meta = read_meta(ckpt)
@@ -232,7 +232,7 @@ def prepare_resume(out_dir: Path, fp: Fingerprint, *, strict: bool) -> None:
                         "set resume: strict to start afresh instead", ckpt.name, "; ".join(changed_code))
 
 
-def read_meta_step(path: Path) -> int:
+def _step_of(path: Path) -> int:
     return int(_STEP_DIR.match(path.name).group(1))
 
 
