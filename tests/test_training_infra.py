@@ -419,3 +419,23 @@ class _ToyData(torch.utils.data.Dataset):
 
 def _toy_loss(model, batch):
     return model(batch["x"], batch["y"])
+
+
+def test_git_dirty_ignores_dvc_lock(tmp_path):
+    """`dvc repro` rewrites dvc.lock while its stages run: that alone must not tag a run dirty."""
+    from consissr import tracking
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "dvc.lock").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    assert tracking.git_commit(tmp_path)[1] is False
+    (tmp_path / "dvc.lock").write_text("b\n")
+    assert tracking.git_commit(tmp_path)[1] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert tracking.git_commit(tmp_path)[1] is True
