@@ -20,6 +20,7 @@ import torch
 
 from consissr.config import DegradeParams, EvalDatasetParams, EvaluateParams
 from consissr.data.sources import EMBEDDED_EVAL_PHOTOS, content_hash, crop_boxes, load_rgb
+from consissr.errors import InputError, MissingInputError, ParamsError
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def centre_box(h: int, w: int, size: int) -> tuple[int, int]:
 
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: evaluation image folder not found")
+        raise MissingInputError(f"{folder}: evaluation image folder not found")
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
@@ -91,7 +92,7 @@ def paired_set(entry: EvalDatasetParams, *, lr_crop: int, scale: int) -> EvalSet
     """Match ``entry.lr`` and ``entry.hr`` by file stem (minus ``lr_suffix``/``hr_suffix``); each pair's
     LQ is the centre ``lr_crop``² crop (0: the whole image) and its HQ the same box ×``scale``."""
     if not entry.lr or not entry.hr:
-        raise ValueError(f"evaluate.datasets {entry.name!r}: a paired set needs both `lr` and `hr` folders")
+        raise ParamsError(f"evaluate.datasets {entry.name!r}: a paired set needs both `lr` and `hr` folders")
     skipped: list[dict] = []
     lr_files = _by_stem(_image_files(Path(entry.lr)), entry.lr_suffix, skipped)
     hr_files = _by_stem(_image_files(Path(entry.hr)), entry.hr_suffix, skipped)
@@ -153,7 +154,7 @@ def synthetic_from_sources(name: str, kind: str, paper: str | None, sources: lis
 
     hr_size = lr_crop * scale
     if hr_size < min_image_size(degrade_params):
-        raise ValueError(f"evaluate.lr_crop {lr_crop}: HR crops of {hr_size}² are below the smallest size "
+        raise ParamsError(f"evaluate.lr_crop {lr_crop}: HR crops of {hr_size}² are below the smallest size "
                          f"{min_image_size(degrade_params)} these degrade params can degrade")
     skipped: list[dict] = []
     usable: list[tuple[_Source, np.ndarray]] = []
@@ -192,18 +193,18 @@ def build_set(entry: EvalDatasetParams, ev: EvaluateParams, degrade_params: Degr
     else:
         if entry.kind == "synthetic":
             if not entry.hr:
-                raise ValueError(f"evaluate.datasets {entry.name!r}: a synthetic set needs an `hr` folder")
+                raise ParamsError(f"evaluate.datasets {entry.name!r}: a synthetic set needs an `hr` folder")
             sources = [_Source(path.stem, str(path), lambda p=path: _read(p)) for path in _image_files(Path(entry.hr))]
         else:
             sources = [_Source(f"embedded_{name}", f"skimage:{name}", lambda n=name: _skimage_photo(n))
                        for name in EMBEDDED_EVAL_PHOTOS]
         if degrade_params.scale != ev.scale:
-            raise ValueError(f"evaluate.scale {ev.scale} differs from degrade.scale {degrade_params.scale}")
+            raise ParamsError(f"evaluate.scale {ev.scale} differs from degrade.scale {degrade_params.scale}")
         out = synthetic_from_sources(entry.name, entry.kind, entry.paper, sources, count=entry.count,
                                      lr_crop=ev.lr_crop, scale=ev.scale, degrade_params=degrade_params, seed=seed)
     if ev.max_images:
         out.items = out.items[:ev.max_images]
     if not out.items:
         first = f" (first problem: {out.skipped[0]['path']}: {out.skipped[0]['reason']})" if out.skipped else ""
-        raise ValueError(f"evaluate.datasets {entry.name!r}: no usable image pair{first}")
+        raise InputError(f"evaluate.datasets {entry.name!r}: no usable image pair{first}")
     return out

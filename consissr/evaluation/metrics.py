@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from consissr.errors import ParamsError
+
 log = logging.getLogger(__name__)
 
 # higher is better, as results.yaml records it (the ↑/↓ of the paper's tables)
@@ -59,7 +61,7 @@ def weight_files(name: str) -> tuple[str, ...]:
         from pyiqa.archs.clip_model import _MODELS
 
         return (f"clip/{_basename(_MODELS['RN50'])}",)
-    raise ValueError(f"unknown metric {name!r}; known: {', '.join(HIGHER_IS_BETTER)}")
+    raise ParamsError(f"evaluate.metrics: unknown metric {name!r}; known: {', '.join(HIGHER_IS_BETTER)}")
 
 
 def _pyiqa_spec(name: str, crop_border: int) -> tuple[str, dict]:

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from consissr.config import DegradeParams, EvaluateParams, InferenceParams
 from consissr.data.degradation import image_seed
 from consissr.data.sources import ContaminationError
+from consissr.errors import ParamsError
 from consissr.evaluation.datasets import EvalSet, build_set
 from consissr.evaluation.metrics import MetricSuite
 from consissr.evaluation.report import (
@@ -57,7 +58,7 @@ def method_settings(ev: EvaluateParams) -> dict[str, dict]:
              "full": {"mode": "full", "steps": ev.full_steps}}
     unknown = [m for m in ev.methods if m not in table]
     if unknown:
-        raise ValueError(f"evaluate.methods: unknown method {unknown[0]!r}; known: {', '.join(KNOWN_METHODS)}")
+        raise ParamsError(f"evaluate.methods: unknown method {unknown[0]!r}; known: {', '.join(KNOWN_METHODS)}")
     return {m: table[m] for m in KNOWN_METHODS if m in ev.methods}
 
 
@@ -176,15 +177,15 @@ def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: 
     settings = method_settings(ev)
     names = [d.name for d in ev.datasets]
     if len(set(names)) != len(names) or not names:
-        raise ValueError(f"evaluate.datasets: names must be unique and at least one: {names}")
+        raise ParamsError(f"evaluate.datasets: names must be unique and at least one: {names}")
     sweep_name = ev.sweep_dataset or names[0]
     if sweep_name not in names:
-        raise ValueError(f"evaluate.sweep_dataset {sweep_name!r} is not one of {names}")
+        raise ParamsError(f"evaluate.sweep_dataset {sweep_name!r} is not one of {names}")
     sets = [build_set(entry, ev, degrade, seed) for entry in ev.datasets]
     if prepared_dir is not None:
         check_contamination(sets, Path(prepared_dir) / "index.json")
     if sweep_name and ev.sweep_steps and ev.sweep_nr_metric not in ev.metrics:
-        raise ValueError(f"evaluate.sweep_nr_metric {ev.sweep_nr_metric!r} is not one of evaluate.metrics")
+        raise ParamsError(f"evaluate.sweep_nr_metric {ev.sweep_nr_metric!r} is not one of evaluate.metrics")
     from consissr.inference.pipeline import resolve_device
 
     suite = MetricSuite(ev.metrics, weights_dir=ev.weights_dir, crop_border=ev.crop_border,
