@@ -311,7 +311,7 @@ class EvalDatasetParams:
     lr: str | None = None  # paired: the LR image folder, matched to ``hr`` by file name
     lr_suffix: str = ""  # paired: stripped from LR file stems before matching (RealSR: "_LR4")
     hr_suffix: str = ""  # paired: stripped from HR file stems (RealSR: "_HR")
-    count: int = 8  # synthetic / embedded: degraded crops in all (StableSR's DIV2K-Val: 3000)
+    count: int = 4  # synthetic / embedded: degraded crops in all (StableSR's DIV2K-Val: 3000)
     paper: str | None = None  # this set's name in the paper's tables (results.yaml: DIV2K, RealSR, DrealSR)
 
 
@@ -320,11 +320,11 @@ class EvaluateParams:
     """Tables 1–2 and Fig. 10 (consissr/evaluation/). Methods are named as in the paper's tables."""
 
     datasets: tuple[EvalDatasetParams, ...] = (EvalDatasetParams(name="embedded", kind="embedded"),)
-    lr_crop: int = 32  # LR crop side; HR crops are scale × it (StableSR protocol: 128 → 512)
+    lr_crop: int = 48  # LR crop side; HR crops are scale × it (StableSR: 128 → 512); NIQE needs HR ≥ 192
     scale: int = 4
     max_images: int = 0  # per dataset; 0: all
     methods: tuple[str, ...] = ("bicubic", "gan", "ganemb-rec", "ganemb-gen", "full")
-    full_steps: int = 50  # `full`: sampling from pure noise (paper Table 1)
+    full_steps: int = 20  # `full`: sampling from pure noise (paper Table 1: 50)
     rec_t_max: int = 600  # `ganemb-rec` (paper Table 2: t_max 600, 10 steps)
     rec_steps: int = 10
     gen_t_max: int = 1000  # `ganemb-gen` (paper Table 2: t_max 1000, 10 steps)

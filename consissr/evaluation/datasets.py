@@ -149,8 +149,9 @@ def degrade_crop(hq: np.ndarray, p: DegradeParams, seed: int) -> np.ndarray:
 def synthetic_from_sources(name: str, kind: str, paper: str | None, sources: list[_Source], *, count: int,
                            lr_crop: int, scale: int, degrade_params: DegradeParams, seed: int) -> EvalSet:
     """``count`` HR crops of ``lr_crop × scale``, spread evenly over ``sources`` at seeded positions,
-    each degraded under its own seed (``degradation.image_seed(seed, id)``)."""
-    from consissr.data.degradation import image_seed, min_image_size
+    each degraded under its own seed (``layout.item_seed(seed, id)``)."""
+    from consissr.data.degradation import min_image_size
+    from consissr.data.layout import item_seed
 
     hr_size = lr_crop * scale
     if hr_size < min_image_size(degrade_params):
@@ -170,14 +171,14 @@ def synthetic_from_sources(name: str, kind: str, paper: str | None, sources: lis
         usable.append((src, rgb))
     items: list[EvalItem] = []
     per_image = math.ceil(count / len(usable)) if usable else 0
-    boxes = {src.key: crop_boxes(*rgb.shape[:2], hr_size, per_image, image_seed(seed, src.key)) for src, rgb in usable}
+    boxes = {src.key: crop_boxes(*rgb.shape[:2], hr_size, per_image, item_seed(seed, src.key)) for src, rgb in usable}
     for k in range(per_image):
         for src, rgb in usable:
             if len(items) == count or k >= len(boxes[src.key]):
                 continue
             y, x = boxes[src.key][k]
             item_id = f"{src.key}_c{k}"
-            hq, crop_seed = rgb[y:y + hr_size, x:x + hr_size], image_seed(seed, item_id)
+            hq, crop_seed = rgb[y:y + hr_size, x:x + hr_size], item_seed(seed, item_id)
             items.append(EvalItem(
                 id=item_id, source=f"{src.label} box {x},{y},{hr_size}", source_sha256=lambda r=rgb: content_hash(r),
                 load=lambda hq=hq, s=crop_seed: (degrade_crop(hq, degrade_params, s), hq)))

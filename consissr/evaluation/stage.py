@@ -18,11 +18,10 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 from consissr.config import DegradeParams, EvaluateParams, InferenceParams
-from consissr.data.degradation import image_seed
+from consissr.data.layout import item_seed, read_rgb_array, write_rgb_png
 from consissr.data.sources import ContaminationError
 from consissr.errors import ParamsError
 from consissr.evaluation.datasets import EvalSet, build_set
@@ -100,11 +99,6 @@ def to_uint8(img: np.ndarray) -> np.ndarray:
     return (np.clip(img, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
 
 
-def _read_png(path: Path) -> np.ndarray:
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"))
-
-
 def materialise(eval_set: EvalSet, folder: Path) -> list[str]:
     """Write ``folder/{lq,hq}/<id>.png`` and ``index.json`` for one set; returns the ids."""
     (folder / "lq").mkdir(parents=True)
@@ -112,8 +106,8 @@ def materialise(eval_set: EvalSet, folder: Path) -> list[str]:
     ids = []
     for item in tqdm(eval_set.items, desc=f"evaluate {eval_set.name}: LQ/HQ pairs", unit="img"):
         lq, hq = item.load()
-        Image.fromarray(lq).save(folder / "lq" / f"{item.id}.png")
-        Image.fromarray(hq).save(folder / "hq" / f"{item.id}.png")
+        write_rgb_png(folder / "lq" / f"{item.id}.png", lq)
+        write_rgb_png(folder / "hq" / f"{item.id}.png", hq)
         ids.append(item.id)
     write_json(folder / "index.json", {"name": eval_set.name, "kind": eval_set.kind,
                                        "items": [{"id": i.id, "source": i.source} for i in eval_set.items],
@@ -203,14 +197,14 @@ def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: 
             per_image: list[dict] = []
             for method, cfg in settings.items():
                 for image_id in tqdm(ids, desc=f"evaluate {s.name}: {method}", unit="img"):
-                    lq, hq = _read_png(folder / "lq" / f"{image_id}.png"), _read_png(folder / "hq" / f"{image_id}.png")
-                    sr = to_uint8(upscale(method, cfg, lq.astype(np.float32) / 255.0, image_seed(seed, image_id)))
+                    lq, hq = read_rgb_array(folder / "lq" / f"{image_id}.png"), read_rgb_array(folder / "hq" / f"{image_id}.png")
+                    sr = to_uint8(upscale(method, cfg, lq.astype(np.float32) / 255.0, item_seed(seed, image_id)))
                     if sr.shape != hq.shape:
                         raise RuntimeError(f"{method} returned {sr.shape} for LQ {lq.shape}; expected {hq.shape}")
                     per_image.append({"id": image_id, "method": method, **suite.score(sr, hq)})
                     if image_id in grid_ids:
                         (folder / method).mkdir(exist_ok=True)
-                        Image.fromarray(sr).save(folder / method / f"{image_id}.png")
+                        write_rgb_png(folder / method / f"{image_id}.png", sr)
             sweep = _sweep(s.name, folder, ids, ev, upscale, suite, seed) if s.name == sweep_name else []
             info = {k: v.to_dict() for k, v in suite.info.items()}
             for name, failure in suite.failures.items():
@@ -250,8 +244,8 @@ def _sweep(name: str, folder: Path, ids: list[str], ev: EvaluateParams, upscale:
         for t_max in ev.sweep_t_max:
             cfg = {"mode": "ganemb", "t_max": t_max, "steps": steps}
             for image_id in tqdm(ids, desc=f"evaluate {name}: Fig. 10 t_max={t_max} steps={steps}", unit="img"):
-                lq, hq = _read_png(folder / "lq" / f"{image_id}.png"), _read_png(folder / "hq" / f"{image_id}.png")
-                sr = to_uint8(upscale("ganemb", cfg, lq.astype(np.float32) / 255.0, image_seed(seed, image_id)))
+                lq, hq = read_rgb_array(folder / "lq" / f"{image_id}.png"), read_rgb_array(folder / "hq" / f"{image_id}.png")
+                sr = to_uint8(upscale("ganemb", cfg, lq.astype(np.float32) / 255.0, item_seed(seed, image_id)))
                 rows.append({"id": image_id, "t_max": t_max, "steps": steps, **suite.score(sr, hq)})
     return rows
 
@@ -259,9 +253,9 @@ def _sweep(name: str, folder: Path, ids: list[str], ev: EvaluateParams, upscale:
 def _write_grids(out: Path, folder: Path, ids: list[str], methods: list[str]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for image_id in ids:
-        cols = {"LQ": _read_png(folder / "lq" / f"{image_id}.png"), "HQ": _read_png(folder / "hq" / f"{image_id}.png")}
-        cols.update({m: _read_png(folder / m / f"{image_id}.png") for m in methods if (folder / m / f"{image_id}.png").is_file()})
-        Image.fromarray(image_grid(cols)).save(out / f"{image_id}.png")
+        cols = {"LQ": read_rgb_array(folder / "lq" / f"{image_id}.png"), "HQ": read_rgb_array(folder / "hq" / f"{image_id}.png")}
+        cols.update({m: read_rgb_array(folder / m / f"{image_id}.png") for m in methods if (folder / m / f"{image_id}.png").is_file()})
+        write_rgb_png(out / f"{image_id}.png", image_grid(cols))
 
 
 def _log_dataset(run: Any, name: str, doc: Mapping) -> None:
