@@ -276,13 +276,16 @@ class GanParams:
     num_feat: int = 16  # (x4plus: 64)
     num_grow_ch: int = 8  # (x4plus: 32)
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "num_block", "num_feat", "num_grow_ch")
+
 
 @dataclass(frozen=True)
 class TrainGanParams:
     """L1 fit of the RRDBNet, LQ → HQ, like Real-ESRNet (Wang et al. 2021, train_realesrnet_x4plus.yml:
     L1, Adam lr 2e-4, β = (0.9, 0.99), batch 12 per GPU, 64² LQ patches, 1M iterations)."""
 
-    batch_size: int = 8  # per device
+    batch_size_per_device: int = 8  # micro-batch of each process (Real-ESRNet: 12 per GPU)
     patch_size: int = 32  # LQ patch side, randomly cropped (HQ patch: scale × this)
     # bilinear: the untrained net is two bilinear ×2 steps, the RRDB trunk a zero-started residual
     # (models/gan.py bilinear_init; a head start for CPU minutes); random: basicsr's init, as Real-ESRNet
@@ -291,6 +294,7 @@ class TrainGanParams:
     betas: tuple[float, float] = (0.9, 0.99)
     iterations: int = 300
     lr_warmup_steps: int = 0
+    gradient_accumulation: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     max_grad_norm: float | None = None  # None: no clipping
     num_workers: int = 0  # DataLoader workers
@@ -299,6 +303,12 @@ class TrainGanParams:
     log_every: int = 1
     sample_every: int = 100  # steps between LQ | bicubic | GAN | HQ grids in MLflow; 0: never
     sample_count: int = 4  # pairs (the first of degraded/index.json) in a grid
+    resume: Literal["auto", "strict"] = "auto"  # as train_clip.resume
+
+    def __post_init__(self) -> None:
+        _check_training(self)
+        _at_least(self, 1, "batch_size_per_device", "patch_size")
+        _at_least(self, 0, "sample_every", "sample_count")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from consissr.models.gan import (
 TINY = {"scale": 4, "num_block": 1, "num_feat": 8, "num_grow_ch": 4}
 # the stage test: a small net on 9 photo crops (16² LQ, whole images as patches), ~25 s of one core
 GAN = GanParams(pretrained=None, num_block=1, num_feat=16, num_grow_ch=8)
-TRAIN = TrainGanParams(batch_size=4, patch_size=16, lr=5e-4, iterations=300, checkpoint_every=150,
+TRAIN = TrainGanParams(batch_size_per_device=4, patch_size=16, lr=5e-4, iterations=300, checkpoint_every=150,
                        sample_every=150, sample_count=2)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from consissr.compat import RealESRGANer, RRDBNet
+from consissr.errors import InputError
 from consissr.io import atomic_path, file_sha256, write_json
 
 CONFIG_NAME = "gan_config.json"
@@ -28,7 +29,7 @@ ARCH_KEYS = ("scale", "num_block", "num_feat", "num_grow_ch")
 X4PLUS_ARCH = {"scale": 4, "num_block": 23, "num_feat": 64, "num_grow_ch": 32}  # RealESRGAN_x4plus.pth
 
 
-class GanWeightsError(ValueError):
+class GanWeightsError(InputError):
     """A GAN folder, config or weights file that cannot be used (the message names the file)."""
 
 

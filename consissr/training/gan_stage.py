@@ -43,6 +43,7 @@ from consissr.models.gan import (
 )
 from consissr.training import loop
 from consissr.training.loop import LoopSettings, TrainResult
+from consissr.training.report import report_training
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,18 @@ def psnr_vs_bicubic(gan_dir: str | os.PathLike, dataset: PairedImageDataset, *, 
     return {"psnr_gan": float(np.mean(gan)), "psnr_bicubic": float(np.mean(bic)), "pairs": len(dataset)}
 
 
+def loop_settings(train: TrainGanParams, *, seed: int, device: str) -> LoopSettings:
+    """The loop's settings; spelled out rather than ``LoopSettings.from_params`` because the section has
+    no ``gradient_checkpointing`` (basicsr's RRDBNet has no such switch)."""
+    return LoopSettings(iterations=train.iterations, lr=train.lr, batch_size_per_device=train.batch_size_per_device,
+                        betas=tuple(train.betas), lr_warmup_steps=train.lr_warmup_steps,
+                        gradient_accumulation=train.gradient_accumulation, mixed_precision=train.mixed_precision,
+                        max_grad_norm=train.max_grad_norm, checkpoint_every=train.checkpoint_every,
+                        keep_checkpoints=train.keep_checkpoints, log_every=train.log_every,
+                        sample_every=train.sample_every, num_workers=train.num_workers, seed=seed, device=device,
+                        resume=train.resume)
+
+
 def train_gan(
     prepared_dir: str | os.PathLike,
     degraded_dir: str | os.PathLike,
@@ -149,7 +162,7 @@ def train_gan(
 
     # 1. data: LQ (degraded/lq, 1/scale) and HQ (prepared/hq) pairs, whole images; patches in the step
     dataset = PairedImageDataset(prepared_dir, degraded_dir, lq_source=LQ_SOURCE)
-    settings = LoopSettings.from_params(train, global_batch=False, seed=seed, device=device)
+    settings = loop_settings(train, seed=seed, device=device)
 
     # 2. the RRDBNet, seeded (the same on every rank and on resume)
     torch.manual_seed(seed)
@@ -184,8 +197,8 @@ def train_gan(
             run.log_image(comparison_grid(torch.stack([it["lq"] for it in items]), sr,
                                           torch.stack([it["hq"] for it in items]), scale=scale),
                           "samples/final/lq_bicubic_gan_hq.png")
-            loop.report(result, out_dir, run, loss_label="train_gan L1 loss",
-                        artifacts=[(out_dir / WEIGHTS_NAME, "gan"), (out_dir / CONFIG_NAME, "gan")])
+            report_training(result, out_dir, run, loss_label="train_gan L1 loss",
+                            artifacts=[(out_dir / WEIGHTS_NAME, "gan"), (out_dir / CONFIG_NAME, "gan")])
             log.info("train_gan: PSNR on the %d training pairs: GAN %.2f dB, bicubic %.2f dB", scores["pairs"],
                      scores["psnr_gan"], scores["psnr_bicubic"])
     return config
