@@ -182,22 +182,37 @@ def _pixels(path: Path, img: Image.Image, drafted: bool) -> tuple[np.ndarray, li
         if wide is not None:
             return wide, []
     if mode in ("I;16", "I;16L", "I;16B", "I;16N"):
-        return np.asarray(img, dtype=np.uint16)[..., None], []
+        return _as_array(img, None).astype(np.uint16, copy=False)[..., None], []
     if mode in ("I", "F"):  # 32-bit integer or float gray: 16-bit when the values need it
         arr = np.asarray(img)
         wide = arr.max(initial=0) > 255
         out = np.clip(np.rint(arr), 0, 65535 if wide else 255).astype(np.uint16 if wide else np.uint8)
         return out[..., None], [f"{mode} grayscale read as {'16' if wide else '8'}-bit"]
-    notes = []
+    notes, convert = [], None
     if mode == "1":
-        img = img.convert("L")
+        convert = "L"
     elif mode == "P" or mode == "PA":
-        img = img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+        convert = "RGBA" if mode == "PA" or "transparency" in img.info else "RGB"
     elif mode not in ("L", "LA", "RGB", "RGBA"):
         notes.append(f"{mode} converted to RGB")
-        img = img.convert("RGBA" if "A" in mode else "RGB")
-    arr = np.asarray(img)
+        convert = "RGBA" if "A" in mode else "RGB"
+    arr = _as_array(img, convert)
     return (arr[..., None] if arr.ndim == 2 else arr), notes
+
+
+def _as_array(img: Image.Image, convert: str | None) -> np.ndarray:
+    # strip by strip into one array: ``np.asarray(img)`` would hold a bytes copy and the array at
+    # once (and ``convert`` a third full image) beside PIL's own 4-bytes-per-pixel buffer
+    w, h = img.size
+    step = max(1, (1 << 22) // max(w, 1))  # ~4 Mpx per strip
+    out = None
+    for y in range(0, h, step):
+        strip = img.crop((0, y, w, min(y + step, h)))
+        a = np.asarray(strip.convert(convert) if convert else strip)
+        if out is None:
+            out = np.empty((h, *a.shape[1:]), a.dtype)
+        out[y:y + a.shape[0]] = a
+    return out
 
 
 def _read_16bit(path: Path, mode: str) -> np.ndarray | None:
