@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from consissr.config import DegradeParams, PrepareParams
 from consissr.data.degradation import degrade_folder
-from consissr.data.images import DEFAULT_MAX_PIXELS, ImageError, orient, read_image
+from consissr.data.images import ImageError, orient, read_image
 from consissr.data.sources import prepare
 
 

@@ -9,9 +9,9 @@ import logging
 import cv2
 import numpy as np
 import pytest
+from bicubic_double import BicubicTestDouble
 from PIL import Image
 
-from bicubic_double import BicubicTestDouble
 from consissr import cli
 from consissr.inference.upscale import UpscaleOptions, collect_inputs, training_warning, upscale_files
 

@@ -153,15 +153,15 @@ def _limit_or_draft(path: Path, img: Image.Image, max_pixels: int, min_side: int
                 break
             if dw * dh <= max_pixels:
                 img.draft(img.mode, (dw, dh))
-                return [f"decoded at 1/{k} scale ({img.size[0]}x{img.size[1]}, JPEG draft mode): "
-                        f"{w * h} pixels > the limit {max_pixels}"]
+                return [(f"decoded at 1/{k} scale ({img.size[0]}x{img.size[1]}, JPEG draft mode): "
+                         f"{w * h} pixels > the limit {max_pixels}")]
     raise ImageError(path, f"larger than the limit: {w * h} pixels > {max_pixels} ({w}x{h})")
 
 
 def _orientation(img: Image.Image) -> int:
     try:
         return int(img.getexif().get(0x0112, 1))
-    except Exception:  # a malformed EXIF block must not lose the picture
+    except (ValueError, TypeError, KeyError, OSError, SyntaxError):  # a malformed EXIF block keeps the picture
         return 1
 
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -81,6 +82,10 @@ def _embedded_photo(name: str) -> np.ndarray:
     return getattr(skimage.data, name)()
 
 
+def _embedded_rgb(name: str, **_) -> tuple[np.ndarray, list[str]]:
+    return np.ascontiguousarray(_embedded_photo(name)), []
+
+
 def _files(entry: str, extensions: tuple[str, ...]) -> list[tuple[str, Path]]:
     """(name relative to the source, path) of every image of a folder or list-file entry."""
     path = Path(entry)
@@ -128,12 +133,7 @@ def iter_sources(sources: tuple[str, ...], extensions: tuple[str, ...], duplicat
         if key in keys:  # e.g. a-b.png and a_b.png, c.png and c.jpg, or names cut by the slug's length
             key = f"{key}_{hashlib.sha256(f'{index}:{label}'.encode()).hexdigest()[:8]}"
         keys.add(key)
-        if path is None:
-            def load(name=label.removeprefix("skimage:"), **_):
-                return np.ascontiguousarray(_embedded_photo(name)), []
-        else:
-            def load(p=path, **kw):
-                return load_rgb(p, **kw)
+        load = partial(_embedded_rgb, label.removeprefix("skimage:")) if path is None else partial(load_rgb, path)
         items.append(SourceImage(key=key, label=label, source=index, path=path, load=load))
     return items
 
