@@ -181,6 +181,22 @@ def run_upscale(args) -> int:
     return 0 if report.ok else 1
 
 
+@tool("demo", "a local web page (Gradio) to upscale one image with the knobs and a before/after view")
+def _demo_args(p):
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--model", type=Path, default=None,
+                   help="a saved pipeline folder (default: the stage outputs under data/models/)")
+    p.add_argument("--device", default="auto")
+
+
+def run_demo(args) -> int:
+    from consissr.inference.demo import launch
+
+    launch(_load_pipeline(args), host=args.host, port=args.port)
+    return 0
+
+
 def _parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:

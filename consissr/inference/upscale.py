@@ -77,8 +77,9 @@ def training_warning(info: dict) -> str | None:
     if pretrained is not False and (steps is None or steps >= BRIEF_TRAINING_STEPS):
         return None
     what = ", ".join(x for x in (f"{steps} training steps" if steps is not None else "",
-                                 "a prior trained from scratch" if pretrained is False else "") if x)
-    return (f"this model is a briefly trained one ({what}; backbone {info.get('backbone', '?')}): its images show "
+                                 "a prior trained from scratch" if pretrained is False else "",
+                                 f"backbone {info['backbone']}" if info.get("backbone") else "") if x)
+    return (f"this model is a briefly trained one ({what}): its images show "
             "the pipeline working, not real super-resolution. For a real result train train_sdsr for many more "
             "steps, or use the paper configuration with SD 2.1 (configs/paper.yaml).")
 
