@@ -5,6 +5,7 @@
    before they are imported.
 2. basicsr's ``DiffJPEG`` returns a channels-last-strided tensor, on which ``filter2D``'s
    ``.view`` fails for batch > 1: ``diff_jpeg`` returns a contiguous tensor.
+3. ``realesrgan`` (for ``RealESRGANer``) is imported here too, after the alias of item 1.
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from basicsr.data.degradations import (  # noqa: E402
     random_add_poisson_noise_pt,
     random_mixed_kernels,
 )
+from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
 from basicsr.utils import DiffJPEG, USMSharp  # noqa: E402
 from basicsr.utils.img_process_util import filter2D  # noqa: E402
+from realesrgan import RealESRGANer  # noqa: E402
 
 
 class ContiguousDiffJPEG(DiffJPEG):
@@ -45,6 +48,8 @@ class ContiguousDiffJPEG(DiffJPEG):
 __all__ = [
     "ContiguousDiffJPEG",
     "DiffJPEG",
+    "RRDBNet",
+    "RealESRGANer",
     "USMSharp",
     "circular_lowpass_kernel",
     "filter2D",

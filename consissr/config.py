@@ -181,6 +181,22 @@ class TrainSdsrParams:
 
 
 @dataclass(frozen=True)
+class InferenceParams:
+    """Sampling defaults of ``ConsisSRPipeline`` (consissr/inference/); no DVC stage reads them yet."""
+
+    mode: Literal["full", "ganemb"] = "full"  # §3.1: 50 spaced DDPM steps | Algorithm 2 (GAN-Embedding)
+    num_inference_steps: int = 50  # full mode (§3.1)
+    preset: Literal["rec", "gen"] = "rec"  # GANEmb default, Table 2: rec = (t_max 600, 10 steps), gen = (1000, 10)
+    prompt: str = ""  # the training prompt (train_sdsr.prompt: empty)
+    negative_prompt: str = ""
+    guidance_scale: float = 1.0  # 1 = no classifier-free guidance (only useful after training with prompt_dropout)
+    color_fix: Literal["adain", "wavelet", "none"] = "adain"
+    tile_size: int = 256  # output pixels; larger images run in tiles (latent diffusion, VAE, GAN)
+    tile_overlap: int = 64  # output pixels shared by neighbouring tiles
+    control_from_gan: bool = False  # GANEmb: ControlNet and robust CLIP see the GAN output instead of the LQ
+
+
+@dataclass(frozen=True)
 class Params:
     base: BaseParams = BaseParams()
     backbone: BackboneParams = BackboneParams()
@@ -191,6 +207,7 @@ class Params:
     clip: ClipParams = ClipParams()
     train_clip: TrainClipParams = TrainClipParams()
     train_sdsr: TrainSdsrParams = TrainSdsrParams()
+    inference: InferenceParams = InferenceParams()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
