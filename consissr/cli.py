@@ -163,8 +163,12 @@ def _upscale_args(p):
 
 
 def _load_pipeline(args):
+    """``--model DIR`` (a saved pipeline, its own defaults), else the stage outputs with the ``inference``
+    section of ``--params`` (when that file exists) as the defaults."""
     from consissr.inference.pipeline import load_pipeline
 
+    if args.model is None and args.params.is_file():
+        return load_pipeline(None, device=args.device, defaults=load_params(args.params).inference)
     return load_pipeline(args.model, device=args.device)
 
 
@@ -219,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (help_text, add_args) in TOOLS.items():
         p = sub.add_parser(name, help=help_text)
         p.add_argument("-v", "--verbose", action="store_true")
+        p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                       help="its `inference` section gives the defaults without --model (used when it exists)")
         add_args(p)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
