@@ -6,9 +6,9 @@ bicubic test double; here the real pipeline's protocol is exercised through the 
 import numpy as np
 import pytest
 from PIL import Image
+from test_inference import parts  # noqa: F401  (the tiny stage folders: backbone, net, robust CLIP, GAN)
 
 from consissr import cli
-from test_inference import parts  # noqa: F401  (the tiny stage folders: backbone, net, robust CLIP, GAN)
 
 
 @pytest.mark.slow  # ~90 s here: builds the tiny stage folders, saves and reloads the pipeline

@@ -17,13 +17,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from consissr.errors import InputError
+
 # PIL's own default (Image.MAX_IMAGE_PIXELS: 1 GiB of 24-bit pixels / 4 / 3 = 89.5 Mpx)
 DEFAULT_MAX_PIXELS = 89_478_485
 _JPEG_DRAFT_SCALES = (2, 4, 8)  # libjpeg's DCT scaling: decode at 1/2, 1/4, 1/8 for free
 _PIL_LIMIT_LOCK = threading.Lock()
 
 
-class ImageError(ValueError):
+class ImageError(InputError):
     """A file that cannot be used as an image; ``str()`` is "<path>: <reason>"."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
