@@ -22,11 +22,12 @@ from consissr.errors import ConsisSRError, ParamsError
 log = logging.getLogger("consissr")
 
 STAGES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+TOOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}  # no params file: upscale, demo
 
 
-def stage(name: str, help: str):
+def stage(name: str, help: str, *, registry: dict = STAGES):
     def deco(fn):
-        STAGES[name] = (help, fn)
+        registry[name] = (help, fn)
         return fn
     return deco
 
@@ -121,22 +122,16 @@ def run_model_info(params: Params, args) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# tools for a person with a picture: no params file
+# tools for a person with a picture (TOOLS: no params file needed)
 # ---------------------------------------------------------------------------------------------
-TOOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
-
-
-def tool(name: str, help: str):
-    def deco(fn):
-        TOOLS[name] = (help, fn)
-        return fn
-    return deco
-
-
-def _sampling_args(p) -> None:
+def _model_args(p) -> None:
     p.add_argument("--model", type=Path, default=None,
                    help="a saved pipeline folder (default: the stage outputs under data/models/)")
     p.add_argument("--device", default="auto")
+
+
+def _sampling_args(p) -> None:
+    _model_args(p)
     p.add_argument("--mode", choices=["full", "ganemb"], default=None, help="§3.1 full | Algorithm 2 GAN-Embedding")
     p.add_argument("--preset", choices=["rec", "gen"], default=None, help="GANEmb preset of Table 2")
     p.add_argument("--steps", dest="num_inference_steps", type=int, default=None)
@@ -156,7 +151,8 @@ def _sampling_options(args):
     return UpscaleOptions(**{k: getattr(args, k) for k in UpscaleOptions.__dataclass_fields__})
 
 
-@tool("upscale", "super-resolve image files and folders (alpha, gray, 16-bit, EXIF kept) into OUTDIR")
+@stage("upscale", "super-resolve image files and folders (alpha, gray, 16-bit, EXIF kept) into OUTDIR",
+       registry=TOOLS)
 def _upscale_args(p):
     p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
     p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR")
@@ -188,13 +184,12 @@ def run_upscale(args) -> int:
     return 0 if report.ok else 1
 
 
-@tool("demo", "a local web page (Gradio) to upscale one image with the knobs and a before/after view")
+@stage("demo", "a local web page (Gradio) to upscale one image with the knobs and a before/after view",
+       registry=TOOLS)
 def _demo_args(p):
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--model", type=Path, default=None,
-                   help="a saved pipeline folder (default: the stage outputs under data/models/)")
-    p.add_argument("--device", default="auto")
+    _model_args(p)
 
 
 def run_demo(args) -> int:
