@@ -32,11 +32,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from benchmarks.common import machine, write_record  # noqa: E402
-from consissr.config import load_params  # noqa: E402
+from benchmarks.common import machine, write_record
+from consissr.config import load_params
 
 
 def build_pipeline(gan_fallback: Path):
@@ -46,7 +46,7 @@ def build_pipeline(gan_fallback: Path):
     if not (dirs["gan"] / "gan_config.json").is_file():
         from consissr.models.gan import build_rrdbnet, save_gan
 
-        arch = dict(scale=4, num_block=2, num_feat=16, num_grow_ch=8)
+        arch = {"scale": 4, "num_block": 2, "num_feat": 16, "num_grow_ch": 8}
         torch.manual_seed(0)
         save_gan(build_rrdbnet(**arch), gan_fallback, **arch)
         dirs["gan"] = gan_fallback
@@ -72,7 +72,7 @@ def timed(fn) -> float:
 
 def speed(pipe, size: int, repeats: int, seed: int) -> dict:
     lq = test_image(size)
-    runs = {"full-50": dict(mode="full", num_inference_steps=50), "ganemb-rec-10": dict(mode="ganemb", preset="rec")}
+    runs = {"full-50": {"mode": "full", "num_inference_steps": 50}, "ganemb-rec-10": {"mode": "ganemb", "preset": "rec"}}
     calls = {name: (lambda kw=kw: pipe(lq, seed=seed, output_type="np", **kw)) for name, kw in runs.items()}
     calls["gan"] = lambda: pipe.gan_upscale(lq)
     for call in calls.values():  # warm-up

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +26,12 @@ from PIL import Image
 
 from consissr.config import InferenceParams
 from consissr.inference.color import color_fix as apply_color_fix
-from consissr.inference.schedules import FULL_STEPS, GANEMB_PRESETS, gan_start_latent, set_spaced_timesteps
+from consissr.inference.schedules import (
+    FULL_STEPS,
+    GANEMB_PRESETS,
+    gan_start_latent,
+    set_spaced_timesteps,
+)
 from consissr.inference.tiling import (
     check_tiles,
     gaussian_weights,
@@ -138,8 +144,9 @@ class ConsisSRPipeline(DiffusionPipeline):
         """Move the torch parts and the GAN's network (diffusers' ``to`` reads ``.dtype``/``.device``
         attributes that ``ConsisSRNet``, ``RobustCLIP`` and ``RealESRGANer`` do not have)."""
         device = resolve_device(device) if device is not None else None
+        moves = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         for module in (self.vae, self.text_encoder, self.net, self.robust_clip):
-            module.to(device=device, dtype=dtype)
+            module.to(**moves)
         if self.gan is not None and device is not None:
             self.gan.model.to(device)
             self.gan.device = device
@@ -410,7 +417,7 @@ class ConsisSRPipeline(DiffusionPipeline):
             z_gan = self.encode_image(pad_to_multiple(gan_out, multiple)).to(dtype) if plan.mode == "ganemb" else None
 
         # 3. the start: x_T ~ N(0, I) (full), or the GAN latent noised to t_max (Algorithm 2, l. 2–3)
-        timesteps = set_spaced_timesteps(self.scheduler, plan.steps, plan.t_max, device=device)
+        timesteps = set_spaced_timesteps(self.scheduler, plan.steps, plan.t_max)  # on the CPU: they index ᾱ
         noise = torch.randn(cond.shape, generator=generator, dtype=torch.float32).to(device, dtype)
         latents = noise if plan.mode == "full" else gan_start_latent(self.scheduler, z_gan, noise, plan.t_max)
 

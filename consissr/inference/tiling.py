@@ -10,8 +10,8 @@ decodes tile by tile through diffusers' own ``AutoencoderKL`` tiling (linear ble
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
