@@ -91,6 +91,9 @@ class PrepareParams:
     # Evaluation image folders: a training crop source whose decoded pixels equal an image
     # here fails the stage (contamination guard).
     eval_dirs: tuple[str, ...] = ()
+    # Decoded-pixel limit (PIL's default): above it a file is skipped as "larger than the limit",
+    # except a JPEG that libjpeg can decode at 1/2..1/8 scale under it with the crop still fitting.
+    max_image_pixels: int = 89_478_485
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "crop_size", "crops_per_image")
@@ -312,6 +315,22 @@ class TrainGanParams:
 
 
 @dataclass(frozen=True)
+class InferenceParams:
+    """Sampling defaults of ``ConsisSRPipeline`` (consissr/inference/); no DVC stage reads them yet."""
+
+    mode: Literal["full", "ganemb"] = "full"  # §3.1: 50 spaced DDPM steps | Algorithm 2 (GAN-Embedding)
+    num_inference_steps: int = 50  # full mode (§3.1)
+    preset: Literal["rec", "gen"] = "rec"  # GANEmb default, Table 2: rec = (t_max 600, 10 steps), gen = (1000, 10)
+    prompt: str = ""  # the training prompt (train_sdsr.prompt: empty)
+    negative_prompt: str = ""
+    guidance_scale: float = 1.0  # 1 = no classifier-free guidance (only useful after training with prompt_dropout)
+    color_fix: Literal["adain", "wavelet", "none"] = "adain"
+    tile_size: int = 256  # output pixels; larger images run in tiles (latent diffusion, VAE, GAN)
+    tile_overlap: int = 64  # output pixels shared by neighbouring tiles
+    control_from_gan: bool = False  # GANEmb: ControlNet and robust CLIP see the GAN output instead of the LQ
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params file: one section per stage plus ``base``."""
 
@@ -326,6 +345,7 @@ class Params:
     train_sdsr: TrainSdsrParams = TrainSdsrParams()
     gan: GanParams = GanParams()
     train_gan: TrainGanParams = TrainGanParams()
+    inference: InferenceParams = InferenceParams()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
