@@ -26,13 +26,14 @@ def _alias_functional_tensor() -> None:
 _alias_functional_tensor()
 
 import basicsr  # noqa: E402,F401  (after the alias)
+from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
 from basicsr.data.degradations import (  # noqa: E402
     circular_lowpass_kernel,
     random_add_gaussian_noise_pt,
     random_add_poisson_noise_pt,
     random_mixed_kernels,
 )
-from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
+from basicsr.metrics import calculate_psnr  # noqa: E402
 from basicsr.utils import DiffJPEG, USMSharp  # noqa: E402
 from basicsr.utils.img_process_util import filter2D  # noqa: E402
 from realesrgan import RealESRGANer  # noqa: E402
@@ -51,6 +52,7 @@ __all__ = [
     "RRDBNet",
     "RealESRGANer",
     "USMSharp",
+    "calculate_psnr",
     "circular_lowpass_kernel",
     "filter2D",
     "random_add_gaussian_noise_pt",

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from consissr.compat import RealESRGANer, RRDBNet
+from consissr.errors import InputError
 from consissr.io import atomic_path, file_sha256, write_json
 
 CONFIG_NAME = "gan_config.json"
@@ -28,7 +29,7 @@ ARCH_KEYS = ("scale", "num_block", "num_feat", "num_grow_ch")
 X4PLUS_ARCH = {"scale": 4, "num_block": 23, "num_feat": 64, "num_grow_ch": 32}  # RealESRGAN_x4plus.pth
 
 
-class GanWeightsError(ValueError):
+class GanWeightsError(InputError):
     """A GAN folder, config or weights file that cannot be used (the message names the file)."""
 
 
@@ -38,6 +39,36 @@ def build_rrdbnet(*, scale: int, num_block: int, num_feat: int, num_grow_ch: int
                    num_grow_ch=num_grow_ch)
 
 
+@torch.no_grad()
+def bilinear_init(model: RRDBNet) -> RRDBNet:
+    """Make an RRDBNet start as two bilinear ×2 steps (scale 4), keeping its other weights random.
+
+    Channels 0–2 carry the input straight through ``conv_first``, ``conv_hr`` and ``conv_last``
+    (centre taps of 1; the LeakyReLUs see values ≥ 0); in ``conv_up1`` and ``conv_up2``, which
+    follow a nearest ×2, they get the kernel [1, 2, 1]ᵀ[1, 2, 1]/16, which makes nearest ×2
+    exactly bilinear ×2 (half-pixel centres) away from the zero-padded border. ``conv_body``
+    starts at zero, so the RRDB trunk adds a learned residual from step one, as a
+    zero-initialised residual branch does. At scales 2 and 1 (pixel-unshuffled input) channels
+    0–2 read the top-left sample of each cell. A head start for minutes of CPU training, not
+    Real-ESRNet's recipe (basicsr's random init).
+    """
+    cell = (4 // model.scale) ** 2  # pixel_unshuffle: input channel c·r² + i·r + j
+    tent = torch.tensor([1.0, 2.0, 1.0])
+    tent = torch.outer(tent, tent) / 16
+    for conv in (model.conv_body, model.conv_last):
+        conv.weight.zero_()
+        conv.bias.zero_()
+    for conv in (model.conv_first, model.conv_up1, model.conv_up2, model.conv_hr, model.conv_last):
+        conv.weight[:3].zero_()
+        conv.bias[:3].zero_()
+        for c in range(3):
+            if conv is model.conv_up1 or conv is model.conv_up2:
+                conv.weight[c, c] = tent
+            else:
+                conv.weight[c, c * cell if conv is model.conv_first else c, 1, 1] = 1.0
+    return model
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The RRDBNet state dict in a Real-ESRGAN ``.pth`` (key ``params_ema``, else ``params``)."""
     path = Path(path)
@@ -45,7 +76,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise GanWeightsError(f"{path}: GAN weights file not found")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated zip, not a torch file, pickled code ...
+    except Exception as exc:  # noqa: BLE001  (truncated zip, not a torch file, pickled code ...)
         raise GanWeightsError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(checkpoint, dict):
@@ -81,17 +112,17 @@ def check_weights(path: str | os.PathLike, **arch: int) -> RRDBNet:
 
 
 def save_gan(model: torch.nn.Module, out_dir: str | os.PathLike, *, scale: int, num_block: int, num_feat: int,
-             num_grow_ch: int, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``gan.pth`` ({"params": state dict}) and ``gan_config.json`` into ``out_dir``."""
+             num_grow_ch: int) -> dict[str, Any]:
+    """Write ``gan.pth`` ({"params": state dict}) and ``gan_config.json`` into ``out_dir``; return the config."""
     out_dir = Path(out_dir)
     weights = out_dir / WEIGHTS_NAME
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
         torch.save({"params": state}, tmp)
     config = {"scale": scale, "num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch,
-              "weights": WEIGHTS_NAME, "sha256": file_sha256(weights), **(extra or {})}
+              "weights": WEIGHTS_NAME, "sha256": file_sha256(weights)}
     write_json(out_dir / CONFIG_NAME, config)
-    return weights
+    return config
 
 
 def record_pretrained(path: str | os.PathLike, out_dir: str | os.PathLike, *, scale: int, num_block: int,
@@ -187,6 +218,19 @@ def gan_upscale(upsampler: RealESRGANer, image: np.ndarray) -> np.ndarray:
     return output[0].float().clamp_(0.0, 1.0).permute(1, 2, 0).cpu().numpy()
 
 
-__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "X4PLUS_ARCH", "GanWeightsError", "build_rrdbnet", "check_weights",
-           "gan_upscale", "load_gan", "read_gan_config", "read_state_dict", "record_pretrained", "save_gan",
-           "weights_path"]
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "X4PLUS_ARCH",
+    "GanWeightsError",
+    "bilinear_init",
+    "build_rrdbnet",
+    "check_weights",
+    "gan_upscale",
+    "load_gan",
+    "read_gan_config",
+    "read_state_dict",
+    "record_pretrained",
+    "save_gan",
+    "weights_path",
+]
