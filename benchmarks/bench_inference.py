@@ -70,12 +70,14 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def speed(pipe, size: int, repeats: int, seed: int) -> dict:
+def speed(pipe, size: int, repeats: int, seed: int, warmup: bool, tile_size: int | None) -> dict:
     lq = test_image(size)
+    tile = {"tile_size": tile_size} if tile_size else {}
     runs = {"full-50": {"mode": "full", "num_inference_steps": 50}, "ganemb-rec-10": {"mode": "ganemb", "preset": "rec"}}
-    calls = {name: (lambda kw=kw: pipe(lq, seed=seed, output_type="np", **kw)) for name, kw in runs.items()}
-    calls["gan"] = lambda: pipe.gan_upscale(lq)
-    for call in calls.values():  # warm-up
+    calls = {name: (lambda kw=kw: pipe(lq, seed=seed, output_type="np", **tile, **kw)) for name, kw in runs.items()}
+    gan_tile = pipe.plan(**tile).tile_size
+    calls["gan"] = lambda: pipe.gan_upscale(lq, tile=gan_tile // pipe.scale if pipe.scale * size > gan_tile else 0)
+    for call in calls.values() if warmup else ():
         call()
     times: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
@@ -85,7 +87,7 @@ def speed(pipe, size: int, repeats: int, seed: int) -> dict:
     return {"input": size, "output": size * pipe.scale, "repeats": repeats, "seconds": times, "median": median,
             "ratio_ganemb_to_full": median["ganemb-rec-10"] / median["full-50"],
             "gan_share_of_ganemb": median["gan"] / median["ganemb-rec-10"],
-            "tile_size": pipe.defaults.tile_size}
+            "tile_size": gan_tile, "warmup": warmup}
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,26 +100,26 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_child(size: int, gan_dir: str, seed: int) -> dict:
+def memory_child(size: int, gan_dir: str, seed: int, steps: int) -> dict:
     pipe, _ = build_pipeline(Path(gan_dir))
     pipe(test_image(32), mode="ganemb", preset="rec", num_inference_steps=2, seed=seed, output_type="np")  # warm-up
     lq = test_image(size)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status_kib("VmRSS")
     start = time.perf_counter()
-    out = pipe(lq, mode="ganemb", preset="rec", seed=seed, output_type="np").images
+    out = pipe(lq, mode="ganemb", preset="rec", num_inference_steps=steps, seed=seed, output_type="np").images
     seconds = time.perf_counter() - start
     peak = _status_kib("VmHWM")
     return {"input": size, "output": list(out.shape[1:3]), "rss_before_mib": before / 1024,
             "peak_rss_mib": peak / 1024, "peak_delta_mib": (peak - before) / 1024, "seconds": seconds,
-            "tile_size": pipe.defaults.tile_size, "tile_overlap": pipe.defaults.tile_overlap}
+            "steps": steps, "tile_size": pipe.defaults.tile_size, "tile_overlap": pipe.defaults.tile_overlap}
 
 
-def memory(sizes: list[int], gan_dir: Path, seed: int) -> list[dict]:
+def memory(sizes: list[int], gan_dir: Path, seed: int, steps: int) -> list[dict]:
     rows = []
     for size in sizes:
         out = subprocess.run([sys.executable, __file__, "--memory-child", str(size), "--gan-dir", str(gan_dir),
-                              "--seed", str(seed)], check=True, capture_output=True, text=True,
+                              "--seed", str(seed), "--memory-steps", str(steps)], check=True, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
@@ -130,21 +132,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sizes", type=int, nargs=2, default=[128, 256], help="input sides of the memory runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-warmup", action="store_true", help="time the first calls too")
+    parser.add_argument("--tile-size", type=int, help="tile size of the speed runs (default: params)")
+    parser.add_argument("--memory-steps", type=int, default=10, help="GANEmb steps of the memory runs (peak is per step)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "inference.json")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--gan-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, str(args.gan_dir), args.seed)))
+        print(json.dumps(memory_child(args.memory_child, str(args.gan_dir), args.seed, args.memory_steps)))
         return 0
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         pipe, dirs = build_pipeline(Path(tmp) / "gan")
-        fast = speed(pipe, args.size, args.repeats, args.seed)
+        fast = speed(pipe, args.size, args.repeats, args.seed, not args.no_warmup, args.tile_size)
         del pipe
-        mem = memory(args.sizes, dirs["gan"], args.seed)
+        mem = memory(args.sizes, dirs["gan"], args.seed, args.memory_steps)
     mem_ratio = mem[1]["peak_delta_mib"] / mem[0]["peak_delta_mib"]
     record = {"speed": fast, "memory": mem, "memory_ratio": mem_ratio,
               "memory_pixel_ratio": (args.sizes[1] / args.sizes[0]) ** 2,

@@ -91,6 +91,9 @@ class PrepareParams:
     # Evaluation image folders: a training crop source whose decoded pixels equal an image
     # here fails the stage (contamination guard).
     eval_dirs: tuple[str, ...] = ()
+    # Decoded-pixel limit (PIL's default): above it a file is skipped as "larger than the limit",
+    # except a JPEG that libjpeg can decode at 1/2..1/8 scale under it with the crop still fitting.
+    max_image_pixels: int = 89_478_485
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "crop_size", "crops_per_image")
