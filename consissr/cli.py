@@ -33,15 +33,27 @@ def _paths(p: argparse.ArgumentParser, **defaults: str) -> None:
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=Path, default=Path(default))
 
 
+@stage("train-vae", "train the embedded backbone's tiny VAE on the training photos (embedded profile only)")
+def _train_vae_args(p):
+    _paths(p, prepared="data/prepared", degraded="data/degraded", out="data/models/vae")
+
+
+def run_train_vae(params: Params, args) -> None:
+    from consissr.training.vae_stage import train_vae
+
+    train_vae(args.prepared, args.degraded, args.out, backbone=params.backbone, prepare=params.prepare,
+              train=params.train_vae, seed=params.base.seed, device=params.base.device)
+
+
 @stage("backbone", "build and save the embedded tiny SD backbone (or record the real one's id)")
 def _backbone_args(p):
-    _paths(p, out="data/models/backbone")
+    _paths(p, vae="data/models/vae", out="data/models/backbone")
 
 
 def run_backbone(params: Params, args) -> None:
     from consissr.models.backbone import write_backbone
 
-    write_backbone(params.backbone, out_dir=args.out, seed=params.base.seed)
+    write_backbone(params.backbone, out_dir=args.out, seed=params.base.seed, vae_dir=args.vae)
 
 
 @stage("prepare", "HQ crops from the sources, with a skip report and the contamination guard")
@@ -105,16 +117,16 @@ def run_train_sdsr(params: Params, args) -> None:
                device=params.base.device)
 
 
-@stage("model-info", "print total and trainable parameter counts per part (both profiles)")
+@stage("model-info", "print parameter counts per part (both profiles) and how the saved model was trained")
 def _model_info_args(p):
-    _paths(p, backbone="data/models/backbone")
+    _paths(p, backbone="data/models/backbone", model="data/models/consissr")
     p.add_argument("--profile", choices=["tiny", "paper", "both"], default="both")
 
 
 def run_model_info(params: Params, args) -> None:
     from consissr.models.consissr import print_model_info
 
-    print_model_info(params, profile=args.profile, backbone_dir=args.backbone)
+    print_model_info(params, profile=args.profile, backbone_dir=args.backbone, model_dir=args.model)
 
 
 def _parse_overrides(items: list[str]) -> dict:

@@ -105,6 +105,25 @@ class EncodeParams:
 
 
 @dataclass(frozen=True)
+class TrainVaeParams:
+    """The embedded backbone's tiny AutoencoderKL trained on the training photos (stage train_vae).
+
+    Embedded profile only; a real backbone keeps its VAE. Loss: L1 + L2 + kl_weight·KL
+    (+ lpips_weight·LPIPS when its weights are present), Adam with a cosine lr decay.
+    """
+
+    steps: int = 1500
+    batch_size: int = 8
+    crop_size: int = 64  # random crops of the photos, flipped / rotated
+    lr: float = 2e-3
+    kl_weight: float = 1e-6  # per input element (SD's VAE: 1e-6)
+    lpips_weight: float = 0.0  # used only when LPIPS weights load offline; else a log line
+    # photos kept out of training and reported as held-out reconstruction PSNR(Y)
+    # (ids of prepare.sources: embedded_<name>, or s<k>_<path slug> for folders)
+    holdout: tuple[str, ...] = ("embedded_coffee",)
+
+
+@dataclass(frozen=True)
 class ModelParams:
     """The ConsisSR network around the backbone (paper §3.2–3.3). Owned by consissr/models/."""
 
@@ -184,6 +203,7 @@ class Params:
     prepare: PrepareParams = PrepareParams()
     degrade: DegradeParams = DegradeParams()
     encode: EncodeParams = EncodeParams()
+    train_vae: TrainVaeParams = TrainVaeParams()
     model: ModelParams = ModelParams()
     clip: ClipParams = ClipParams()
     train_clip: TrainClipParams = TrainClipParams()
@@ -202,9 +222,11 @@ def section_hash(*sections: Any) -> str:
 
 # Which sections each DVC stage reads; dvc.yaml's `params:` must list exactly their leaves.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "backbone": ("base.seed", "backbone"),
     "prepare": ("base.seed", "prepare"),
     "degrade": ("base.seed", "degrade"),
+    "train_vae": ("base.seed", "base.device", "backbone.pretrained", "prepare.sources", "prepare.extensions",
+                  "prepare.eval_dirs", "train_vae"),
+    "backbone": ("base.seed", "backbone"),
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),

@@ -43,6 +43,7 @@ CONFIG_NAME = "consissr_config.json"
 WEIGHTS_NAME = "consissr_adapters.safetensors"
 CONTROLNET_SUBFOLDER = "controlnet"
 FORMAT_VERSION = 1
+TRAINING_KEY = "training"  # consissr_config.json: {"steps", "prior_pretrained", "backbone"} (training_record)
 
 # stabilityai/stable-diffusion-2-1-base, unet/config.json (diffusers' names; "attention_head_dim"
 # there is really the number of heads per level: 320/5 = 640/10 = 1280/20 = 64 channels a head)
@@ -78,7 +79,7 @@ TINY_CLIP = "consissr-tiny-vit"
 TINY_CLIP_EMBED_DIM = 64
 
 
-def build_controlnet(unet: nn.Module, conditioning: str = "latent"):
+def build_controlnet(unet: nn.Module, conditioning: str = "latent", *, vae_scale_factor: int = 8):
     """``ControlNetModel.from_unet`` (encoder weights copied from the UNet) for the LQ condition.
 
     ``"latent"`` (default): the condition is the VAE latent of the LQ image, bicubically
@@ -90,15 +91,18 @@ def build_controlnet(unet: nn.Module, conditioning: str = "latent"):
     ControlNet (a VAE-encoder latent, DiffBIR-style); and it fits any latent size by
     construction, which the non-square / non-512 inference relies on.
 
-    ``"pixel"``: the LQ image itself, (B, 3, 8h, 8w) in [0, 1], through diffusers' default
-    four-stage embedding (16, 32, 96, 256) that downsamples 8×.
+    ``"pixel"``: the LQ image itself, (B, 3, f·h, f·w) in [0, 1], through diffusers' default
+    embedding (16, 32, 96, 256), cut to the stages that downsample by the VAE's factor f (SD: 8).
     """
     from diffusers import ControlNetModel
 
     if conditioning == "latent":
         channels, embedding = unet.config.in_channels, (unet.config.block_out_channels[0],)
     elif conditioning == "pixel":
-        channels, embedding = 3, (16, 32, 96, 256)
+        stages = vae_scale_factor.bit_length()  # f = 2^(stages - 1)
+        if vae_scale_factor != 2 ** (stages - 1) or stages > 4:
+            raise ValueError(f"pixel ControlNet conditioning needs a VAE factor of 1, 2, 4 or 8, got {vae_scale_factor}")
+        channels, embedding = 3, (16, 32, 96, 256)[:stages]
     else:
         raise ValueError(f"controlnet_conditioning must be 'latent' or 'pixel', got {conditioning!r}")
     return ControlNetModel.from_unet(
@@ -144,6 +148,8 @@ class ConsisSRNet(nn.Module):
             transposed_attention=bool(transposed_attention), controlnet_conditioning=controlnet_conditioning)
         self.unet = unet
         self.controlnet = controlnet
+        # how the saved net was trained (``training_record``); saved under "training"
+        self.training_info: dict[str, Any] = {}
         # 1. hybrid prompt: image tokens in the cross-attention width, adapters in both nets
         weight = unet.conv_in.weight
         self.image_proj = ImageProjection(
@@ -163,7 +169,9 @@ class ConsisSRNet(nn.Module):
     def from_backbone(cls, backbone: Any, params: ModelParams, *, image_embed_dim: int) -> ConsisSRNet:
         """A fresh net on ``backbone`` (a ``Backbone`` or its UNet) from the ``model:`` params."""
         unet = getattr(backbone, "unet", backbone)
-        controlnet = build_controlnet(unet, params.controlnet_conditioning)
+        vae = getattr(backbone, "vae", None)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        controlnet = build_controlnet(unet, params.controlnet_conditioning, vae_scale_factor=factor)
         weight, control_weight = unet.conv_in.weight, controlnet.conv_in.weight
         if (control_weight.device, control_weight.dtype) != (weight.device, weight.dtype):
             controlnet.to(device=weight.device, dtype=weight.dtype)
@@ -252,6 +260,8 @@ class ConsisSRNet(nn.Module):
         config = dict(self.config, format_version=FORMAT_VERSION,
                       cross_attention_dim=self.unet.config.cross_attention_dim,
                       block_out_channels=list(self.unet.config.block_out_channels))
+        if self.training_info:
+            config[TRAINING_KEY] = self.training_info
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if directory.exists():
             shutil.rmtree(directory)
@@ -268,6 +278,7 @@ class ConsisSRNet(nn.Module):
         config = json.loads((directory / CONFIG_NAME).read_text())
         if config.pop("format_version") != FORMAT_VERSION:
             raise ValueError(f"{directory}: unsupported format version")
+        training_info = config.pop(TRAINING_KEY, {})
         unet = getattr(backbone, "unet", backbone)
         for key in ("cross_attention_dim", "block_out_channels"):
             saved, have = config.pop(key), unet.config[key]
@@ -285,7 +296,25 @@ class ConsisSRNet(nn.Module):
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             raise ValueError(f"{directory}: adapter weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
         net.load_state_dict(state, strict=False)
+        net.training_info = training_info
         return net
+
+
+def training_record(steps: int, *, pretrained: str, source: str) -> dict[str, Any]:
+    """The ``"training"`` entry of ``consissr_config.json``: diffusion steps trained, whether the
+    prior (the SD UNet) is pretrained — False for the embedded backbone, random by design — and
+    the backbone it was trained on."""
+    from consissr.models.backbone import EMBEDDED
+
+    return {"steps": int(steps), "prior_pretrained": pretrained != EMBEDDED, "backbone": str(source)}
+
+
+def read_training_record(model_dir: str | Path) -> dict[str, Any]:
+    """The ``"training"`` entry of a saved net's config; {} when absent (no net, or an older save)."""
+    path = Path(model_dir) / CONFIG_NAME
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get(TRAINING_KEY, {})
 
 
 # --------------------------------------------------------------------------------------------
@@ -422,10 +451,24 @@ _ROWS = [
 ]
 
 
-def print_model_info(params: Params, profile: str = "both", backbone_dir: str | Path = "data/models/backbone") -> dict:
-    """Print total and trainable parameter counts per part for the tiny and/or paper profile."""
+def describe_training(record: dict[str, Any]) -> str:
+    """One line on how the saved diffusion model was trained (``training_record``)."""
+    if not record:
+        return "no trained ConsisSR model saved yet (run `dvc repro train_sdsr`)"
+    prior = ("pretrained prior" if record["prior_pretrained"]
+             else "untrained prior (the embedded backbone's UNet is random)")
+    return f"trained {record['steps']:,d} diffusion steps on {record['backbone']}; {prior}"
+
+
+def print_model_info(params: Params, profile: str = "both", backbone_dir: str | Path = "data/models/backbone",
+                     model_dir: str | Path = "data/models/consissr") -> dict:
+    """Print total and trainable parameter counts per part for the tiny and/or paper profile,
+    and how the saved model in ``model_dir`` was trained."""
     profiles = ["tiny", "paper"] if profile == "both" else [profile]
-    results = {}
+    record = read_training_record(model_dir)
+    print(f"Saved model {model_dir}: {describe_training(record)}")
+    print()
+    results: dict[str, Any] = {"training": record}
     for name in profiles:
         info = model_info(params, name, backbone_dir)
         results[name] = info

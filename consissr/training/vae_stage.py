@@ -1,0 +1,377 @@
+"""Stage ``train_vae``: the embedded backbone's tiny AutoencoderKL learns to reconstruct photos.
+
+Embedded profile only (``backbone.pretrained: embedded``); a real backbone (SD 2.1) keeps its own
+VAE and the stage only records that. The loss is SD's autoencoder objective without the GAN
+(Rombach et al. 2022, App. G): L1 + L2 reconstruction of random, flipped/rotated crops of the
+training photos, plus ``kl_weight``·KL(q(z|x) ‖ N(0, I)) per input element, plus LPIPS when its
+weights are on this machine (else a log line). The lr decays on a cosine. Afterwards
+``scaling_factor`` = 1/std of the training latents, as SD's 0.18215 was set (LDM §4.3.2).
+Outputs: the trained VAE written over ``<backbone>/vae/`` (SD layout), ``vae_metrics.json``
+(held-out reconstruction PSNR(Y), the bicubic ×4 figure of the degraded LQ, time) and
+``vae_reconstructions.png``; the same in MLflow.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+METRICS_NAME = "vae_metrics.json"
+GRID_NAME = "vae_reconstructions.png"
+
+
+# --------------------------------------------------------------------------------------------
+# measures
+# --------------------------------------------------------------------------------------------
+def rgb_to_y(images: torch.Tensor) -> torch.Tensor:
+    """ITU-R BT.601 luma of (…, 3, H, W) RGB in [0, 1], in [16/255, 235/255] (as basicsr's PSNR-Y)."""
+    w = images.new_tensor([65.481, 128.553, 24.966]).view(3, 1, 1)
+    return ((images * w).sum(-3) + 16.0) / 255.0
+
+
+def psnr_y(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB) of the luma of two RGB images in [0, 1] (8-bit rounded first)."""
+    a, b = (torch.round(x.float().clamp(0, 1) * 255) / 255 for x in (a, b))
+    mse = F.mse_loss(rgb_to_y(a), rgb_to_y(b)).item()
+    return 10 * math.log10(1.0 / max(mse, 1e-12))
+
+
+def mean_psnr_y(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return float(np.mean([psnr_y(a, b) for a, b in pairs])) if pairs else float("nan")
+
+
+def vae_scale_factor(vae: Any) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@torch.no_grad()
+def reconstruct(vae: nn.Module, image: torch.Tensor) -> torch.Tensor:
+    """decode(mode(encode(x))) of one (3, H, W) image in [0, 1] (cropped to the VAE's factor)."""
+    f = vae_scale_factor(vae)
+    h, w = image.shape[-2] // f * f, image.shape[-1] // f * f
+    weight = next(vae.parameters())
+    x = image[None, :, :h, :w].to(weight) * 2 - 1
+    out = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return ((out.float().clamp(-1, 1) + 1) / 2)[0].cpu()
+
+
+def reconstruction_psnr(vae: nn.Module, images: Sequence[torch.Tensor]) -> float:
+    """Mean PSNR(Y) of ``reconstruct`` over (3, H, W) images in [0, 1]."""
+    was_training = vae.training
+    vae.eval()
+    f = vae_scale_factor(vae)
+    pairs = [(reconstruct(vae, im), im[:, :im.shape[1] // f * f, :im.shape[2] // f * f]) for im in images]
+    vae.train(was_training)
+    return mean_psnr_y(pairs)
+
+
+# --------------------------------------------------------------------------------------------
+# photos
+# --------------------------------------------------------------------------------------------
+def to_tensor(rgb: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 → (3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float() / 255.0
+
+
+def load_photos(sources: Sequence[str], extensions: Sequence[str], holdout: Sequence[str]
+                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """(training photos, {id: held-out photo}) from ``prepare.sources``; unreadable files are skipped
+    with a log line (``prepare`` reports them). Raises when a ``holdout`` id is not a source."""
+    from consissr.data.sources import BadImage, iter_sources
+
+    train, held = [], {}
+    for src in iter_sources(tuple(sources), tuple(extensions)):
+        try:
+            rgb, _ = src.load()
+        except BadImage as exc:
+            log.warning("train_vae: skip %s", exc)
+            continue
+        if src.key in holdout:
+            held[src.key] = to_tensor(rgb)
+        else:
+            train.append(to_tensor(rgb))
+    missing = sorted(set(holdout) - set(held))
+    if missing:
+        raise ValueError(f"train_vae.holdout: {missing} are not ids of prepare.sources {list(sources)}")
+    return train, held
+
+
+def embedded_split(holdout: Sequence[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The embedded photos split as the stage splits them: (training, held-out)."""
+    train, held = load_photos(("embedded",), (), holdout)
+    return train, list(held.values())
+
+
+# --------------------------------------------------------------------------------------------
+# training
+# --------------------------------------------------------------------------------------------
+def random_crops(photos: Sequence[torch.Tensor], count: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` random ``size``² crops of (3, H, W) photos, each flipped/rotated at random; in [-1, 1]."""
+    def draw(high: int) -> int:
+        return int(torch.randint(high, (1,), generator=generator))
+
+    crops = []
+    for _ in range(count):
+        photo = photos[draw(len(photos))]
+        y, x = draw(photo.shape[1] - size + 1), draw(photo.shape[2] - size + 1)
+        crop = photo[:, y:y + size, x:x + size]
+        if draw(2):
+            crop = crop.flip(-1)
+        crops.append(torch.rot90(crop, draw(4), dims=(-2, -1)))
+    return torch.stack(crops) * 2 - 1
+
+
+def cosine_lr(step: int, steps: int, lr: float, final_fraction: float = 0.02, warmup: int = 20) -> float:
+    """Linear warm-up, then cosine decay from ``lr`` to ``final_fraction``·``lr`` at ``steps``."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def autoencoder_loss(vae: nn.Module, x: torch.Tensor, *, kl_weight: float, generator: torch.Generator,
+                     perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                     perceptual_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """L1 + L2 + kl_weight·KL (per input element) [+ perceptual_weight·LPIPS] of x in [-1, 1]."""
+    posterior = vae.encode(x).latent_dist
+    rec = vae.decode(posterior.sample(generator=generator)).sample
+    l1, l2 = (rec - x).abs().mean(), (rec - x).pow(2).mean()
+    kl = posterior.kl().mean() / x[0].numel()
+    loss = l1 + l2 + kl_weight * kl
+    parts = {"l1": l1.item(), "l2": l2.item(), "kl": kl.item()}
+    if perceptual is not None and perceptual_weight > 0:
+        lp = perceptual(rec, x).mean()
+        loss = loss + perceptual_weight * lp
+        parts["lpips"] = lp.item()
+    return loss, parts
+
+
+def train_autoencoder(
+    vae: nn.Module,
+    photos: Sequence[torch.Tensor],
+    *,
+    steps: int,
+    batch_size: int,
+    crop_size: int,
+    lr: float,
+    kl_weight: float,
+    seed: int,
+    perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    perceptual_weight: float = 0.0,
+    schedule: str = "cosine",
+    on_step: Callable[[int, float, dict[str, float]], None] | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Adam on ``autoencoder_loss`` for ``steps`` steps; returns the last step's loss parts.
+
+    ``on_step(step, train_seconds, parts)`` is called after every step, outside the part timed
+    by ``clock`` (wall time; ``time.process_time`` counts CPU seconds, robust to other load).
+    """
+    photos = [p for p in photos if min(p.shape[1:]) >= crop_size]
+    if not photos:
+        raise ValueError(f"train_vae: no training photo is at least {crop_size}² (train_vae.crop_size)")
+    generator = torch.Generator().manual_seed(seed)
+    sample_generator = torch.Generator().manual_seed(seed + 1)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    vae.train()
+    parts: dict[str, float] = {}
+    elapsed = 0.0
+    for step in range(steps):
+        start = clock()
+        for group in optimizer.param_groups:
+            group["lr"] = cosine_lr(step, steps, lr) if schedule == "cosine" else lr
+        x = random_crops(photos, batch_size, crop_size, generator)
+        loss, parts = autoencoder_loss(vae, x, kl_weight=kl_weight, generator=sample_generator,
+                                       perceptual=perceptual, perceptual_weight=perceptual_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        elapsed += clock() - start
+        parts = {**parts, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
+        if on_step is not None:
+            on_step(step + 1, elapsed, parts)
+    vae.eval()
+    return parts
+
+
+@torch.no_grad()
+def latent_std(vae: nn.Module, photos: Sequence[torch.Tensor], *, crop_size: int, count: int, seed: int) -> float:
+    """Std of the posterior-mode latents of ``count`` random crops (SD: scaling_factor = 1/std)."""
+    crops = random_crops(photos, count, crop_size, torch.Generator().manual_seed(seed))
+    return float(vae.encode(crops).latent_dist.mode().std())
+
+
+# --------------------------------------------------------------------------------------------
+# the stage
+# --------------------------------------------------------------------------------------------
+def load_lpips(weight: float) -> tuple[Callable | None, str]:
+    """pyiqa's LPIPS (VGG) as a loss when ``weight`` > 0 and its weights load offline."""
+    if weight <= 0:
+        return None, "off (train_vae.lpips_weight = 0)"
+    try:
+        import pyiqa
+
+        metric = pyiqa.create_metric("lpips", as_loss=True, device="cpu")
+    except Exception as exc:  # noqa: BLE001 - any failure to get the weights means: no LPIPS term
+        log.warning("train_vae: LPIPS weights not available (%s: %s); training without the LPIPS term",
+                    type(exc).__name__, str(exc).splitlines()[0][:200] if str(exc) else "")
+        return None, f"skipped: weights not available ({type(exc).__name__})"
+    metric.requires_grad_(False)
+
+    def lpips(rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return metric((rec.clamp(-1, 1) + 1) / 2, (x + 1) / 2)
+
+    return lpips, f"on (weight {weight})"
+
+
+def bicubic_figure(prepared_dir: Path, degraded_dir: Path) -> tuple[float, int]:
+    """Mean PSNR(Y) of ``degraded/lq_up`` (the degraded LQ, bicubic ×scale) against ``prepared/hq``."""
+    from consissr.data.pairs import read_rgb
+
+    pairs = [(read_rgb(path), read_rgb(prepared_dir / "hq" / path.name))
+             for path in sorted((degraded_dir / "lq_up").glob("*.png"))]
+    if not pairs:
+        raise FileNotFoundError(f"{degraded_dir / 'lq_up'}: no degraded images (run `dvc repro degrade`)")
+    return mean_psnr_y(pairs), len(pairs)
+
+
+def reconstruction_grid(vae: nn.Module, images: Sequence[torch.Tensor], size: int = 128) -> np.ndarray:
+    """Rows of centre crops: original | reconstruction, as (H, W, 3) float in [0, 1]."""
+    rows = []
+    for image in images:
+        h, w = image.shape[1:]
+        s = min(size, h, w)
+        crop = image[:, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+        crop = F.interpolate(crop[None], size=(size, size), mode="bicubic", align_corners=False)[0].clamp(0, 1)
+        rows.append(torch.cat([crop, reconstruct(vae, crop)], dim=2))
+    return torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
+
+
+def train_vae(prepared_dir: str | Path, degraded_dir: str | Path, out_dir: str | Path, *, backbone: Any,
+              prepare: Any, train: Any, seed: int, device: str = "auto") -> dict[str, Any]:
+    """Train the embedded backbone's AutoencoderKL; write ``out_dir`` (the VAE + metrics + grid).
+
+    ``backbone``/``prepare``/``train`` are ``config.BackboneParams``/``PrepareParams``/``TrainVaeParams``.
+    For a real backbone the folder holds only the metrics file saying the VAE is not trained here.
+    Returns the metrics.
+    """
+    from diffusers import AutoencoderKL
+    from PIL import Image
+
+    from consissr import tracking
+    from consissr.data.latent_cache import resolve_device
+    from consissr.io import atomic_dir, write_json
+    from consissr.models.backbone import EMBEDDED, tiny_vae_config
+
+    prepared_dir, degraded_dir, out_dir = Path(prepared_dir), Path(degraded_dir), Path(out_dir)
+    if backbone.pretrained != EMBEDDED:
+        metrics = {"trained": False, "reason": f"backbone {backbone.pretrained!r} keeps its own VAE"}
+        with atomic_dir(out_dir) as tmp:
+            write_json(tmp / METRICS_NAME, metrics)
+        log.info("train_vae: %s", metrics["reason"])
+        return metrics
+
+    photos, held = load_photos(prepare.sources, prepare.extensions, train.holdout)
+    evals = {key: list(items) for key, items in (("holdout", held.values()),) if items}
+    evals.update(_eval_dir_images(prepare.eval_dirs, prepare.extensions))
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**tiny_vae_config())
+    work = resolve_device(device)
+    vae.to(work)
+    perceptual, lpips_state = load_lpips(train.lpips_weight)
+    log.info("train_vae: %d training photos, held out %s; %d steps of %d crops %d²; LPIPS %s",
+             len(photos), list(held) or "none", train.steps, train.batch_size, train.crop_size, lpips_state)
+    params = {"base.seed": seed, "backbone.pretrained": backbone.pretrained, "prepare.sources": prepare.sources,
+              "prepare.extensions": prepare.extensions, "prepare.eval_dirs": prepare.eval_dirs, "train_vae": train}
+    with tracking.start_run("train_vae", params=params,
+                            inputs={"prepared": prepared_dir, "degraded": degraded_dir}) as run:
+        history: dict[str, list[float]] = {"loss": [], "l1": []}
+        steps_logged: list[int] = []
+        from tqdm import tqdm
+
+        bar = tqdm(total=train.steps, desc="train_vae", unit="step")
+
+        def on_step(step: int, elapsed: float, parts: dict[str, float]) -> None:
+            bar.update(1)
+            run.log_metrics({f"vae_{k}": v for k, v in parts.items()}, step=step)
+            if step % 10 == 0 or step == train.steps:
+                steps_logged.append(step)
+                history["loss"].append(parts["loss"])
+                history["l1"].append(parts["l1"])
+                bar.set_postfix(loss=f"{parts['loss']:.4f}")
+
+        start = time.perf_counter()
+        photos_dev = [p.to(work) for p in photos]
+        train_autoencoder(vae, photos_dev, steps=train.steps, batch_size=train.batch_size,
+                          crop_size=train.crop_size, lr=train.lr, kl_weight=train.kl_weight, seed=seed,
+                          perceptual=perceptual, perceptual_weight=train.lpips_weight, on_step=on_step)
+        bar.close()
+        train_seconds = time.perf_counter() - start
+        # LDM §4.3.2: rescale the latents to unit variance with 1/std of the training latents
+        std = latent_std(vae, photos_dev, crop_size=train.crop_size, count=64, seed=seed)
+        vae.register_to_config(scaling_factor=1.0 / std)
+        vae.to("cpu")
+        bicubic, n_pairs = bicubic_figure(prepared_dir, degraded_dir)
+        hq_crops = _prepared_hq(prepared_dir)
+        metrics: dict[str, Any] = {
+            "trained": True, "steps": train.steps, "train_seconds": round(train_seconds, 1),
+            "threads": torch.get_num_threads(), "device": str(work),
+            "latent_channels": vae.config.latent_channels, "vae_scale_factor": vae_scale_factor(vae),
+            "latent_std": std, "scaling_factor": 1.0 / std, "lpips": lpips_state,
+            "bicubic_x4_psnr_y": bicubic, "bicubic_pairs": n_pairs,
+            "psnr_y": {"train_crops": reconstruction_psnr(vae, hq_crops)},
+            "training_photos": len(photos), "holdout": list(held)}
+        for key, images in evals.items():
+            metrics["psnr_y"][key] = reconstruction_psnr(vae, images)
+        held_key = "holdout" if "holdout" in evals else "train_crops"
+        metrics["ceiling_psnr_y"] = metrics["psnr_y"][held_key]
+        metrics["ceiling_over_bicubic_db"] = metrics["ceiling_psnr_y"] - bicubic
+        grid = reconstruction_grid(vae, (evals.get("holdout", []) + hq_crops)[:4])
+        with atomic_dir(out_dir) as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
+            write_json(tmp / METRICS_NAME, metrics)
+            Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(tmp / GRID_NAME)
+        log.info("train_vae: %.1f s; reconstruction PSNR(Y) %s; bicubic x4 of the degraded LQ %.2f dB",
+                 train_seconds, {k: round(v, 2) for k, v in metrics["psnr_y"].items()}, bicubic)
+        flat = {"vae_ceiling_psnr_y": metrics["ceiling_psnr_y"], "vae_bicubic_x4_psnr_y": bicubic,
+                "vae_train_seconds": train_seconds, "vae_scaling_factor": 1.0 / std}
+        flat.update({f"vae_psnr_y_{k}": v for k, v in metrics["psnr_y"].items()})
+        run.log_metrics(flat, step=train.steps)
+        run.log_image(grid, "vae_reconstructions.png")
+        run.log_plot("plots/vae_loss.png", steps_logged, history, logy=True)
+        run.log_artifact(out_dir, "vae")
+    return metrics
+
+
+def _prepared_hq(prepared_dir: Path) -> list[torch.Tensor]:
+    from consissr.data.pairs import read_rgb
+
+    return [read_rgb(path) for path in sorted((prepared_dir / "hq").glob("*.png"))]
+
+
+def _eval_dir_images(eval_dirs: Sequence[str], extensions: Sequence[str]) -> dict[str, list[torch.Tensor]]:
+    """{"eval:<folder>": photos} for ``prepare.eval_dirs`` (the evaluation images)."""
+    from consissr.data.sources import BadImage, _files, load_rgb
+
+    out: dict[str, list[torch.Tensor]] = {}
+    for entry in eval_dirs:
+        images = []
+        for path in _files(entry, tuple(extensions)):
+            try:
+                images.append(to_tensor(load_rgb(path)[0]))
+            except BadImage as exc:
+                log.warning("train_vae: skip evaluation image: %s", exc)
+        if images:
+            out[f"eval:{entry}"] = images
+    return out
