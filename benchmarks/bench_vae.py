@@ -25,12 +25,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks.common import machine  # noqa: E402
-from consissr.config import TrainVaeParams  # noqa: E402
-from consissr.models.backbone import tiny_vae_config  # noqa: E402
-from consissr.training import vae_stage  # noqa: E402
+from benchmarks.common import machine
+from consissr.config import TrainVaeParams
+from consissr.models.backbone import tiny_vae_config
+from consissr.training import vae_stage
 
 TEST_DIR = Path("/work/shared/data/test")
 OUT = ROOT / "benchmarks" / "results" / "vae.json"
@@ -54,6 +54,9 @@ VARIANTS = {
     "f8c16": variant(3, 16, (16, 32, 32, 32)),
     "f4c8_bs16": variant(2, 8, (16, 32, 32), batch_size=16),
     "f4c8_kl0": variant(2, 8, (16, 32, 32), kl_weight=0.0),
+    "f4c16_bs4": variant(2, 16, (16, 32, 32), batch_size=4),
+    "f4c16_bs4_lr4": variant(2, 16, (16, 32, 32), batch_size=4, lr=4e-3),
+    "f4c8_bs4_lr4": variant(2, 8, (16, 32, 32), batch_size=4, lr=4e-3),
 }
 
 
@@ -101,8 +104,8 @@ def bicubic_psnr(images: list[torch.Tensor], seed: int) -> float:
 
 def run_variant(name: str, spec: dict, photos, images, *, seconds: float, eval_every: float, seed: int) -> dict:
     base = TrainVaeParams()
-    train = dict(batch_size=base.batch_size, crop_size=base.crop_size, lr=base.lr, kl_weight=base.kl_weight,
-                 schedule="cosine")
+    train = {"batch_size": base.batch_size, "crop_size": base.crop_size, "lr": base.lr, "kl_weight": base.kl_weight,
+             "schedule": "cosine"}
     train.update(spec["train"])
     vae = build_vae(spec["vae"], seed)
     curve = [{"seconds": 0.0, "step": 0, "psnr_y": vae_stage.reconstruction_psnr(vae, images)}]
@@ -156,6 +159,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=2024)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--evaluate", type=Path, metavar="VAE_DIR",
+                    help="only evaluate a saved VAE (e.g. data/models/vae) on the same crops; record it in --out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
@@ -164,6 +169,18 @@ def main() -> None:
     record = json.loads(args.out.read_text()) if args.out.is_file() else {"variants": {}}
     record.update(eval_set=eval_set, bicubic_x4_psnr_y=bicubic_psnr(images, args.seed))
     print(f"eval: {eval_set}; bicubic x4 of degraded LQ: {record['bicubic_x4_psnr_y']:.2f} dB")
+    if args.evaluate:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.evaluate)
+        stage = json.loads((args.evaluate / vae_stage.METRICS_NAME).read_text())
+        log = args.evaluate / vae_stage.TRAIN_LOG
+        record["stage_output"] = {"path": str(args.evaluate), "steps": stage["steps"],
+                                  "psnr_y": vae_stage.reconstruction_psnr(vae, images), "stage_metrics": stage,
+                                  "train_log": json.loads(log.read_text()) if log.is_file() else None}
+        print(f"{args.evaluate}: PSNR(Y) {record['stage_output']['psnr_y']:.2f} dB")
+        args.out.write_text(json.dumps(record, indent=2) + "\n")
+        return
     for name in args.variants:
         record["variants"][name] = run_variant(name, VARIANTS[name], train_photos, images, seconds=args.seconds,
                                                eval_every=args.eval_every, seed=args.seed)

@@ -35,14 +35,15 @@ def _paths(p: argparse.ArgumentParser, **defaults: str) -> None:
 
 @stage("train-vae", "train the embedded backbone's tiny VAE on the training photos (embedded profile only)")
 def _train_vae_args(p):
-    _paths(p, prepared="data/prepared", degraded="data/degraded", out="data/models/vae")
+    _paths(p, out="data/models/vae")
 
 
 def run_train_vae(params: Params, args) -> None:
     from consissr.training.vae_stage import train_vae
 
-    train_vae(args.prepared, args.degraded, args.out, backbone=params.backbone, prepare=params.prepare,
-              train=params.train_vae, seed=params.base.seed, device=params.base.device)
+    prepare = params.prepare
+    train_vae(args.out, pretrained=params.backbone.pretrained, sources=prepare.sources, extensions=prepare.extensions,
+              eval_dirs=prepare.eval_dirs, train=params.train_vae, seed=params.base.seed, device=params.base.device)
 
 
 @stage("backbone", "build and save the embedded tiny SD backbone (or record the real one's id)")
@@ -76,6 +77,19 @@ def run_degrade(params: Params, args) -> None:
     from consissr.data.degradation import degrade_folder
 
     degrade_folder(args.input, args.out, params.degrade, seed=params.base.seed)
+
+
+@stage("vae-ceiling", "reconstruction PSNR(Y) of the backbone's VAE on the HQ crops vs bicubic x4 of the LQ")
+def _vae_ceiling_args(p):
+    _paths(p, prepared="data/prepared", degraded="data/degraded", backbone="data/models/backbone",
+           out="data/reports/vae_ceiling.json")
+
+
+def run_vae_ceiling(params: Params, args) -> None:
+    from consissr.training.vae_stage import vae_ceiling
+
+    vae_ceiling(args.prepared, args.degraded, args.backbone, args.out, backbone=params.backbone,
+                device=params.base.device)
 
 
 @stage("encode", "VAE-encode LQ/HQ pairs into safetensors latent shards")

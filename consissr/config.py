@@ -112,7 +112,7 @@ class TrainVaeParams:
     (+ lpips_weight·LPIPS when its weights are present), Adam with a cosine lr decay.
     """
 
-    steps: int = 1500
+    steps: int = 600
     batch_size: int = 8
     crop_size: int = 64  # random crops of the photos, flipped / rotated
     lr: float = 2e-3
@@ -131,9 +131,10 @@ class ModelParams:
     pos_embed: bool = True  # learned absolute positional embedding on self-attention
     transposed_attention: bool = True  # Restormer-style channel self-attention
     controlnet_conditioning: Literal["latent", "pixel"] = "latent"
-    # latent side of the training crops (prepare.crop_size / 8; paper: 512 / 8 = 64): the grid
+    # latent side of the training crops (prepare.crop_size / VAE factor; tiny: 128 / 4 = 32;
+    # paper: 512 / 8 = 64): the grid
     # the positional tables are stored on before bilinear resizing to other sizes
-    pos_embed_grid: int = 16
+    pos_embed_grid: int = 32
     num_image_tokens: int = 4  # N robust-CLIP image tokens per prompt (IP-Adapter: 4; authors' code: 1)
 
 
@@ -227,6 +228,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "train_vae": ("base.seed", "base.device", "backbone.pretrained", "prepare.sources", "prepare.extensions",
                   "prepare.eval_dirs", "train_vae"),
     "backbone": ("base.seed", "backbone"),
+    "vae_ceiling": ("base.device", "backbone"),
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),

@@ -83,11 +83,11 @@ def build_controlnet(unet: nn.Module, conditioning: str = "latent", *, vae_scale
     """``ControlNetModel.from_unet`` (encoder weights copied from the UNet) for the LQ condition.
 
     ``"latent"`` (default): the condition is the VAE latent of the LQ image, bicubically
-    upsampled to the output size and scaled like the noisy latents — (B, 4, h, w), the same
+    upsampled to the output size and scaled like the noisy latents — (B, C, h, w), the same
     size as ``noisy_latents``. The conditioning embedding has a single stage
     (``conditioning_embedding_out_channels=(C0,)``: 3×3 conv 4→C0, SiLU, zero 3×3 conv), so it
     does not downsample. Why latent: the encode stage already caches LQ latents, so training
-    needs no pixels and no 8×-downsampling pyramid; it is what the authors' code feeds its
+    needs no pixels and no downsampling pyramid; it is what the authors' code feeds its
     ControlNet (a VAE-encoder latent, DiffBIR-style); and it fits any latent size by
     construction, which the non-square / non-512 inference relies on.
 
@@ -212,11 +212,11 @@ class ConsisSRNet(nn.Module):
         """Noise prediction ε(z_t, t, c_txt, c_img, LQ).
 
         Args:
-            noisy_latents: z_t, (B, 4, h, w); any h, w the UNet accepts.
+            noisy_latents: z_t, (B, C, h, w) (C: the VAE's latent channels); any h, w the UNet accepts.
             t: timesteps, (B,) or a scalar.
             encoder_hidden_states: text prompt embedding (B, 77, C).
-            lq_cond: the ControlNet condition (``build_controlnet``: LQ latent (B, 4, h, w) or
-                LQ pixels (B, 3, 8h, 8w)).
+            lq_cond: the ControlNet condition (``build_controlnet``: LQ latent (B, C, h, w) or
+                LQ pixels (B, 3, f·h, f·w), f the VAE factor).
             image_embeds: robust CLIP image embedding (B, D); ``None`` = text prompt only.
             conditioning_scale: weight of the ControlNet residuals.
         """

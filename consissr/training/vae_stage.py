@@ -1,14 +1,12 @@
-"""Stage ``train_vae``: the embedded backbone's tiny AutoencoderKL learns to reconstruct photos.
+"""Stages ``train_vae`` and ``vae_ceiling``: a tiny AutoencoderKL that reconstructs photos, and its ceiling.
 
-Embedded profile only (``backbone.pretrained: embedded``); a real backbone (SD 2.1) keeps its own
-VAE and the stage only records that. The loss is SD's autoencoder objective without the GAN
-(Rombach et al. 2022, App. G): L1 + L2 reconstruction of random, flipped/rotated crops of the
-training photos, plus ``kl_weight``·KL(q(z|x) ‖ N(0, I)) per input element, plus LPIPS when its
-weights are on this machine (else a log line). The lr decays on a cosine. Afterwards
-``scaling_factor`` = 1/std of the training latents, as SD's 0.18215 was set (LDM §4.3.2).
-Outputs: the trained VAE written over ``<backbone>/vae/`` (SD layout), ``vae_metrics.json``
-(held-out reconstruction PSNR(Y), the bicubic ×4 figure of the degraded LQ, time) and
-``vae_reconstructions.png``; the same in MLflow.
+``train_vae`` (embedded profile only; SD 2.1 keeps its VAE): SD's autoencoder loss without the
+GAN (Rombach et al. 2022, App. G) — L1 + L2 on random flipped/rotated crops of the training
+photos, ``kl_weight``·KL(q(z|x) ‖ N(0, I)) per input element, LPIPS when its weights are on this
+machine (else a log line) — with Adam and a cosine lr; then ``scaling_factor`` = 1/std of the
+training latents, as SD's 0.18215 was set (LDM §4.3.2). ``vae_ceiling``: reconstruction PSNR(Y)
+of the backbone's VAE on the HQ crops (what train_sdsr's grids can show at best) against the
+bicubic ×4 figure of the degraded LQ. Both log to MLflow (figures, reconstruction grid).
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ log = logging.getLogger(__name__)
 
 METRICS_NAME = "vae_metrics.json"
 GRID_NAME = "vae_reconstructions.png"
+TRAIN_LOG = "train_log.json"  # the time taken: outside the DVC hash (.dvcignore), like the other stages'
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,17 +234,6 @@ def load_lpips(weight: float) -> tuple[Callable | None, str]:
     return lpips, f"on (weight {weight})"
 
 
-def bicubic_figure(prepared_dir: Path, degraded_dir: Path) -> tuple[float, int]:
-    """Mean PSNR(Y) of ``degraded/lq_up`` (the degraded LQ, bicubic ×scale) against ``prepared/hq``."""
-    from consissr.data.pairs import read_rgb
-
-    pairs = [(read_rgb(path), read_rgb(prepared_dir / "hq" / path.name))
-             for path in sorted((degraded_dir / "lq_up").glob("*.png"))]
-    if not pairs:
-        raise FileNotFoundError(f"{degraded_dir / 'lq_up'}: no degraded images (run `dvc repro degrade`)")
-    return mean_psnr_y(pairs), len(pairs)
-
-
 def reconstruction_grid(vae: nn.Module, images: Sequence[torch.Tensor], size: int = 128) -> np.ndarray:
     """Rows of centre crops: original | reconstruction, as (H, W, 3) float in [0, 1]."""
     rows = []
@@ -258,57 +246,64 @@ def reconstruction_grid(vae: nn.Module, images: Sequence[torch.Tensor], size: in
     return torch.cat(rows, dim=1).permute(1, 2, 0).numpy()
 
 
-def train_vae(prepared_dir: str | Path, degraded_dir: str | Path, out_dir: str | Path, *, backbone: Any,
-              prepare: Any, train: Any, seed: int, device: str = "auto") -> dict[str, Any]:
-    """Train the embedded backbone's AutoencoderKL; write ``out_dir`` (the VAE + metrics + grid).
+def _save_png(path: Path, image: np.ndarray) -> None:
+    from PIL import Image
 
-    ``backbone``/``prepare``/``train`` are ``config.BackboneParams``/``PrepareParams``/``TrainVaeParams``.
+    Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)).save(path)
+
+
+def train_vae(out_dir: str | Path, *, pretrained: str, sources: Sequence[str], extensions: Sequence[str],
+              eval_dirs: Sequence[str], train: Any, seed: int, device: str = "auto") -> dict[str, Any]:
+    """Train the embedded backbone's AutoencoderKL on the ``prepare.sources`` photos; write ``out_dir``.
+
+    ``pretrained`` is ``backbone.pretrained``; ``sources``/``extensions``/``eval_dirs`` the
+    ``prepare`` ones; ``train`` is ``config.TrainVaeParams``.
+    ``out_dir`` gets the VAE (``save_pretrained``), ``vae_metrics.json`` (held-out and
+    ``prepare.eval_dirs`` reconstruction PSNR(Y), scaling factor; deterministic, so in the DVC
+    hash), ``vae_reconstructions.png`` and ``train_log.json`` (the time taken; outside the hash).
     For a real backbone the folder holds only the metrics file saying the VAE is not trained here.
-    Returns the metrics.
+    Returns the metrics with the time.
     """
     from diffusers import AutoencoderKL
-    from PIL import Image
+    from tqdm import tqdm
 
     from consissr import tracking
     from consissr.data.latent_cache import resolve_device
     from consissr.io import atomic_dir, write_json
     from consissr.models.backbone import EMBEDDED, tiny_vae_config
 
-    prepared_dir, degraded_dir, out_dir = Path(prepared_dir), Path(degraded_dir), Path(out_dir)
-    if backbone.pretrained != EMBEDDED:
-        metrics = {"trained": False, "reason": f"backbone {backbone.pretrained!r} keeps its own VAE"}
+    out_dir = Path(out_dir)
+    if pretrained != EMBEDDED:
+        metrics: dict[str, Any] = {"trained": False, "reason": f"backbone {pretrained!r} keeps its own VAE"}
         with atomic_dir(out_dir) as tmp:
             write_json(tmp / METRICS_NAME, metrics)
         log.info("train_vae: %s", metrics["reason"])
         return metrics
 
-    photos, held = load_photos(prepare.sources, prepare.extensions, train.holdout)
-    evals = {key: list(items) for key, items in (("holdout", held.values()),) if items}
-    evals.update(_eval_dir_images(prepare.eval_dirs, prepare.extensions))
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(**tiny_vae_config())
+    photos, held = load_photos(sources, extensions, train.holdout)
+    evals = {"holdout": list(held.values())} if held else {}
+    evals.update(_eval_dir_images(eval_dirs, extensions))
     work = resolve_device(device)
-    vae.to(work)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(**tiny_vae_config()).to(work)
     perceptual, lpips_state = load_lpips(train.lpips_weight)
     log.info("train_vae: %d training photos, held out %s; %d steps of %d crops %d²; LPIPS %s",
              len(photos), list(held) or "none", train.steps, train.batch_size, train.crop_size, lpips_state)
-    params = {"base.seed": seed, "backbone.pretrained": backbone.pretrained, "prepare.sources": prepare.sources,
-              "prepare.extensions": prepare.extensions, "prepare.eval_dirs": prepare.eval_dirs, "train_vae": train}
-    with tracking.start_run("train_vae", params=params,
-                            inputs={"prepared": prepared_dir, "degraded": degraded_dir}) as run:
-        history: dict[str, list[float]] = {"loss": [], "l1": []}
-        steps_logged: list[int] = []
-        from tqdm import tqdm
-
+    params = {"base.seed": seed, "base.device": device, "backbone.pretrained": pretrained,
+              "prepare.sources": sources, "prepare.extensions": extensions, "prepare.eval_dirs": eval_dirs,
+              "train_vae": train}
+    with tracking.start_run("train_vae", params=params) as run:
+        curve: dict[str, list[float]] = {"loss": [], "l1": []}
+        curve_steps: list[int] = []
         bar = tqdm(total=train.steps, desc="train_vae", unit="step")
 
         def on_step(step: int, elapsed: float, parts: dict[str, float]) -> None:
             bar.update(1)
             run.log_metrics({f"vae_{k}": v for k, v in parts.items()}, step=step)
             if step % 10 == 0 or step == train.steps:
-                steps_logged.append(step)
-                history["loss"].append(parts["loss"])
-                history["l1"].append(parts["l1"])
+                curve_steps.append(step)
+                curve["loss"].append(parts["loss"])
+                curve["l1"].append(parts["l1"])
                 bar.set_postfix(loss=f"{parts['loss']:.4f}")
 
         start = time.perf_counter()
@@ -317,47 +312,72 @@ def train_vae(prepared_dir: str | Path, degraded_dir: str | Path, out_dir: str |
                           crop_size=train.crop_size, lr=train.lr, kl_weight=train.kl_weight, seed=seed,
                           perceptual=perceptual, perceptual_weight=train.lpips_weight, on_step=on_step)
         bar.close()
-        train_seconds = time.perf_counter() - start
-        # LDM §4.3.2: rescale the latents to unit variance with 1/std of the training latents
+        seconds = time.perf_counter() - start
+        # LDM §4.3.2: latents rescaled to unit variance by 1/std of the training latents
         std = latent_std(vae, photos_dev, crop_size=train.crop_size, count=64, seed=seed)
         vae.register_to_config(scaling_factor=1.0 / std)
         vae.to("cpu")
-        bicubic, n_pairs = bicubic_figure(prepared_dir, degraded_dir)
-        hq_crops = _prepared_hq(prepared_dir)
-        metrics: dict[str, Any] = {
-            "trained": True, "steps": train.steps, "train_seconds": round(train_seconds, 1),
-            "threads": torch.get_num_threads(), "device": str(work),
+        metrics = {
+            "trained": True, "steps": train.steps, "training_photos": len(photos), "holdout": list(held),
             "latent_channels": vae.config.latent_channels, "vae_scale_factor": vae_scale_factor(vae),
             "latent_std": std, "scaling_factor": 1.0 / std, "lpips": lpips_state,
-            "bicubic_x4_psnr_y": bicubic, "bicubic_pairs": n_pairs,
-            "psnr_y": {"train_crops": reconstruction_psnr(vae, hq_crops)},
-            "training_photos": len(photos), "holdout": list(held)}
-        for key, images in evals.items():
-            metrics["psnr_y"][key] = reconstruction_psnr(vae, images)
-        held_key = "holdout" if "holdout" in evals else "train_crops"
-        metrics["ceiling_psnr_y"] = metrics["psnr_y"][held_key]
-        metrics["ceiling_over_bicubic_db"] = metrics["ceiling_psnr_y"] - bicubic
-        grid = reconstruction_grid(vae, (evals.get("holdout", []) + hq_crops)[:4])
+            "psnr_y": {key: reconstruction_psnr(vae, images) for key, images in evals.items()}}
+        timing = {"train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "device": str(work)}
+        grid = reconstruction_grid(vae, [im for images in evals.values() for im in images][:4] or photos[:2])
         with atomic_dir(out_dir) as tmp:
             vae.save_pretrained(tmp, safe_serialization=True)
             write_json(tmp / METRICS_NAME, metrics)
-            Image.fromarray((grid * 255 + 0.5).astype(np.uint8)).save(tmp / GRID_NAME)
-        log.info("train_vae: %.1f s; reconstruction PSNR(Y) %s; bicubic x4 of the degraded LQ %.2f dB",
-                 train_seconds, {k: round(v, 2) for k, v in metrics["psnr_y"].items()}, bicubic)
-        flat = {"vae_ceiling_psnr_y": metrics["ceiling_psnr_y"], "vae_bicubic_x4_psnr_y": bicubic,
-                "vae_train_seconds": train_seconds, "vae_scaling_factor": 1.0 / std}
-        flat.update({f"vae_psnr_y_{k}": v for k, v in metrics["psnr_y"].items()})
-        run.log_metrics(flat, step=train.steps)
-        run.log_image(grid, "vae_reconstructions.png")
-        run.log_plot("plots/vae_loss.png", steps_logged, history, logy=True)
+            write_json(tmp / TRAIN_LOG, timing)
+            _save_png(tmp / GRID_NAME, grid)
+        log.info("train_vae: %.1f s; reconstruction PSNR(Y) %s; scaling_factor %.4f", seconds,
+                 {k: round(v, 2) for k, v in metrics["psnr_y"].items()}, 1.0 / std)
+        run.log_metrics({"vae_train_seconds": seconds, "vae_scaling_factor": 1.0 / std,
+                         **{f"vae_psnr_y_{_metric_key(k)}": v for k, v in metrics["psnr_y"].items()}},
+                        step=train.steps)
+        run.log_image(grid, GRID_NAME)
+        run.log_plot("plots/vae_loss.png", curve_steps, curve, logy=True)
         run.log_artifact(out_dir, "vae")
+    return {**metrics, **timing}
+
+
+def vae_ceiling(prepared_dir: str | Path, degraded_dir: str | Path, backbone_dir: str | Path, out: str | Path, *,
+                backbone: Any, device: str = "auto") -> dict[str, Any]:
+    """Stage ``vae_ceiling``: what the backbone's VAE can show of the training crops, against bicubic.
+
+    ``ceiling_psnr_y``: decode(encode(HQ)) vs HQ over ``prepared/hq`` (what the HQ column of
+    train_sdsr's sample grid shows); ``bicubic_x4_psnr_y``: ``degraded/lq_up`` (the degraded LQ,
+    bicubic ×scale) vs HQ. Writes the JSON ``out`` (a DVC metrics file) and logs both to MLflow.
+    """
+    from consissr import tracking
+    from consissr.data.latent_cache import resolve_device
+    from consissr.data.pairs import read_rgb
+    from consissr.io import write_json
+    from consissr.models.backbone import load_vae, resolve_source
+
+    prepared_dir, degraded_dir = Path(prepared_dir), Path(degraded_dir)
+    source = resolve_source(backbone.pretrained, backbone_dir)
+    vae = load_vae(source, revision=backbone.revision).to(resolve_device(device)).eval()
+    lq_paths = sorted((degraded_dir / "lq_up").glob("*.png"))
+    if not lq_paths:
+        raise FileNotFoundError(f"{degraded_dir / 'lq_up'}: no degraded images (run `dvc repro degrade`)")
+    hq = [read_rgb(prepared_dir / "hq" / p.name) for p in lq_paths]
+    bicubic = mean_psnr_y([(read_rgb(p), h) for p, h in zip(lq_paths, hq)])
+    ceiling = reconstruction_psnr(vae, hq)
+    metrics = {"backbone": source, "pairs": len(hq), "ceiling_psnr_y": ceiling, "bicubic_x4_psnr_y": bicubic,
+               "ceiling_over_bicubic_db": ceiling - bicubic}
+    write_json(out, metrics)
+    log.info("vae_ceiling: VAE reconstruction PSNR(Y) %.2f dB, bicubic x4 of the degraded LQ %.2f dB (%d crops)",
+             ceiling, bicubic, len(hq))
+    with tracking.start_run("vae_ceiling", params={"backbone": backbone, "base.device": device},
+                            inputs={"prepared": prepared_dir, "degraded": degraded_dir,
+                                    "backbone": Path(backbone_dir)}) as run:
+        run.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)}, step=0)
+        run.log_image(reconstruction_grid(vae, hq[:4]), "vae_ceiling_grid.png")
     return metrics
 
 
-def _prepared_hq(prepared_dir: Path) -> list[torch.Tensor]:
-    from consissr.data.pairs import read_rgb
-
-    return [read_rgb(path) for path in sorted((prepared_dir / "hq").glob("*.png"))]
+def _metric_key(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-./" else "_" for c in name)
 
 
 def _eval_dir_images(eval_dirs: Sequence[str], extensions: Sequence[str]) -> dict[str, list[torch.Tensor]]:
