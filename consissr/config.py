@@ -112,7 +112,7 @@ class TrainVaeParams:
     (+ lpips_weight·LPIPS when its weights are present), Adam with a cosine lr decay.
     """
 
-    steps: int = 600
+    steps: int = 500
     batch_size: int = 8
     crop_size: int = 64  # random crops of the photos, flipped / rotated
     lr: float = 2e-3
@@ -121,6 +121,9 @@ class TrainVaeParams:
     # photos kept out of training and reported as held-out reconstruction PSNR(Y)
     # (ids of prepare.sources: embedded_<name>, or s<k>_<path slug> for folders)
     holdout: tuple[str, ...] = ("embedded_coffee",)
+    # CPU threads while training (0: torch's default). One thread gives the same weights on any
+    # machine and is far faster than 2 on a shared, loaded CPU (OpenMP threads spin-wait)
+    threads: int = 1
 
 
 @dataclass(frozen=True)

@@ -108,8 +108,8 @@ def test_dvc_repro_end_to_end_in_a_temporary_copy(tmp_path):
             shutil.copy2(REPO / rel, tmp_path / rel)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     params = (tmp_path / "params.yaml").read_text()
-    assert "\n  steps: 600 " in params  # train_vae: a short run is enough here
-    (tmp_path / "params.yaml").write_text(params.replace("\n  steps: 600 ", "\n  steps: 10 "))
+    assert "\n  steps: 500 " in params  # train_vae: a short run is enough here
+    (tmp_path / "params.yaml").write_text(params.replace("\n  steps: 500 ", "\n  steps: 10 "))
     data_stages = {"train_vae", "backbone", "prepare", "degrade", "vae_ceiling", "encode"}
 
     first = _dvc(tmp_path, "repro", "encode", "vae_ceiling")

@@ -11,10 +11,11 @@ bicubic ×4 figure of the degraded LQ. Both log to MLflow (figures, reconstructi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -292,7 +293,7 @@ def train_vae(out_dir: str | Path, *, pretrained: str, sources: Sequence[str], e
     params = {"base.seed": seed, "base.device": device, "backbone.pretrained": pretrained,
               "prepare.sources": sources, "prepare.extensions": extensions, "prepare.eval_dirs": eval_dirs,
               "train_vae": train}
-    with tracking.start_run("train_vae", params=params) as run:
+    with tracking.start_run("train_vae", params=params) as run, _torch_threads(train.threads):
         curve: dict[str, list[float]] = {"loss": [], "l1": []}
         curve_steps: list[int] = []
         bar = tqdm(total=train.steps, desc="train_vae", unit="step")
@@ -311,8 +312,8 @@ def train_vae(out_dir: str | Path, *, pretrained: str, sources: Sequence[str], e
         train_autoencoder(vae, photos_dev, steps=train.steps, batch_size=train.batch_size,
                           crop_size=train.crop_size, lr=train.lr, kl_weight=train.kl_weight, seed=seed,
                           perceptual=perceptual, perceptual_weight=train.lpips_weight, on_step=on_step)
-        bar.close()
         seconds = time.perf_counter() - start
+        bar.close()
         # LDM §4.3.2: latents rescaled to unit variance by 1/std of the training latents
         std = latent_std(vae, photos_dev, crop_size=train.crop_size, count=64, seed=seed)
         vae.register_to_config(scaling_factor=1.0 / std)
@@ -338,6 +339,18 @@ def train_vae(out_dir: str | Path, *, pretrained: str, sources: Sequence[str], e
         run.log_plot("plots/vae_loss.png", curve_steps, curve, logy=True)
         run.log_artifact(out_dir, "vae")
     return {**metrics, **timing}
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int) -> Iterator[None]:
+    """torch's CPU threads set to ``count`` (0: unchanged) inside the block."""
+    before = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def vae_ceiling(prepared_dir: str | Path, degraded_dir: str | Path, backbone_dir: str | Path, out: str | Path, *,
