@@ -82,8 +82,8 @@ def bench_size(size: int, n_images: int, repeats: int, p: DegradeParams) -> dict
             t_ours.append(ours(*case))
             t_ref.append(reference(*case))
             hq = case[1]
-            t_usm_sep.append(timed(lambda: usm_sharp_separable(hq, radius=p.usm_radius)))
-            t_usm_2d.append(timed(lambda: usm(hq, weight=p.usm_weight, threshold=p.usm_threshold)))
+            t_usm_sep.append(timed(lambda hq=hq: usm_sharp_separable(hq, radius=p.usm_radius)))
+            t_usm_2d.append(timed(lambda hq=hq: usm(hq, weight=p.usm_weight, threshold=p.usm_threshold)))
     med = statistics.median
     ours_s, ref_s = med(t_ours), med(t_ref)
     usm_ours, usm_ref = med(t_usm_sep), 2 * med(t_usm_2d)  # feed_data sharpens the GT twice

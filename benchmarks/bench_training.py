@@ -44,6 +44,8 @@ sys.path.insert(0, str(ROOT))
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.common import machine, write_record
+from benchmarks.reference import make_reference_model, reference_degrade
 from consissr.config import (
     BackboneParams,
     DegradeParams,
@@ -51,20 +53,16 @@ from consissr.config import (
     ModelParams,
     PrepareParams,
 )
-from benchmarks.common import machine, write_record  # noqa: E402
-from benchmarks.reference import make_reference_model, reference_degrade  # noqa: E402
 from consissr.data.degradation import degrade, sample_kernels
 from consissr.data.latent_cache import LatentPairDataset, encode_latents
-from consissr.data.pairs import PairedImageDataset, read_rgb
+from consissr.data.layout import read_rgb
+from consissr.data.pairs import PairedImageDataset
 from consissr.models.backbone import load_backbone
 from consissr.models.consissr import ConsisSRNet, apply_trainable_policy
 from consissr.models.robust_clip import RobustCLIP
-from consissr.training.sdsr_stage import (
-    SdsrDataset,
-    TalaObjective,
-    encode_prompts,
-    robust_clip_embeddings,
-)
+from consissr.training.prompts import encode_prompts
+from consissr.training.sdsr_stage import SdsrDataset, robust_clip_embeddings
+from consissr.training.tala import TalaObjective
 
 PARTS = ("data", "degradation", "vae_encode", "clip_embed", "train_step")
 WAYS = ("cached", "pixels", "online", "online_reference")

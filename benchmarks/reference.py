@@ -16,7 +16,9 @@ import torch
 from consissr import compat  # noqa: F401  (the torchvision alias must precede realesrgan)
 from consissr.compat import DiffJPEG, USMSharp
 from consissr.config import DegradeParams
-from realesrgan.models.realesrgan_model import RealESRGANModel  # noqa: E402
+
+# isort: split
+from realesrgan.models.realesrgan_model import RealESRGANModel
 
 
 def reference_opt(p: DegradeParams, gt_size: int) -> dict[str, Any]:
@@ -74,7 +76,6 @@ def reference_kernels(p: DegradeParams) -> dict[str, torch.Tensor]:
     """
     import cv2
     import numpy as np
-
     from realesrgan.data.realesrgan_dataset import RealESRGANDataset
 
     if p.kernel_pad_size != 21 or tuple(p.kernel_range) != tuple(range(7, 22, 2)):

@@ -1,7 +1,9 @@
 """``consissr <stage>``: thin commands over plain functions (DVC stages and Prefect flows call these).
 
 Every subcommand takes ``--params FILE`` (default ``params.yaml``) and ``--set key=value``
-overrides (dotted keys, YAML values), and reads only its own params sections.
+overrides (dotted keys, YAML values), and reads only its own params sections. The project's own
+errors (``consissr.errors``) and a missing file print one line and exit with code 2; anything
+else keeps its traceback (exit code 1).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Callable
 
 import yaml
 
-from consissr.config import Params, ParamsError, load_params
+from consissr.config import Params, load_params
+from consissr.errors import ConsisSRError, ParamsError
 
 log = logging.getLogger("consissr")
 
@@ -138,7 +141,7 @@ def _model_info_args(p):
 
 
 def run_model_info(params: Params, args) -> None:
-    from consissr.models.consissr import print_model_info
+    from consissr.models.info import print_model_info
 
     print_model_info(params, profile=args.profile, backbone_dir=args.backbone, model_dir=args.model)
 
@@ -169,8 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, _parse_overrides(args.set))
         runner = globals()["run_" + args.command.replace("-", "_")]
         runner(params, args)
-    except (ParamsError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        log.error("%s", exc)
+    except (ConsisSRError, FileNotFoundError) as exc:  # what the user can fix: one line, no traceback
         print(f"consissr {args.command}: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -1,9 +1,9 @@
-"""Typed, strict parameters: ``params.yaml`` → frozen dataclasses, one per DVC stage.
+"""Typed, strict parameters: ``params.yaml`` → frozen dataclasses, one per DVC stage; the one validator.
 
-Like nanoGPT's config, loading rejects unknown keys and wrong types with a message that names
-the dotted key (``degrade.first.noise_range``). Every stage reads only its own section plus
-``base``; ``STAGE_PARAMS`` records which sections that is, and a test keeps ``dvc.yaml``'s
-``params:`` lists equal to the leaves of those sections.
+Loading rejects unknown keys, wrong types and out-of-range values (each section's
+``__post_init__``: ranges and cross-field rules) with a message naming the dotted key
+(``degrade.first.noise_range``). ``STAGE_PARAMS`` records which sections each stage reads; a
+test keeps ``dvc.yaml``'s ``params:`` lists equal to their leaves.
 """
 
 from __future__ import annotations
@@ -20,9 +20,42 @@ from typing import Any, Literal
 
 import yaml
 
+from consissr.errors import ParamsError
 
-class ParamsError(ValueError):
-    """A params file that does not match the schema (names the file and the dotted key)."""
+
+def _require(ok: bool, key: str, message: str) -> None:
+    """Raise ``ParamsError("<key>: <message>")`` unless ``ok``; ``_build`` prefixes the section's dotted path."""
+    if not ok:
+        raise ParamsError(f"{key}: {message}")
+
+
+def _probability(obj: Any, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(0.0 <= value <= 1.0, name, f"must be in [0, 1], got {value}")
+
+
+def _range(obj: Any, *names: str, positive: bool = False) -> None:
+    for name in names:
+        low, high = getattr(obj, name)
+        _require(low <= high, name, f"expected [low, high] with low <= high, got {[low, high]}")
+        _require(not positive or low > 0, name, f"must be > 0, got {[low, high]}")
+
+
+def _at_least(obj: Any, minimum: float, *names: str) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(value >= minimum, name, f"must be >= {minimum}, got {value}")
+
+
+def _check_training(t: Any) -> None:
+    """Rules shared by the training sections (the loop's settings)."""
+    _at_least(t, 0, "iterations", "lr_warmup_steps", "checkpoint_every", "num_workers")
+    _at_least(t, 1, "gradient_accumulation", "keep_checkpoints", "log_every")
+    _require(t.lr > 0, "lr", f"must be > 0, got {t.lr}")
+    _require(all(0.0 <= b < 1.0 for b in t.betas), "betas", f"must lie in [0, 1), got {list(t.betas)}")
+    _require(t.max_grad_norm is None or t.max_grad_norm > 0, "max_grad_norm",
+             f"must be > 0 or null, got {t.max_grad_norm}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -32,7 +65,10 @@ class ParamsError(ValueError):
 class BaseParams:
     seed: int = 2024
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    profile: Literal["tiny", "paper"] = "tiny"
+
+    def __post_init__(self) -> None:
+        _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
+                 f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -56,6 +92,9 @@ class PrepareParams:
     # here fails the stage (contamination guard).
     eval_dirs: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "crop_size", "crops_per_image")
+
 
 @dataclass(frozen=True)
 class DegradationOrder:
@@ -77,6 +116,16 @@ class DegradationOrder:
     gray_noise_prob: float = 0.4
     jpeg_range: tuple[float, float] = (30.0, 95.0)
 
+    def __post_init__(self) -> None:
+        _probability(self, "blur_prob", "sinc_prob", "gaussian_noise_prob", "gray_noise_prob")
+        _range(self, "blur_sigma", "betag_range", "betap_range", "resize_range", "noise_range",
+               "poisson_scale_range", "jpeg_range")
+        _range(self, "resize_range", positive=True)
+        _require(len(self.kernel_prob) == len(self.kernel_list), "kernel_prob",
+                 f"needs one probability per kernel_list entry ({len(self.kernel_list)}), got {len(self.kernel_prob)}")
+        _require(abs(sum(self.resize_prob) - 1.0) < 1e-6, "resize_prob",
+                 f"up/down/keep probabilities must sum to 1, got {list(self.resize_prob)}")
+
 
 _SECOND_ORDER = DegradationOrder(
     blur_prob=0.8, blur_sigma=(0.2, 1.5), resize_prob=(0.3, 0.4, 0.3), resize_range=(0.3, 1.2),
@@ -96,12 +145,22 @@ class DegradeParams:
     first: DegradationOrder = DegradationOrder()
     second: DegradationOrder = _SECOND_ORDER
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "scale")
+        _probability(self, "final_sinc_prob")
+        _require(self.kernel_pad_size % 2 == 1, "kernel_pad_size", f"must be odd, got {self.kernel_pad_size}")
+        bad = [k for k in self.kernel_range if k % 2 == 0 or k > self.kernel_pad_size]
+        _require(not bad, "kernel_range", f"must hold odd sizes <= kernel_pad_size {self.kernel_pad_size}; got {bad}")
+
 
 @dataclass(frozen=True)
 class EncodeParams:
-    batch_size: int = 8
-    shard_size: int = 256  # samples per safetensors shard
+    batch_size: int = 8  # per process (encoding is not distributed)
+    shard_size: int = 16  # pairs per safetensors shard (paper profile: 512)
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "batch_size", "shard_size")
 
 
 @dataclass(frozen=True)
@@ -125,6 +184,11 @@ class TrainVaeParams:
     # machine and is far faster than 2 on a shared, loaded CPU (OpenMP threads spin-wait)
     threads: int = 1
 
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "steps", "batch_size", "crop_size")
+        _at_least(self, 0, "kl_weight", "lpips_weight", "threads")
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+
 
 @dataclass(frozen=True)
 class ModelParams:
@@ -140,21 +204,28 @@ class ModelParams:
     pos_embed_grid: int = 32
     num_image_tokens: int = 4  # N robust-CLIP image tokens per prompt (IP-Adapter: 4; authors' code: 1)
 
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "hpa_scale")
+        _at_least(self, 1, "pos_embed_grid", "num_image_tokens")
+
 
 @dataclass(frozen=True)
 class ClipParams:
-    """Robust CLIP (paper §3.2, Eq. 3). Owned by consissr/models/robust_clip.py."""
+    """Robust CLIP (paper §3.3, Eq. 3). Owned by consissr/models/robust_clip.py."""
 
     model_name: str = "consissr-tiny-vit"  # paper: ViT-H-14
     pretrained: str | None = None  # paper: laion2b_s32b_b79k
     image_size: int = 224
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "image_size")
 
 
 @dataclass(frozen=True)
 class TrainClipParams:
     """Robust CLIP fine-tuning, Eq. 3 (paper §4.1: batch 8/GPU, Adam β=(0.9, 0.99), lr 1e-5, 100K it)."""
 
-    batch_size: int = 4  # per device (paper: 8)
+    batch_size_per_device: int = 4  # micro-batch of each process (paper: 8 per GPU)
     lr: float = 1e-5
     betas: tuple[float, float] = (0.9, 0.99)
     iterations: int = 20  # paper: 100_000
@@ -168,13 +239,20 @@ class TrainClipParams:
     checkpoint_every: int = 10  # steps; checkpoints/ beside the final weights
     keep_checkpoints: int = 2
     log_every: int = 1
+    # auto: resume an interrupted run whose params, world size, trainable shapes and data match,
+    # warning when the training code changed since; strict: also refuse a code change
+    resume: Literal["auto", "strict"] = "auto"
+
+    def __post_init__(self) -> None:
+        _check_training(self)
+        _at_least(self, 1, "batch_size_per_device")
 
 
 @dataclass(frozen=True)
 class TrainSdsrParams:
     """Diffusion training with TALA, Algorithm 1 (paper §4.1: batch 8, lr 5e-5, 200K it, γ=10)."""
 
-    batch_size: int = 4  # total over all devices and accumulation steps (paper: 8)
+    global_batch_size: int = 4  # over all processes and accumulation steps (paper §4.1: 8)
     lr: float = 5e-5
     betas: tuple[float, float] = (0.9, 0.99)  # Adam (paper §4.1)
     iterations: int = 20  # paper: 200_000
@@ -198,10 +276,27 @@ class TrainSdsrParams:
     sample_every: int = 10  # steps between sample grids (LQ | x̂0 at each sample timestep | HQ); 0: never
     sample_timesteps: tuple[int, ...] = (500, 1000)  # paper t ∈ 1..T at which x̂0 is shown
     sample_count: int = 4  # images (the first of the latent cache) in a sample grid
+    resume: Literal["auto", "strict"] = "auto"  # as train_clip.resume
+
+    def __post_init__(self) -> None:
+        _check_training(self)
+        _require(self.global_batch_size % self.gradient_accumulation == 0, "global_batch_size",
+                 f"{self.global_batch_size} is not divisible by gradient_accumulation {self.gradient_accumulation}")
+        _require(self.gamma > 0, "gamma", f"must be > 0, got {self.gamma}")
+        _probability(self, "prompt_dropout")
+        _at_least(self, 0, "sample_every", "sample_count")
+        _require(all(t >= 1 for t in self.sample_timesteps), "sample_timesteps",
+                 f"are paper timesteps t >= 1, got {list(self.sample_timesteps)}")
+        _require(self.prompt != "fixed" or bool(self.prompt_text), "prompt_text",
+                 "is empty but prompt is 'fixed'")
+        _require(self.prompt != "captions" or bool(self.caption_file), "caption_file",
+                 "is not set but prompt is 'captions'")
 
 
 @dataclass(frozen=True)
 class Params:
+    """The whole params file: one section per stage plus ``base``."""
+
     base: BaseParams = BaseParams()
     backbone: BackboneParams = BackboneParams()
     prepare: PrepareParams = PrepareParams()
@@ -215,7 +310,6 @@ class Params:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
-
 
 
 def section_hash(*sections: Any) -> str:
@@ -281,7 +375,10 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for f in dataclasses.fields(cls):
         if f.name in raw:
             kwargs[f.name] = _coerce(hints[f.name], raw[f.name], prefix + f.name)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)  # the section's __post_init__ checks ranges and cross-field rules
+    except ParamsError as exc:
+        raise ParamsError(f"{prefix}{exc}") from None
 
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")

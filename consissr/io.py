@@ -1,4 +1,4 @@
-"""Atomic file writes: write next to the target, then ``os.replace`` (never a half-written file)."""
+"""Atomic writes, the project's one copy: build next to the target, then rename (never half-written)."""
 
 from __future__ import annotations
 
@@ -35,13 +35,17 @@ def write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(fh.fileno())
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
+def write_json(path: str | Path, data: Any, *, sort_keys: bool = False) -> None:
+    write_bytes(path, (json.dumps(data, indent=2, sort_keys=sort_keys) + "\n").encode())
 
 
 @contextmanager
-def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Build a whole output folder beside ``path`` and swap it in only when complete."""
+def atomic_dir(path: str | Path, *, fsync: bool = False) -> Iterator[Path]:
+    """Build a whole folder in a hidden one beside ``path`` (``.<name>.tmp``); swap it in when complete.
+
+    A leftover hidden folder of an interrupted build is removed first. ``fsync``: flush the files
+    and the parent folder to disk before and after the rename (checkpoints).
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
@@ -49,12 +53,49 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        if fsync:
+            for f in tmp.rglob("*"):
+                _fsync(f)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)
+        if fsync:
+            _fsync(path.parent)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def move_into(src_dir: str | Path, dst_dir: str | Path, *, last: str | None = None) -> None:
+    """Move every entry of ``src_dir`` into ``dst_dir`` (replacing same-named ones), then remove ``src_dir``.
+
+    For an output folder that also holds other things (``checkpoints/``): ``last`` names the entry
+    a reader checks first (a config json); it is removed up front and moved in last, so an
+    interrupted move never looks complete.
+    """
+    src_dir, dst_dir = Path(src_dir), Path(dst_dir)
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    if last is not None:
+        (dst_dir / last).unlink(missing_ok=True)
+    for entry in sorted(src_dir.iterdir(), key=lambda p: p.name == last):
+        target = dst_dir / entry.name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(entry, target)
+    src_dir.rmdir()
+
+
+def _fsync(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def file_sha256(path: str | Path) -> str:

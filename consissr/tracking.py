@@ -1,26 +1,11 @@
 """MLflow at the edge: the one module that imports mlflow.
 
-A stage opens one MLflow run with :func:`start_run` and hands the yielded :class:`Run` to the
-training loop, which only calls its methods (``log_metrics``, ``log_image``, ``set_tags``) and
-never imports mlflow. Following MLflow's own advice, a run
-
-* logs its params once, at the start, flattened to dotted keys (``train_clip.lr``);
-* is tagged with the git commit (``mlflow.source.git.commit``) and, per input folder, the DVC
-  hash of that data (``input.<name>.hash``: the ``md5`` of the out in ``dvc.lock``, else the
-  sha256 of the folder's ``manifest.json`` / ``index.json``);
-* logs metrics in batches with an explicit ``step``;
-* logs images, plots, files and folders as artifacts (the final model at the end).
-
-Where it logs
-    ``MLFLOW_TRACKING_URI`` when set, else ``sqlite:///<repo>/mlflow.db`` (``<repo>`` = the
-    nearest folder above the working directory holding ``dvc.yaml`` or ``.git``). For a sqlite
-    store the experiment's artifact location is set explicitly to ``mlartifacts/`` beside the
-    database — otherwise MLflow writes artifacts to ``./mlruns`` relative to wherever the
-    command happened to run. Open the UI with ``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
-
-Distributed runs
-    Only the main process (``RANK`` 0, as set by ``accelerate launch`` / ``torchrun``) talks to
-    MLflow; every other rank gets a :class:`NullRun` with the same methods doing nothing.
+A stage opens one run with :func:`start_run` (params once, flattened to dotted keys; tags: git
+commit, ``git_dirty`` ignoring ``dvc.lock``, and the DVC hash of each input) and hands the
+yielded :class:`Run` — a :class:`Tracker` — to the training loop. Metrics go in batches with an
+explicit ``step``. The store is ``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db`` with
+artifacts in ``mlartifacts/`` beside it. Only the main process (``RANK`` 0) logs; other ranks get
+a :class:`NullRun`.
 """
 
 from __future__ import annotations
@@ -36,7 +21,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -71,7 +56,8 @@ def tracking_uri() -> str:
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Where a new experiment keeps its artifacts: ``<db folder>/mlartifacts/<experiment>``.
 
-    Only for a sqlite store (ENVIRONMENT.md workaround 5); a tracking server decides itself.
+    Only for a sqlite store (MLflow would otherwise write to ./mlruns of the working directory); a
+    tracking server decides itself.
     """
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
@@ -94,13 +80,13 @@ def git_commit(root: Path | None = None) -> tuple[str, bool] | None:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, timeout=10, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # dvc.lock is left out: `dvc repro` itself rewrites it while the stages run
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                 ":(exclude)dvc.lock", ":(exclude)*/dvc.lock"], cwd=root,
                                 capture_output=True, text=True, timeout=10, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     return commit, bool(status.strip())
-
-
 
 
 def data_hash(path: str | os.PathLike) -> str | None:
@@ -151,6 +137,17 @@ def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 # --------------------------------------------------------------------------------------------
 # runs
 # --------------------------------------------------------------------------------------------
+class Tracker(Protocol):
+    """What the training loop and stages call on a run (``Run`` and ``NullRun`` implement it)."""
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+    def log_image(self, image: Any, name: str, step: int | None = None) -> None: ...
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None: ...
+    def log_plot(self, name: str, steps: Sequence[int], series: Mapping[str, Sequence[float]],
+                 *, logy: bool = False) -> None: ...
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+
 class NullRun:
     """The do-nothing run of non-main ranks (and of ``start_run(enabled=False)``)."""
 
@@ -337,5 +334,5 @@ def start_run(
             client.set_terminated(run.run_id, status)
 
 
-__all__ = ["NullRun", "Run", "artifact_location", "data_hash", "flatten", "git_commit", "is_main_process",
+__all__ = ["NullRun", "Run", "Tracker", "artifact_location", "data_hash", "flatten", "git_commit", "is_main_process",
            "line_plot", "repo_root", "start_run", "tracking_uri"]

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from consissr.training import loop
+from consissr.training import checkpoint, loop
 
 
 class Toy(nn.Module):
@@ -84,14 +84,14 @@ def main() -> None:
     rank = int(os.environ.get("RANK", "0"))
 
     if args.kill_in_checkpoint is not None:
-        real_save = loop.save_file
+        real_save = checkpoint.save_file
 
         def save_then_die(tensors, filename, metadata=None):
             real_save(tensors, filename, metadata=metadata)
             if metadata and metadata.get("step") == str(args.kill_in_checkpoint):
                 os.kill(os.getpid(), signal.SIGKILL)  # the weights are written, state.pt is not
 
-        loop.save_file = save_then_die
+        checkpoint.save_file = save_then_die
 
     seen: list[int] = []
 
@@ -104,12 +104,12 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = Toy(0.0 if args.deterministic else 0.3)
-    settings = loop.LoopSettings(iterations=args.iterations, batch_size=args.batch, lr=args.lr, betas=(0.9, 0.99),
+    settings = loop.LoopSettings(iterations=args.iterations, batch_size_per_device=args.batch, lr=args.lr, betas=(0.9, 0.99),
                                  gradient_accumulation=args.accum, checkpoint_every=args.checkpoint_every,
                                  keep_checkpoints=args.keep, seed=7, device="cpu")
     result = loop.train(model=model, loss_fn=loss_fn, dataset=ToyData(args.n), settings=settings, out_dir=args.out,
                         tracker=LossFile(args.losses if rank == 0 else None, args.kill_at_step))
-    save_file(loop.trainable_state(result.model), str(args.out / f"weights-rank{rank}.safetensors"))
+    save_file(checkpoint.trainable_state(result.model), str(args.out / f"weights-rank{rank}.safetensors"))
     (args.out / f"indices-rank{rank}.json").write_text(json.dumps(seen))
 
 

@@ -2,9 +2,9 @@ import dataclasses
 
 import pytest
 import yaml
+from conftest import REPO
 
 from consissr.config import Params, ParamsError, leaf_keys, load_params
-from conftest import REPO
 
 
 def write(tmp_path, text):
@@ -15,7 +15,7 @@ def write(tmp_path, text):
 
 def test_repo_params_load_and_list_every_knob():
     params = load_params(REPO / "params.yaml")
-    assert params.base.profile == "tiny"
+    assert params == Params(), "params.yaml and the schema's defaults are one default (the tiny profile)"
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     # every leaf of the sections present in params.yaml is written out explicitly
     for section in raw:
@@ -44,7 +44,7 @@ def test_unknown_section_is_named(tmp_path):
     ("degrade:\n  first:\n    noise_range: [1, 2, 3]\n", "degrade.first.noise_range"),
     ("degrade:\n  first:\n    noise_range: [1, abc]\n", r"degrade.first.noise_range\[1\]"),
     ("degrade:\n  usm_sharpen: 1\n", "degrade.usm_sharpen"),
-    ("base:\n  profile: huge\n", "base.profile"),
+    ("base:\n  profile: tiny\n", "base.profile"),  # removed: nothing read it
     ("encode:\n  dtype: float64\n", "encode.dtype"),
     ("prepare:\n  sources: embedded\n", "prepare.sources"),
 ])
@@ -71,7 +71,6 @@ def test_overrides_use_dotted_keys(tmp_path):
 
 def test_paper_config_matches_section_4_1():
     params = load_params(REPO / "configs" / "paper.yaml")
-    assert params.base.profile == "paper"
     assert params.prepare.crop_size == 512
     assert params.backbone.pretrained == "stabilityai/stable-diffusion-2-1-base"
     assert (params.clip.model_name, params.clip.pretrained) == ("ViT-H-14", "laion2b_s32b_b79k")
@@ -87,8 +86,8 @@ def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
 def test_paper_config_has_the_section_4_1_training_settings():
     params = load_params(REPO / "configs" / "paper.yaml")
     c, s = params.train_clip, params.train_sdsr
-    assert (c.batch_size, c.lr, c.betas, c.iterations, params.clip.image_size) == (8, 1e-5, (0.9, 0.99), 100_000, 224)
-    assert (s.batch_size, s.lr, s.betas, s.iterations, s.gamma) == (8, 5e-5, (0.9, 0.99), 200_000, 10.0)
+    assert (c.batch_size_per_device, c.lr, c.betas, c.iterations, params.clip.image_size) == (8, 1e-5, (0.9, 0.99), 100_000, 224)
+    assert (s.global_batch_size, s.lr, s.betas, s.iterations, s.gamma) == (8, 5e-5, (0.9, 0.99), 200_000, 10.0)
 
 
 def test_paper_config_spells_out_every_section_of_params_yaml():
@@ -108,3 +107,31 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
     assert (params.train_clip.lr, params.train_sdsr.lr) == (1e-5, 5e-5)
     with pytest.raises(ParamsError, match="train_clip.lr"):
         load_params(write(tmp_path, "train_clip:\n  lr: fast\n"))
+
+
+@pytest.mark.parametrize("text, key, why", [
+    ("train_sdsr:\n  gamma: 0\n", "train_sdsr.gamma", "must be > 0"),
+    ("train_sdsr:\n  prompt_dropout: 1.5\n", "train_sdsr.prompt_dropout", r"\[0, 1\]"),
+    ("train_sdsr:\n  prompt: fixed\n", "train_sdsr.prompt_text", "prompt is 'fixed'"),
+    ("train_sdsr:\n  prompt: captions\n", "train_sdsr.caption_file", "prompt is 'captions'"),
+    ("train_sdsr:\n  global_batch_size: 6\n  gradient_accumulation: 4\n", "train_sdsr.global_batch_size",
+     "not divisible"),
+    ("train_sdsr:\n  sample_timesteps: [0, 10]\n", "train_sdsr.sample_timesteps", "t >= 1"),
+    ("train_clip:\n  keep_checkpoints: 0\n", "train_clip.keep_checkpoints", ">= 1"),
+    ("train_clip:\n  batch_size_per_device: 0\n", "train_clip.batch_size_per_device", ">= 1"),
+    ("degrade:\n  kernel_range: [7, 8]\n", "degrade.kernel_range", "odd"),
+    ("degrade:\n  second:\n    noise_range: [30, 1]\n", "degrade.second.noise_range", "low <= high"),
+    ("degrade:\n  first:\n    kernel_prob: [1.0]\n", "degrade.first.kernel_prob", "one probability per"),
+    ("base:\n  device: gpu\n", "base.device", "auto, cpu, cuda"),
+    ("encode:\n  shard_size: 0\n", "encode.shard_size", ">= 1"),
+])
+def test_out_of_range_and_cross_field_values_are_named(tmp_path, text, key, why):
+    with pytest.raises(ParamsError, match=rf"{key}: .*{why}"):
+        load_params(write(tmp_path, text))
+
+
+def test_a_section_built_in_code_is_checked_too():
+    from consissr.config import TrainSdsrParams
+
+    with pytest.raises(ParamsError, match="gamma"):
+        TrainSdsrParams(gamma=-1.0)

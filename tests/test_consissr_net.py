@@ -14,15 +14,9 @@ import torch.nn.functional as F
 
 from consissr.config import ModelParams, Params
 from consissr.models.backbone import build_tiny_backbone, tiny_unet_config
-from consissr.models.consissr import (
-    SD21_BASE_UNET_CONFIG,
-    SD21_BASE_UNET_PARAMETERS,
-    ConsisSRNet,
-    apply_trainable_policy,
-    model_info,
-    print_model_info,
-)
+from consissr.models.consissr import ConsisSRNet, apply_trainable_policy
 from consissr.models.hpa import IMAGE_TOKENS_KWARG, HybridPromptAttnProcessor
+from consissr.models.info import SD21_BASE_UNET_CONFIG, SD21_BASE_UNET_PARAMETERS, model_info, print_model_info
 from consissr.models.self_attention import SelfAttentionAddition
 
 EMBED_DIM = 64  # the tiny robust CLIP's image embedding width

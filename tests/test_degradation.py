@@ -40,11 +40,12 @@ from consissr.data.degradation import (  # noqa: E402
     _gaussian_blur_separable,
     degrade,
     degrade_folder,
-    image_seed,
     sample_kernels,
     seeded,
     usm_sharp_separable,
 )
+from consissr.data.layout import item_seed  # noqa: E402
+from consissr.errors import InputError  # noqa: E402
 
 P = DegradeParams()
 CBSD68 = Path("/work/shared/data/train/CBSD68")
@@ -79,10 +80,10 @@ def hq128() -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # determinism and sanity
 # --------------------------------------------------------------------------------------------
-def test_image_seed_is_stable_and_distinct():
-    assert image_seed(2024, "a") == image_seed(2024, "a")
-    assert len({image_seed(2024, "a"), image_seed(2024, "b"), image_seed(2025, "a")}) == 3
-    assert 0 <= image_seed(2024, "a") < 2**32
+def test_item_seed_is_stable_and_distinct():
+    assert item_seed(2024, "a") == item_seed(2024, "a")
+    assert len({item_seed(2024, "a"), item_seed(2024, "b"), item_seed(2025, "a")}) == 3
+    assert 0 <= item_seed(2024, "a") < 2**32
 
 
 def test_seeded_restores_the_global_rngs():
@@ -230,7 +231,7 @@ def test_degrade_folder_writes_outputs(prepared, tmp_path):
     for item in index["items"]:
         assert item["hq"] == f"hq/{item['id']}.png" and (prepared / item["hq"]).is_file()
         assert item["hq_size"] == [128, 128] and item["lq_size"] == [32, 32]
-        assert item["seed"] == image_seed(2024, item["id"]) and item["source"] == "skimage"
+        assert item["seed"] == item_seed(2024, item["id"]) and item["source"] == "skimage"
         with Image.open(out / item["lq"]) as lq, Image.open(out / item["lq_up"]) as up:
             assert (lq.mode, lq.size, up.mode, up.size) == ("RGB", (32, 32), "RGB", (128, 128))
     assert json.loads((out / "report.json").read_text()) == report
@@ -276,7 +277,7 @@ def test_all_bad_folder_raises(tmp_path):
     root = make_prepared(tmp_path / "prepared", {}, extra_items=({"id": "missing"},))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "index.json").write_text("{}")  # a previous run's output
-    with pytest.raises(RuntimeError, match=r"none of the 1 items .*first problem: hq/missing\.png"):
+    with pytest.raises(InputError, match=r"none of the 1 items .*first problem: hq/missing\.png"):
         degrade_folder(root, tmp_path / "out", P, seed=1)
     assert (tmp_path / "out" / "index.json").read_text() == "{}"  # kept, not half-replaced
     assert not list(tmp_path.glob(".out.tmp*"))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from consissr.config import STAGE_PARAMS, stage_param_keys
-from conftest import REPO
 
 DVC = REPO / "dvc.yaml"
 

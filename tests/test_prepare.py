@@ -6,11 +6,12 @@ import logging
 import cv2
 import numpy as np
 import pytest
+from conftest import shared_data
 from PIL import Image
 
 from consissr.config import PrepareParams
 from consissr.data.sources import ContaminationError, load_rgb, prepare
-from conftest import shared_data
+from consissr.errors import InputError
 
 CROP = 32
 
@@ -112,7 +113,7 @@ def test_all_bad_fails_with_a_clear_message_and_keeps_the_previous_output(tmp_pa
     bad.mkdir()
     (bad / "a.png").write_bytes(b"")
     (bad / "b.png").write_text("nope")
-    with pytest.raises(RuntimeError, match=r"none of the 2 input files .* could be used .*a\.png: empty file"):
+    with pytest.raises(InputError, match=r"none of the 2 input files .* could be used .*a\.png: empty file"):
         run(bad, tmp_path / "out")
     assert sorted(p.name for p in (tmp_path / "out" / "hq").iterdir()) == before
 

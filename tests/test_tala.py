@@ -1,11 +1,10 @@
 """TALA (Algorithm 1): p(t) and the noising/target of the training step."""
 
 import torch
-
-from consissr.training.tala import tala_noising, tala_probability
 from diffusers import DDPMScheduler
 
 from consissr.models.backbone import SD_SCHEDULE
+from consissr.training.tala import tala_noising, tala_probability
 
 T = 1000
 

@@ -4,12 +4,12 @@ import types
 
 import torch
 import torch.nn.functional as F
+from diffusers import DDPMScheduler
 from torch import nn
 
 from consissr.models.backbone import SD_SCHEDULE
-from consissr.training.sdsr_stage import EMPTY_PROMPT, TalaObjective
-from consissr.training.tala import tala_noising
-from diffusers import DDPMScheduler
+from consissr.training.prompts import EMPTY_PROMPT
+from consissr.training.tala import TalaObjective, tala_noising
 
 
 class RecordingNet(nn.Module):

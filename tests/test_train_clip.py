@@ -21,7 +21,7 @@ from consissr.models.robust_clip import WEIGHTS_NAME, RobustCLIP
 CLIP = ClipParams(model_name="consissr-tiny-vit", pretrained=None, image_size=224)
 # the paper's lr and betas; the whole (6-pair) dataset in every batch, so the loss is on one
 # fixed batch and must fall step by step
-TRAIN = TrainClipParams(batch_size=6, lr=1e-5, betas=(0.9, 0.99), iterations=8, checkpoint_every=4,
+TRAIN = TrainClipParams(batch_size_per_device=6, lr=1e-5, betas=(0.9, 0.99), iterations=8, checkpoint_every=4,
                         keep_checkpoints=2, log_every=1)
 SEED = 3
 
@@ -141,7 +141,7 @@ def test_mlflow_run_holds_params_metrics_and_artifacts(trained, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_cli_trains_then_a_rerun_resumes_with_nothing_left_to_do(tmp_path, monkeypatch):
+def test_cli_rerun_after_a_finished_run_trains_afresh_to_the_same_weights(tmp_path, monkeypatch):
     from consissr.cli import main
 
     prepared, degraded = make_pairs(tmp_path, n=4, size=32)
@@ -149,7 +149,7 @@ def test_cli_trains_then_a_rerun_resumes_with_nothing_left_to_do(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"clip": dataclasses.asdict(CLIP) | {"pretrained": None},
-                                      "train_clip": {"iterations": 3, "batch_size": 2, "checkpoint_every": 2}}))
+                                      "train_clip": {"iterations": 3, "batch_size_per_device": 2, "checkpoint_every": 2}}))
     argv = ["train-clip", "--params", str(params), "--prepared", str(prepared), "--degraded", str(degraded),
             "--out", str(tmp_path / "out"), "--set", "base.device=cpu", "--set", "train_clip.lq_source=lq"]
     assert main(argv) == 0
@@ -157,12 +157,11 @@ def test_cli_trains_then_a_rerun_resumes_with_nothing_left_to_do(tmp_path, monke
     log = json.loads((tmp_path / "out" / "train_log.json").read_text())
     assert (log["steps"], log["steps_run"], log["resumed_from"]) == (3, 3, None)
 
-    assert main(argv) == 0  # the final checkpoint is there: resume at step 3, run nothing
+    # the final checkpoint carries the completion marker: a rerun (as after a code change, when
+    # DVC reruns the stage) trains afresh, seeded, to the same weights
+    assert main(argv) == 0
     log = json.loads((tmp_path / "out" / "train_log.json").read_text())
-    assert (log["steps"], log["steps_run"], log["resumed_from"]) == (3, 0, 3)
+    assert (log["steps"], log["steps_run"], log["resumed_from"]) == (3, 3, None)
     second = load_file(tmp_path / "out" / WEIGHTS_NAME)
     assert all(torch.equal(first[k], second[k]) for k in first)
-
-    assert main(argv + ["--set", "train_clip.iterations=4"]) == 0  # more iterations continue the run
-    log = json.loads((tmp_path / "out" / "train_log.json").read_text())
-    assert (log["steps"], log["steps_run"], log["resumed_from"]) == (4, 1, 3)
+    assert (tmp_path / "out" / "checkpoints" / "stale").is_dir()

@@ -28,7 +28,8 @@ from safetensors.torch import load_file
 from test_train_clip import make_pairs
 
 from consissr.config import BackboneParams, EncodeParams, ModelParams, TrainSdsrParams
-from consissr.data.pairs import read_rgb
+from consissr.data.layout import read_rgb
+from consissr.errors import MissingInputError, ParamsError
 from consissr.models.backbone import load_backbone
 from consissr.models.consissr import (
     CONFIG_NAME,
@@ -37,13 +38,13 @@ from consissr.models.consissr import (
     apply_trainable_policy,
 )
 from consissr.models.robust_clip import RobustCLIP
-from consissr.training import loop
+from consissr.training import checkpoint
 
 SEED = 5
 MODEL = ModelParams(pos_embed_grid=8, num_image_tokens=2)
 BACKBONE = BackboneParams()
 # γ = 1: p(t) = t/T, so about half the samples start from LQ (γ = 10 would give ~1 in 11)
-TRAIN = TrainSdsrParams(batch_size=4, lr=1e-4, iterations=6, tala=True, gamma=1.0, prompt="fixed",
+TRAIN = TrainSdsrParams(global_batch_size=4, lr=1e-4, iterations=6, tala=True, gamma=1.0, prompt="fixed",
                         prompt_text="a photo", prompt_dropout=0.5, checkpoint_every=2, keep_checkpoints=2,
                         sample_every=3, sample_timesteps=(500, 1000), sample_count=2, log_every=1)
 SIZE = 64  # pixels; latents 16²
@@ -146,7 +147,7 @@ def test_only_the_training_policy_moves(trained, data):
     assert _state_equal(clip.student, RobustCLIP.from_pretrained(data["robust_clip"]).student)
     assert not any(p.requires_grad for p in clip.parameters())
     # what a checkpoint stores is exactly the policy's parameters
-    stored = load_file(result.last_checkpoint / loop.WEIGHTS_FILE)
+    stored = load_file(result.last_checkpoint / checkpoint.WEIGHTS_FILE)
     assert set(stored) == {f"net.{n}" for n, p in fresh.named_parameters() if p.requires_grad}
 
 
@@ -161,7 +162,7 @@ def test_image_embeddings_are_the_saved_robust_clip_students(trained, data, tmp_
     assert not torch.allclose(used, teacher, atol=1e-3), "the embeddings are the teacher's, not the student's"
     # every image embedding the net received in training and sampling is a saved student's row
     captured = torch.cat(trained["captured"])
-    assert len(captured) >= TRAIN.iterations * TRAIN.batch_size
+    assert len(captured) >= TRAIN.iterations * TRAIN.global_batch_size
     distance = torch.cdist(captured, student, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
     assert distance.max() < 1e-5, distance.max()
 
@@ -254,7 +255,7 @@ def test_saved_model_reloads_with_identical_outputs(trained, data):
     out = trained["out"]
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["checkpoints", "controlnet", CONFIG_NAME, WEIGHTS_NAME, "train_log.json"])
-    assert sorted(p.name for p in loop.checkpoint_dirs(out)) == ["step-00000004", "step-00000006"]
+    assert sorted(p.name for p in checkpoint.checkpoint_dirs(out)) == ["step-00000004", "step-00000006"]
     net = copy.deepcopy(trained["result"].model.net).eval()
     restored = ConsisSRNet.from_pretrained(out, load_backbone("embedded", embedded_dir=data["backbone"])).eval()
     g = torch.Generator().manual_seed(0)
@@ -269,7 +270,7 @@ def test_saved_model_reloads_with_identical_outputs(trained, data):
 def test_saved_config_and_model_info_say_how_the_model_was_trained(trained, data, capsys):
     """contracts.md 3: consissr_config.json's "training" = steps trained, prior pretrained or not."""
     from consissr.config import Params
-    from consissr.models.consissr import print_model_info
+    from consissr.models.info import print_model_info
 
     saved = json.loads((trained["out"] / CONFIG_NAME).read_text())["training"]
     assert saved == {"steps": TRAIN.iterations, "prior_pretrained": False, "backbone": str(data["backbone"])}
@@ -313,7 +314,7 @@ def test_cli_resumes_a_sigkilled_run_to_the_uninterrupted_losses(trained, data, 
                             capture_output=True,
                             text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert [p.name for p in loop.checkpoint_dirs(out)] == ["step-00000002"]
+    assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step-00000002"]
     assert not (out / CONFIG_NAME).exists()
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -327,7 +328,7 @@ def test_cli_resumes_a_sigkilled_run_to_the_uninterrupted_losses(trained, data, 
 
 # --------------------------------------------------------------------------------------------
 def test_prompt_table_fixed_captions_and_missing(tmp_path, caplog):
-    from consissr.training.sdsr_stage import prompt_table
+    from consissr.training.prompts import prompt_table
 
     ids = ["a", "b", "c"]
     texts, rows, missing = prompt_table(TrainSdsrParams(prompt="empty"), ids)
@@ -342,7 +343,9 @@ def test_prompt_table_fixed_captions_and_missing(tmp_path, caplog):
                 TrainSdsrParams(prompt="captions", caption_file=str(tmp_path / name)), ids)
         assert (texts, rows.tolist(), missing) == (["", "a cat"], [1, 0, 1], ["b"])
         assert "1 of 3 images have no caption" in caplog.text
-    with pytest.raises(ValueError, match="caption_file"):
-        prompt_table(TrainSdsrParams(prompt="captions"), ids)
-    with pytest.raises(ValueError, match="prompt_text"):
-        prompt_table(TrainSdsrParams(prompt="fixed"), ids)
+    with pytest.raises(ParamsError, match="caption_file"):
+        TrainSdsrParams(prompt="captions")
+    with pytest.raises(ParamsError, match="prompt_text"):
+        TrainSdsrParams(prompt="fixed")
+    with pytest.raises(MissingInputError, match="nope.tsv"):
+        prompt_table(TrainSdsrParams(prompt="captions", caption_file=str(tmp_path / "nope.tsv")), ids)

@@ -141,7 +141,7 @@ def test_sample_grid_hq_column_is_the_reported_ceiling(pairs, ceiling):
     is what vae_ceiling reports, and after even this short run no longer noise (the full run's
     level is checked on the DVC outputs and by the slow test)."""
     from consissr.data.latent_cache import encode_latents
-    from consissr.data.pairs import read_rgb
+    from consissr.data.layout import read_rgb
     from consissr.models.backbone import load_backbone
     from consissr.training.sdsr_stage import decode_latents
 
@@ -188,7 +188,7 @@ def test_dvc_outputs_sample_grid_hq_column_is_the_reported_ceiling():
     from conftest import REPO
 
     from consissr.data.latent_cache import LatentPairDataset
-    from consissr.data.pairs import read_rgb
+    from consissr.data.layout import read_rgb
     from consissr.models.backbone import load_backbone
     from consissr.training.sdsr_stage import decode_latents
 

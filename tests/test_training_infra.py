@@ -23,7 +23,7 @@ from conftest import REPO
 from safetensors.torch import load_file
 from torch import nn
 
-from consissr.training import loop
+from consissr.training import checkpoint, loop
 
 TOY = REPO / "tests" / "_toy_train.py"
 
@@ -65,10 +65,10 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_losses_and_weights(uninterru
     killed = toy("--out", str(out), "--losses", str(log), *kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     ckpts = out / "checkpoints"
-    assert sorted(p.name for p in loop.checkpoint_dirs(out)) == ["step-00000003", "step-00000006"]
+    assert sorted(p.name for p in checkpoint.checkpoint_dirs(out)) == ["step-00000003", "step-00000006"]
     if kill[0] == "--kill-in-checkpoint":
         partial = [p for p in ckpts.iterdir() if p.name.startswith(".step-00000009")]
-        assert partial and (partial[0] / loop.WEIGHTS_FILE).is_file() and not (partial[0] / loop.STATE_FILE).exists()
+        assert partial and (partial[0] / checkpoint.WEIGHTS_FILE).is_file() and not (partial[0] / checkpoint.STATE_FILE).exists()
     before = losses(log)
     assert max(before) in (8, 9)
 
@@ -84,33 +84,122 @@ def test_sigkilled_run_resumes_to_the_uninterrupted_losses_and_weights(uninterru
 
 def test_checkpoint_state_is_weights_only_and_holds_everything_to_resume(tmp_path):
     model, data = _toy_model(), _ToyData(7)
-    settings = loop.LoopSettings(iterations=5, batch_size=3, lr=1e-2, betas=(0.9, 0.99), checkpoint_every=2,
+    settings = loop.LoopSettings(iterations=5, batch_size_per_device=3, lr=1e-2, betas=(0.9, 0.99), checkpoint_every=2,
                                  keep_checkpoints=2, seed=1, device="cpu")
     result = loop.train(model=model, loss_fn=_toy_loss, dataset=data, settings=settings, out_dir=tmp_path)
-    assert [p.name for p in loop.checkpoint_dirs(tmp_path)] == ["step-00000004", "step-00000005"]
-    state = torch.load(tmp_path / "checkpoints" / "step-00000005" / loop.STATE_FILE, weights_only=True)
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["step-00000004", "step-00000005"]
+    state = torch.load(tmp_path / "checkpoints" / "step-00000005" / checkpoint.STATE_FILE, weights_only=True)
     assert state["step"] == 5 and state["cursor"] == 15 and (state["epoch"], state["index"]) == (2, 1)
     assert {"optimizer", "scheduler", "rng", "history", "fingerprint"} <= set(state)
     assert set(state["rng"][0]) >= {"python", "numpy", "torch"}
     assert state["optimizer"]["param_groups"][0]["betas"] == (0.9, 0.99)
-    weights = load_file(tmp_path / "checkpoints" / "step-00000005" / loop.WEIGHTS_FILE)
+    weights = load_file(tmp_path / "checkpoints" / "step-00000005" / checkpoint.WEIGHTS_FILE)
     assert set(weights) == {"body.weight", "body.bias"}  # trainable only: the frozen layer is not saved
     assert torch.equal(weights["body.weight"], result.model.body.weight.detach())
 
 
-def test_checkpoints_of_other_settings_are_dropped_not_resumed(tmp_path, caplog):
-    settings = loop.LoopSettings(iterations=3, batch_size=2, lr=1e-2, checkpoint_every=1, seed=1, device="cpu")
-    loop.train(model=_toy_model(), loss_fn=_toy_loss, dataset=_ToyData(5), settings=settings, out_dir=tmp_path)
-    again = loop.train(model=_toy_model(), loss_fn=_toy_loss, dataset=_ToyData(5), out_dir=tmp_path,
-                       settings=dataclasses.replace(settings, iterations=4))
-    assert (again.resumed_from, again.steps_run) == (3, 1)
-    changed = loop.train(model=_toy_model(), loss_fn=_toy_loss, dataset=_ToyData(5), out_dir=tmp_path,
-                         settings=dataclasses.replace(settings, lr=2e-2))
-    assert (changed.resumed_from, changed.steps_run) == (None, 3)
-    assert "lr: 0.01 → 0.02" in caplog.text
-    # the other run's checkpoints are set aside, not deleted, and not resumed
-    stale = sorted(p.name for p in (tmp_path / loop.CHECKPOINTS / loop.STALE).glob("*/step-*"))
-    assert stale and stale[-1] == "step-00000004"
+class _Stop(Exception):
+    """Stands in for a kill: raised by the loss after two checkpointed steps."""
+
+
+def _interrupted(out, settings, model=None, stop_at_call=3):
+    calls = []
+
+    def loss_fn(m, batch):
+        calls.append(1)
+        if len(calls) == stop_at_call:
+            raise _Stop
+        return _toy_loss(m, batch)
+
+    with pytest.raises(_Stop):
+        loop.train(model=model or _toy_model(), loss_fn=loss_fn, dataset=_ToyData(5), settings=settings, out_dir=out)
+    assert [p.name for p in checkpoint.checkpoint_dirs(out)] == ["step-00000001", "step-00000002"]
+
+
+def _rerun(out, settings, model=None):
+    return loop.train(model=model or _toy_model(), loss_fn=_toy_loss, dataset=_ToyData(5), settings=settings,
+                      out_dir=out)
+
+
+SETTINGS = loop.LoopSettings(iterations=4, batch_size_per_device=2, lr=1e-2, checkpoint_every=1, seed=1, device="cpu")
+
+
+def test_a_finished_run_is_rerun_afresh_and_its_checkpoints_set_aside(tmp_path, caplog):
+    first = _rerun(tmp_path, SETTINGS)
+    meta = checkpoint.read_meta(first.last_checkpoint)
+    assert meta["complete"] is True and (first.step, first.resumed_from) == (4, None)
+    with caplog.at_level("INFO"):
+        again = _rerun(tmp_path, SETTINGS)
+    assert (again.resumed_from, again.steps_run) == (None, 4)
+    assert "finished at step 4; starting afresh" in caplog.text
+    assert again.history["loss"] == first.history["loss"]  # seeded: the same run again
+    stale = sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS / checkpoint.STALE).glob("*/step-*"))
+    assert stale == ["step-00000003", "step-00000004"]
+
+
+def test_an_interrupted_run_resumes_across_cadence_changes(tmp_path):
+    _interrupted(tmp_path, SETTINGS)
+    meta = checkpoint.read_meta(checkpoint.latest_checkpoint(tmp_path))
+    assert meta["complete"] is False
+    resumed = _rerun(tmp_path, dataclasses.replace(SETTINGS, iterations=5, log_every=2, checkpoint_every=3))
+    assert (resumed.resumed_from, resumed.steps_run) == (2, 3)
+
+
+@pytest.mark.parametrize("change, why", [
+    (dict(lr=2e-2), "settings.lr: 0.01 → 0.02"),
+    (dict(batch_size_per_device=3), "settings.batch_size_per_device: 2 → 3"),
+])
+def test_a_changed_param_refuses_the_checkpoint_saying_why(tmp_path, caplog, change, why):
+    _interrupted(tmp_path, SETTINGS)
+    changed = _rerun(tmp_path, dataclasses.replace(SETTINGS, **change))
+    assert (changed.resumed_from, changed.steps_run) == (None, 4)
+    assert "not resuming checkpoint step-00000002" in caplog.text and why in caplog.text
+    # set aside, not deleted, and not resumed
+    stale = sorted(p.name for p in (tmp_path / checkpoint.CHECKPOINTS / checkpoint.STALE).glob("*/step-*"))
+    assert stale == ["step-00000001", "step-00000002"]
+
+
+def test_a_changed_trainable_shape_refuses_the_checkpoint_saying_why(tmp_path, caplog):
+    _interrupted(tmp_path, SETTINGS, model=_toy_model(width=4))
+    changed = _rerun(tmp_path, SETTINGS, model=_toy_model(width=6))
+    assert changed.resumed_from is None
+    assert "trainable.body.weight: [1, 4] → [1, 6]" in caplog.text
+
+
+@pytest.fixture
+def package_copy(tmp_path, monkeypatch):
+    """The training-code hash taken over a copy of the package, so a test may edit its files."""
+    import shutil
+
+    copy = tmp_path / "pkg"
+    shutil.copytree(checkpoint.PACKAGE_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(checkpoint, "PACKAGE_ROOT", copy)
+    return copy
+
+
+def test_an_edit_outside_the_training_path_does_not_stop_a_resume(tmp_path, package_copy, caplog):
+    _interrupted(tmp_path / "run", SETTINGS)
+    (package_copy / "tracking.py").write_text((package_copy / "tracking.py").read_text() + "\n# a log line\n")
+    (package_copy / "cli.py").write_text("")
+    (package_copy / "inference").mkdir()
+    (package_copy / "inference" / "pipeline.py").write_text("x = 1\n")
+    resumed = _rerun(tmp_path / "run", dataclasses.replace(SETTINGS, resume="strict"))
+    assert (resumed.resumed_from, resumed.steps_run) == (2, 2)
+    assert "training code changed" not in caplog.text
+
+
+def test_a_training_code_change_warns_and_strict_refuses_it(tmp_path, package_copy, caplog):
+    tala = package_copy / "training" / "tala.py"
+    _interrupted(tmp_path / "auto", SETTINGS)
+    _interrupted(tmp_path / "strict", SETTINGS)
+    tala.write_text(tala.read_text() + "\n# edited\n")
+    resumed = _rerun(tmp_path / "auto", SETTINGS)
+    assert resumed.resumed_from == 2
+    assert "although the training code changed" in caplog.text and "training/tala.py" in caplog.text
+    caplog.clear()
+    refused = _rerun(tmp_path / "strict", dataclasses.replace(SETTINGS, resume="strict"))
+    assert refused.resumed_from is None
+    assert "not resuming checkpoint step-00000002: training code (resume: strict): training/tala.py" in caplog.text
 
 
 def test_sample_fn_logs_images_and_never_changes_the_trajectory(tmp_path):
@@ -135,7 +224,7 @@ def test_sample_fn_logs_images_and_never_changes_the_trajectory(tmp_path):
         torch.randn(100), np.random.rand(), __import__("random").random()  # must not leak into training
         return {"grid": np.zeros((4, 6, 3), dtype=np.float32)}
 
-    settings = loop.LoopSettings(iterations=4, batch_size=2, lr=1e-2, sample_every=2, log_every=2, seed=0,
+    settings = loop.LoopSettings(iterations=4, batch_size_per_device=2, lr=1e-2, sample_every=2, log_every=2, seed=0,
                                  device="cpu")
     plain, sampled = Recorder(), Recorder()
     loop.train(model=_toy_model(), loss_fn=noisy_loss, dataset=_ToyData(5), settings=settings,
@@ -160,17 +249,17 @@ def test_non_finite_loss_stops_naming_step_and_last_checkpoint(tmp_path, bad):
         loss = _toy_loss(model, batch)
         return loss * bad if len(calls) == 5 else loss
 
-    settings = loop.LoopSettings(iterations=10, batch_size=2, lr=1e-2, checkpoint_every=2, seed=0, device="cpu")
+    settings = loop.LoopSettings(iterations=10, batch_size_per_device=2, lr=1e-2, checkpoint_every=2, seed=0, device="cpu")
     with pytest.raises(loop.TrainingDiverged) as err:
         loop.train(model=_toy_model(), loss_fn=loss_fn, dataset=_ToyData(6), settings=settings, out_dir=tmp_path)
     message = str(err.value)
     assert "step 5" in message
     assert str(tmp_path / "checkpoints" / "step-00000004") in message
-    assert loop.latest_checkpoint(tmp_path).name == "step-00000004"
+    assert checkpoint.latest_checkpoint(tmp_path).name == "step-00000004"
 
 
 def test_non_finite_loss_before_any_checkpoint_says_so(tmp_path):
-    settings = loop.LoopSettings(iterations=3, batch_size=2, lr=1e-2, checkpoint_every=2, seed=0, device="cpu")
+    settings = loop.LoopSettings(iterations=3, batch_size_per_device=2, lr=1e-2, checkpoint_every=2, seed=0, device="cpu")
     with pytest.raises(loop.TrainingDiverged, match=r"step 1 .*none \(no checkpoint"):
         loop.train(model=_toy_model(), loss_fn=lambda m, b: _toy_loss(m, b) * float("nan"), dataset=_ToyData(4),
                    settings=settings, out_dir=tmp_path)
@@ -198,11 +287,11 @@ def test_two_process_ddp_leaves_identical_replicas_equal_to_one_big_batch(tmp_pa
     for k in w0:  # gradients all-reduced (averaged) = the gradient of the global batch
         torch.testing.assert_close(w0[k], ws[k], rtol=1e-5, atol=1e-6)
     torch.manual_seed(0)  # the toy's init, to show the weights did move
-    init = loop.trainable_state(Toy(0.0))
+    init = checkpoint.trainable_state(Toy(0.0))
     assert not torch.allclose(w0["body.0.weight"], init["body.0.weight"])
-    meta = json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000002" / loop.META_FILE).read_text())
+    meta = json.loads((tmp_path / "ddp" / "checkpoints" / "step-00000002" / checkpoint.META_FILE).read_text())
     assert meta["num_processes"] == 2
-    state = loop.load_checkpoint_state(tmp_path / "ddp" / "checkpoints" / "step-00000002")
+    state = checkpoint.load_checkpoint_state(tmp_path / "ddp" / "checkpoints" / "step-00000002")
     assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
 
 
@@ -301,18 +390,18 @@ def test_data_hash_prefers_the_dvc_lock_md5(tmp_path):
 # toy pieces for the in-process tests
 # --------------------------------------------------------------------------------------------
 class _Toy(nn.Module):
-    def __init__(self):
+    def __init__(self, width=4):
         super().__init__()
-        self.frozen = nn.Linear(4, 4).requires_grad_(False)
-        self.body = nn.Linear(4, 1)
+        self.frozen = nn.Linear(4, width).requires_grad_(False)
+        self.body = nn.Linear(width, 1)
 
     def forward(self, x, y):
         return ((self.body(self.frozen(x)).squeeze(-1) - y) ** 2).mean()
 
 
-def _toy_model() -> nn.Module:
+def _toy_model(width: int = 4) -> nn.Module:
     torch.manual_seed(0)
-    return _Toy()
+    return _Toy(width)
 
 
 class _ToyData(torch.utils.data.Dataset):
@@ -332,17 +421,21 @@ def _toy_loss(model, batch):
     return model(batch["x"], batch["y"])
 
 
-def test_code_fingerprint_tracks_the_package_source(tmp_path, monkeypatch):
-    """A checkpoint written by other code must not be resumed (DVC reruns the stage on a code change)."""
-    import consissr.training.loop as loop
+def test_git_dirty_ignores_dvc_lock(tmp_path):
+    """`dvc repro` rewrites dvc.lock while its stages run: that alone must not tag a run dirty."""
+    from consissr import tracking
 
-    before = loop.code_fingerprint()
-    assert before == loop.code_fingerprint()
-    fake = tmp_path / "consissr" / "training"
-    fake.mkdir(parents=True)
-    (tmp_path / "consissr" / "a.py").write_text("x = 1\n")
-    (fake / "loop.py").write_text("")
-    monkeypatch.setattr(loop, "__file__", str(fake / "loop.py"))
-    first = loop.code_fingerprint()
-    (tmp_path / "consissr" / "a.py").write_text("x = 2\n")
-    assert loop.code_fingerprint() != first != before
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "dvc.lock").write_text("a\n")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("add", ".")
+    git("commit", "-qm", "init")
+    assert tracking.git_commit(tmp_path)[1] is False
+    (tmp_path / "dvc.lock").write_text("b\n")
+    assert tracking.git_commit(tmp_path)[1] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert tracking.git_commit(tmp_path)[1] is True

@@ -1,22 +1,12 @@
 """Real-ESRGAN second-order degradation (Wang et al. 2021, §3.1): the ``degrade`` stage.
 
-ConsisSR (paper §4.1) trains on LQ/HQ pairs synthesised with Real-ESRGAN's pipeline:
-USM-sharpen the HQ crop, then two orders of [blur → random resize → noise → JPEG], then the
-final [resize to H/scale + sinc filter] and JPEG in random order, then clamp and round to 8 bit.
+    LQ = JPEG ∘ [resize ↓s + sinc] ∘ (JPEG ∘ noise ∘ resize ∘ blur)² (USM(HQ))      (x4plus settings, paper §4.1)
 
-Three public functions mirror the reference code one to one:
-
-* ``sample_kernels`` — ``RealESRGANDataset.__getitem__``'s kernel draws (realesrgan 0.3.0,
-  ``realesrgan/data/realesrgan_dataset.py``), same global ``random`` / ``np.random`` calls in the
-  same order.
-* ``degrade`` — ``RealESRGANModel.feed_data`` (``realesrgan/models/realesrgan_model.py``): same
-  basicsr ops, same draws from ``random`` / ``np.random`` / ``torch`` in the same order. The one
-  change is USM sharpening, done by ``usm_sharp_separable`` (see there why).
-* ``degrade_folder`` — the DVC stage: prepared ``hq/<id>.png`` → ``lq/``, ``lq_up/``,
-  ``index.json``, ``report.json``; a bad input file is skipped and reported, never fatal.
-
-Every image is degraded under its own seed, ``image_seed(base_seed, id)``, so outputs are
-bit-identical whatever the processing order or the set of other images.
+``sample_kernels`` and ``degrade`` mirror realesrgan 0.3.0's ``RealESRGANDataset.__getitem__``
+and ``RealESRGANModel.feed_data`` draw for draw (same global RNG calls, same order); the one
+change is the separable USM (``usm_sharp_separable``, see there why). ``degrade_folder`` is the
+stage: ``hq/<id>.png`` → ``lq/``, ``lq_up/``, ``index.json``, ``report.json``, each image under
+its own seed (``layout.item_seed``); a bad input is skipped and reported, never fatal.
 """
 
 from __future__ import annotations
@@ -24,9 +14,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
-import io
-import json
 import logging
 import math
 import random
@@ -50,6 +37,8 @@ from consissr.compat import (
     random_mixed_kernels,
 )
 from consissr.config import DegradationOrder, DegradeParams
+from consissr.data import layout
+from consissr.errors import InputError
 from consissr.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -61,12 +50,6 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # an id is used as a file
 # --------------------------------------------------------------------------------------------
 # seeding
 # --------------------------------------------------------------------------------------------
-def image_seed(base_seed: int, image_id: str) -> int:
-    """The per-image seed: the first 4 bytes of sha256("<base_seed>:<id>") (numpy wants < 2**32)."""
-    digest = hashlib.sha256(f"{base_seed}:{image_id}".encode()).digest()
-    return int.from_bytes(digest[:4], "little")
-
-
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Seed python ``random``, numpy and torch's global RNGs (the ones Real-ESRGAN's code draws
@@ -108,10 +91,6 @@ def _order_kernel(order: DegradationOrder, p: DegradeParams) -> np.ndarray:
 def sample_kernels(p: DegradeParams) -> dict[str, torch.Tensor]:
     """Draw ``kernel1``, ``kernel2`` and ``sinc_kernel`` (float32, ``kernel_pad_size`` square)
     exactly as ``RealESRGANDataset.__getitem__`` does, from the global ``random``/``np.random``."""
-    bad = [k for k in p.kernel_range if k % 2 == 0 or k > p.kernel_pad_size]
-    if bad or p.kernel_pad_size % 2 == 0:
-        raise ValueError(f"degrade.kernel_range must hold odd sizes <= the odd kernel_pad_size "
-                         f"{p.kernel_pad_size}; got {bad or p.kernel_pad_size}")
     kernel1 = _order_kernel(p.first, p)
     kernel2 = _order_kernel(p.second, p)
     # the final sinc kernel (a pulse, i.e. no filtering, with probability 1 - final_sinc_prob)
@@ -308,14 +287,6 @@ def min_image_size(p: DegradeParams) -> int:
 # --------------------------------------------------------------------------------------------
 # the stage
 # --------------------------------------------------------------------------------------------
-def _png_bytes(img: torch.Tensor) -> bytes:
-    """(3, H, W) in {0, 1/255, ..., 1} → 8-bit RGB PNG bytes."""
-    arr = (img * 255.0).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode="RGB").save(buf, format="PNG")
-    return buf.getvalue()
-
-
 class _BadInput(Exception):
     """An HQ item that is skipped (the message is the reason written to report.json)."""
 
@@ -339,20 +310,6 @@ def _read_hq(path: Path, p: DegradeParams, min_size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0).unsqueeze(0)
 
 
-def _load_index(in_dir: Path) -> list[dict[str, Any]]:
-    index_path = in_dir / "index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: no prepared index (run the prepare stage first)")
-    try:
-        index = json.loads(index_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{index_path}: not valid JSON: {exc}") from None
-    items = index.get("items") if isinstance(index, dict) else None
-    if not isinstance(items, list):
-        raise ValueError(f"{index_path}: expected {{\"items\": [...]}}")
-    return items
-
-
 def degrade_folder(in_dir: str | Path, out_dir: str | Path, p: DegradeParams, *, seed: int) -> dict[str, Any]:
     """Degrade every item of ``in_dir/index.json`` (``in_dir/hq/<id>.png``) into ``out_dir``.
 
@@ -366,7 +323,7 @@ def degrade_folder(in_dir: str | Path, out_dir: str | Path, p: DegradeParams, *,
     Returns the report dict.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    items = _load_index(in_dir)
+    items = layout.read_index(in_dir, written_by="prepare")
     min_size = min_image_size(p)
     written: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
@@ -374,11 +331,11 @@ def degrade_folder(in_dir: str | Path, out_dir: str | Path, p: DegradeParams, *,
 
     # the folder is built beside out_dir and swapped in whole: no stale or half-written outputs
     with atomic_dir(out_dir) as tmp:
-        (tmp / "lq").mkdir()
-        (tmp / "lq_up").mkdir()
+        (tmp / layout.LQ).mkdir()
+        (tmp / layout.LQ_UP).mkdir()
         for item in tqdm(items, desc="degrade", unit="img"):
             image_id = item.get("id") if isinstance(item, dict) else None
-            rel_hq = f"hq/{image_id}.png"
+            rel_hq = f"{layout.HQ}/{image_id}.png"
             try:
                 if not isinstance(image_id, str) or not _SAFE_ID.fullmatch(image_id):
                     rel_hq = None
@@ -393,24 +350,25 @@ def degrade_folder(in_dir: str | Path, out_dir: str | Path, p: DegradeParams, *,
                                 "path": rel_hq, "reason": str(exc)})
                 continue
 
-            item_seed = image_seed(seed, image_id)
-            with seeded(item_seed):
+            seed_i = layout.item_seed(seed, image_id)
+            with seeded(seed_i):
                 kernels = sample_kernels(p)
                 lq, lq_up = degrade(hq, kernels, p)
-            (tmp / "lq" / f"{image_id}.png").write_bytes(_png_bytes(lq[0]))
-            (tmp / "lq_up" / f"{image_id}.png").write_bytes(_png_bytes(lq_up[0]))
-            record = {"id": image_id, "hq": rel_hq, "lq": f"lq/{image_id}.png", "lq_up": f"lq_up/{image_id}.png",
-                      "hq_size": list(hq.shape[-2:]), "lq_size": list(lq.shape[-2:]), "seed": item_seed}
+            layout.write_rgb_png(layout.image_path(tmp, layout.LQ, image_id), lq[0])
+            layout.write_rgb_png(layout.image_path(tmp, layout.LQ_UP, image_id), lq_up[0])
+            record = {"id": image_id, "hq": rel_hq, "lq": f"{layout.LQ}/{image_id}.png",
+                      "lq_up": f"{layout.LQ_UP}/{image_id}.png",
+                      "hq_size": list(hq.shape[-2:]), "lq_size": list(lq.shape[-2:]), "seed": seed_i}
             record.update({k: item[k] for k in ("source", "sha256") if k in item})
             written.append(record)
 
         report = {"written": len(written), "skipped": skipped}
         if not written:
             first = f" (first problem: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
-            raise RuntimeError(f"degrade: none of the {len(items)} items in {in_dir / 'index.json'} could be "
+            raise InputError(f"degrade: none of the {len(items)} items in {in_dir / layout.INDEX} could be "
                                f"degraded{first}")
-        write_json(tmp / "report.json", report)
-        write_json(tmp / "index.json", {
+        write_json(tmp / layout.REPORT, report)
+        write_json(tmp / layout.INDEX, {
             "hq_dir": str(in_dir), "scale": p.scale, "base_seed": seed,
             "params": dataclasses.asdict(p), "items": written})
     log.info("degrade: wrote %d LQ images to %s, skipped %d", len(written), out_dir, len(skipped))

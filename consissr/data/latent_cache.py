@@ -1,19 +1,11 @@
 """Stage ``encode``: LQ/HQ pairs → scaled VAE latents in safetensors shards, and the Dataset.
 
-Layout of ``data/latents/``::
+    z = vae.encode(x).latent_dist.mode() · scaling_factor,  x ∈ [-1, 1]   (deterministic: the posterior mean)
 
-    shard-00000.safetensors   tensors "lq", "hq": (N, C, h, w); metadata "consissr": ids, params hash
-    ...
-    manifest.json             written last: counts, shapes, dtype, shards (+ sha256), source hashes
-    report.json               pairs skipped, with the reason
-
-Latents are ``vae.encode(x).latent_dist.mode() * vae.config.scaling_factor`` for x in [-1, 1]:
-the posterior mean, so the cache is deterministic. LQ is the degraded image resized back to HQ
-size (``degraded/lq_up``), as ConsisSR's ControlNet and TALA use it at latent size.
-
-Every shard is written to a temporary file and renamed, so a run killed mid-write leaves no
-readable partial shard; a rerun keeps the complete shards whose ids and params hash match and
-writes the rest. ``LatentPairDataset`` refuses a folder without a manifest.
+``data/latents/`` holds ``shard-XXXXX.safetensors`` ("lq", "hq": (N, C, h, w); ids and params
+hash in the metadata), ``manifest.json`` (written last) and ``report.json``. LQ is
+``degraded/lq_up`` (the LQ image at HQ size). Shards are written atomically; a rerun keeps the
+complete shards whose pairs and params match. ``LatentPairDataset`` refuses a folder without a manifest.
 """
 
 from __future__ import annotations
@@ -25,13 +17,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from consissr.config import section_hash
+from consissr.data import layout
+from consissr.errors import InputError, MissingInputError
 from consissr.io import atomic_path, file_sha256, write_json
 
 log = logging.getLogger(__name__)
@@ -49,22 +42,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def _read_pair(prepared: Path, degraded: Path, item_id: str) -> tuple[np.ndarray, np.ndarray, str]:
-    hq_path, lq_path = prepared / "hq" / f"{item_id}.png", degraded / "lq_up" / f"{item_id}.png"
-    arrays = []
-    for path in (hq_path, lq_path):
-        try:
-            with Image.open(path) as img:
-                if img.mode != "RGB":
-                    raise ValueError(f"{path}: expected an RGB PNG, got mode {img.mode}")
-                arrays.append(np.asarray(img, dtype=np.uint8))
-        except FileNotFoundError:
-            raise ValueError(f"{path}: missing") from None
-        except OSError as exc:
-            raise ValueError(f"{path}: unreadable: {exc}") from None
-    if arrays[0].shape != arrays[1].shape:
-        raise ValueError(f"{lq_path}: size {arrays[1].shape[:2]} differs from HQ {arrays[0].shape[:2]}")
+    hq_path = layout.image_path(prepared, layout.HQ, item_id)
+    lq_path = layout.image_path(degraded, layout.LQ_UP, item_id)
+    hq, lq = layout.read_rgb_array(hq_path), layout.read_rgb_array(lq_path)
+    if hq.shape != lq.shape:
+        raise InputError(f"{lq_path}: size {lq.shape[:2]} differs from HQ {hq.shape[:2]}")
     digest = hashlib.sha256(file_sha256(hq_path).encode() + file_sha256(lq_path).encode()).hexdigest()
-    return arrays[0], arrays[1], digest
+    return hq, lq, digest
 
 
 def _to_model(batch: list[np.ndarray], device, dtype) -> torch.Tensor:
@@ -105,9 +89,9 @@ def _shard_chunks(prepared: Path, degraded: Path, ids: list[str], size: int, ski
         try:
             hq, lq, digest = _read_pair(prepared, degraded, item_id)
             if shape is not None and hq.shape != shape:
-                raise ValueError(f"{prepared / 'hq' / item_id}.png: size {hq.shape[:2]} differs from the "
-                                 f"cache's {shape[:2]}; one crop_size per cache")
-        except ValueError as exc:
+                raise InputError(f"{layout.image_path(prepared, layout.HQ, item_id)}: size {hq.shape[:2]} "
+                                 f"differs from the cache's {shape[:2]}; one crop_size per cache")
+        except (InputError, MissingInputError) as exc:
             log.warning("skip %s", exc)
             skipped.append({"id": item_id, "reason": str(exc)})
             continue
@@ -129,10 +113,8 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
     from consissr.models.backbone import load_vae, resolve_source
 
     prepared, degraded, out = Path(prepared_dir), Path(degraded_dir), Path(out_dir)
-    index_path = degraded / "index.json"
-    if not index_path.is_file():
-        raise FileNotFoundError(f"{index_path}: missing; run the degrade stage first")
-    ids = [item["id"] for item in json.loads(index_path.read_text())["items"]]
+    index_path = degraded / layout.INDEX
+    ids = layout.read_ids(degraded, written_by="degrade")
     p = encode
     device = resolve_device(device)
     dtype = _DTYPES[p.dtype]
@@ -170,7 +152,7 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
         count += len(chunk)
     bar.close()
     if not shards:
-        raise RuntimeError(f"encode: none of the {len(ids)} pairs listed in {index_path} could be read")
+        raise InputError(f"encode: none of the {len(ids)} pairs listed in {index_path} could be read")
     for stale in sorted(out.glob("shard-*.safetensors"))[len(shards):]:
         stale.unlink()
 
@@ -181,7 +163,7 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
         "dtype": p.dtype, "scaling_factor": float(vae.config.scaling_factor), "backbone": source,
         "params_hash": params_hash, "shards": shards, "skipped": len(skipped),
     }
-    write_json(out / "report.json", {"encoded": count, "shards_reused": reused, "skipped": skipped})
+    write_json(out / layout.REPORT, {"encoded": count, "shards_reused": reused, "skipped": skipped})
     write_json(out / MANIFEST, manifest)
     log.info("encode: %d pairs in %d shards (%d reused), latent %s, %d skipped",
              count, len(shards), reused, latent_shape, len(skipped))
@@ -195,14 +177,14 @@ class LatentPairDataset(Dataset):
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
         if not manifest_path.is_file():
-            raise FileNotFoundError(f"{manifest_path}: missing: the latent cache is incomplete; rerun `consissr encode`")
+            raise MissingInputError(f"{manifest_path}: missing: the latent cache is incomplete; rerun `consissr encode`")
         self.manifest = json.loads(manifest_path.read_text())
         self._index: list[tuple[int, int]] = []
         self.ids: list[str] = []
         for s, shard in enumerate(self.manifest["shards"]):
             path = self.root / shard["file"]
             if verify and file_sha256(path) != shard["sha256"]:
-                raise ValueError(f"{path}: checksum differs from {manifest_path}")
+                raise InputError(f"{path}: checksum differs from {manifest_path}")
             with safe_open(str(path), framework="pt") as f:
                 self.ids += _shard_meta(f)["ids"]
             self._index += [(s, i) for i in range(shard["count"])]

@@ -1,14 +1,9 @@
 """Stage ``prepare``: image sources → normalised RGB → deterministic HQ crops.
 
-Sources (``prepare.sources``): the word ``embedded`` means the RGB photos that ship inside
-scikit-image (no network); any other entry is an image folder (searched recursively, so the
-ImageNet ``train/<class>/*.JPEG`` layout works) or a text file listing one path per line
-(relative paths are relative to the list file).
-
-Every input is decoded by ``load_rgb``, which normalises what it can and rejects the rest
-with a reason (README "Bad inputs"). One bad file never stops the stage: it becomes a line in
-``report.json`` and a log line. The output folder is built beside the target and swapped in
-only when complete.
+``prepare.sources``: ``embedded`` (scikit-image's RGB photos), image folders (recursive, so
+ImageNet's ``train/<class>/*.JPEG`` works) or list files. ``load_rgb`` normalises what it can and
+rejects the rest with a reason; a bad file becomes a line in ``report.json``, never a stop.
+Crops are seeded per source (``layout.item_seed``); the output folder is swapped in whole.
 """
 
 from __future__ import annotations
@@ -24,6 +19,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
+from consissr.data import layout
+from consissr.errors import InputError, MissingInputError
 from consissr.io import atomic_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -179,7 +176,7 @@ def _files(entry: str, extensions: tuple[str, ...]) -> list[Path]:
         lines = [ln.strip() for ln in path.read_text().splitlines()]
         return [(path.parent / ln) if not Path(ln).is_absolute() else Path(ln)
                 for ln in lines if ln and not ln.startswith("#")]
-    raise FileNotFoundError(f"prepare.sources: {entry!r} is neither 'embedded', a folder nor a list file")
+    raise MissingInputError(f"prepare.sources: {entry!r} is neither 'embedded', a folder nor a list file")
 
 
 def iter_sources(sources: tuple[str, ...], extensions: tuple[str, ...], duplicates: list | None = None
@@ -240,14 +237,10 @@ def crop_boxes(h: int, w: int, size: int, count: int, seed: int) -> list[tuple[i
     return boxes
 
 
-def item_seed(seed: int, key: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "little")
-
-
 # ---------------------------------------------------------------------------------------------
 # stage
 # ---------------------------------------------------------------------------------------------
-class ContaminationError(RuntimeError):
+class ContaminationError(InputError):
     pass
 
 
@@ -255,14 +248,14 @@ def prepare(p, *, out_dir: str | Path, seed: int) -> dict:
     """Write ``out_dir/hq/<id>.png`` crops, ``index.json`` and ``report.json``.
 
     ``p`` is ``config.PrepareParams``. Raises ``ContaminationError`` when a training image
-    equals an evaluation image, and ``RuntimeError`` when no input could be used.
+    equals an evaluation image, and ``InputError`` when no input could be used.
     """
     out_dir = Path(out_dir)
     guard = eval_hashes(p.eval_dirs, p.extensions)
     items, skipped, normalised, duplicates = [], [], [], []
     seen_files = 0
     with atomic_dir(out_dir) as tmp:
-        (tmp / "hq").mkdir()
+        (tmp / layout.HQ).mkdir()
         for src in tqdm(list(iter_sources(p.sources, p.extensions, duplicates)), desc="prepare", unit="img"):
             seen_files += 1
             try:
@@ -284,20 +277,21 @@ def prepare(p, *, out_dir: str | Path, seed: int) -> dict:
             if notes:
                 normalised.append({"path": src.label, "how": notes})
                 log.info("normalised %s: %s", src.label, "; ".join(notes))
-            for k, (y, x) in enumerate(crop_boxes(h, w, p.crop_size, p.crops_per_image, item_seed(seed, src.key))):
+            for k, (y, x) in enumerate(crop_boxes(h, w, p.crop_size, p.crops_per_image,
+                                                    layout.item_seed(seed, src.key))):
                 crop = rgb[y:y + p.crop_size, x:x + p.crop_size]
                 item_id = f"{src.key}_c{k}"
-                Image.fromarray(crop).save(tmp / "hq" / f"{item_id}.png")
+                layout.write_rgb_png(layout.image_path(tmp, layout.HQ, item_id), crop)
                 items.append({"id": item_id, "source": src.label, "box": [x, y, p.crop_size, p.crop_size],
                               "source_sha256": digest, "sha256": content_hash(crop)})
         report = {"files_seen": seen_files, "images_used": len({i["source"] for i in items}),
                   "crops_written": len(items), "normalised": normalised, "skipped": skipped,
                   "duplicates": duplicates}
         if not items:
-            raise RuntimeError(
+            raise InputError(
                 f"prepare: none of the {seen_files} input files in {list(p.sources)} could be used"
                 + (f" (first problem: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""))
-        write_json(tmp / "index.json", {"crop_size": p.crop_size, "count": len(items), "items": items})
-        write_json(tmp / "report.json", report)
+        write_json(tmp / layout.INDEX, {"crop_size": p.crop_size, "count": len(items), "items": items})
+        write_json(tmp / layout.REPORT, report)
     log.info("prepare: %d crops from %d images, %d skipped", len(items), report["images_used"], len(skipped))
     return report

@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 
+from consissr.errors import MissingInputError
+from consissr.io import atomic_dir, write_json
+
 EMBEDDED = "embedded"
 EMBEDDED_DIR = Path("data/models/backbone")
 PAPER_BACKBONE = "stabilityai/stable-diffusion-2-1-base"
@@ -100,20 +103,9 @@ def build_tiny_backbone(out_dir: str | Path, *, seed: int, vae_dir: str | Path |
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDPMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False)
-    # save next to the target, then swap in, so an interrupted build leaves no half backbone
-    tmp_dir = out_dir.with_name(out_dir.name + ".tmp")
-    _rmtree(tmp_dir)
-    pipe.save_pretrained(tmp_dir, safe_serialization=True)
-    _rmtree(out_dir)
-    tmp_dir.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:  # an interrupted build leaves no half backbone
+        pipe.save_pretrained(tmp, safe_serialization=True)
     return out_dir
-
-
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    if path.exists():
-        shutil.rmtree(path)
 
 
 def resolve_source(pretrained: str, embedded_dir: str | Path = EMBEDDED_DIR) -> str:
@@ -121,7 +113,7 @@ def resolve_source(pretrained: str, embedded_dir: str | Path = EMBEDDED_DIR) -> 
     if pretrained == EMBEDDED:
         path = Path(embedded_dir)
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"{path}: the embedded backbone is missing; run `consissr backbone` (or `dvc repro backbone`)")
         return str(path)
     return pretrained
@@ -181,11 +173,9 @@ def write_backbone(params, *, out_dir: str | Path = EMBEDDED_DIR, seed: int,
     out_dir = Path(out_dir)
     if params.pretrained == EMBEDDED:
         if vae_dir is None or not (Path(vae_dir) / "config.json").is_file():
-            raise FileNotFoundError(f"{vae_dir}: no trained VAE for the embedded backbone; run `consissr train-vae` "
+            raise MissingInputError(f"{vae_dir}: no trained VAE for the embedded backbone; run `consissr train-vae` "
                                     "(or `dvc repro train_vae`)")
         return build_tiny_backbone(out_dir, seed=seed, vae_dir=vae_dir)
-    _rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    (out_dir / "source.json").write_text(
-        json.dumps({"pretrained": params.pretrained, "revision": params.revision}, indent=2))
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "source.json", {"pretrained": params.pretrained, "revision": params.revision})
     return out_dir

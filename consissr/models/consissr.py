@@ -1,43 +1,34 @@
 """The ConsisSR network (paper §3.2–3.3, Fig. 3/5): frozen SD UNet + ControlNet + hybrid prompt.
 
-``ConsisSRNet`` assembles
-
-* the backbone's **UNet**, frozen, with the self-attention additions of ``self_attention.py``
-  (positional embedding + transposed attention, zero-initialised) on every ``attn1``;
-* a **ControlNet** made by ``ControlNetModel.from_unet`` and conditioned on the LQ input;
-* the **Hybrid Prompt Adapter** of ``hpa.py`` on every ``attn2`` of both, fed by an
-  ``ImageProjection`` of the robust CLIP image embedding.
-
-A fresh net predicts exactly what the plain UNet predicts (every addition starts at zero and
-the ControlNet's zero convolutions add zero residuals), bit for bit in fp32.
-
-Only what is trained is saved (``save_pretrained``): the ControlNet through its own
-``save_pretrained`` and the added parameters in one safetensors file with a config json.
-The frozen UNet comes back from the backbone (``from_pretrained(directory, backbone)``).
+``ConsisSRNet`` = the backbone's frozen UNet with the self-attention additions
+(``self_attention.py``) on every ``attn1``, a ControlNet (``ControlNetModel.from_unet``)
+conditioned on the LQ input, and the Hybrid Prompt Adapter (``hpa.py``) on every ``attn2`` of
+both. A fresh net predicts exactly what the plain UNet predicts, bit for bit in fp32. Only the
+trained parts are saved (``save_pretrained``: ``controlnet/`` + adapters safetensors + config
+json); the frozen UNet comes back from the backbone.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from consissr.errors import InputError
+from consissr.io import atomic_dir, write_json
 from consissr.models.hpa import (
     IMAGE_TOKENS_KWARG,
     ImageProjection,
     install_hybrid_prompt_adapter,
     set_hpa_scale,
 )
-from consissr.models.self_attention import SelfAttentionAddition, install_self_attention
+from consissr.models.self_attention import install_self_attention
 
 if TYPE_CHECKING:
-    from consissr.config import ModelParams, Params
+    from consissr.config import ModelParams
 
 CONFIG_NAME = "consissr_config.json"
 WEIGHTS_NAME = "consissr_adapters.safetensors"
@@ -45,38 +36,6 @@ CONTROLNET_SUBFOLDER = "controlnet"
 FORMAT_VERSION = 1
 TRAINING_KEY = "training"  # consissr_config.json: {"steps", "prior_pretrained", "backbone"} (training_record)
 
-# stabilityai/stable-diffusion-2-1-base, unet/config.json (diffusers' names; "attention_head_dim"
-# there is really the number of heads per level: 320/5 = 640/10 = 1280/20 = 64 channels a head)
-SD21_BASE_UNET_CONFIG: dict[str, Any] = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": [5, 10, 20, 20],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 1024,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "use_linear_projection": True,
-}
-SD21_BASE_UNET_PARAMETERS = 865_910_724  # what that config builds (the released weights' count)
-PAPER_POS_EMBED_GRID = 64  # 512² training crops, paper §4.1
-PAPER_CLIP = "ViT-H-14"  # robust CLIP tower, paper §4.1 (image embedding width 1024)
-PAPER_CLIP_EMBED_DIM = 1024
-TINY_CLIP = "consissr-tiny-vit"
-TINY_CLIP_EMBED_DIM = 64
 
 
 def build_controlnet(unet: nn.Module, conditioning: str = "latent", *, vae_scale_factor: int = 8):
@@ -250,22 +209,16 @@ class ConsisSRNet(nn.Module):
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        tmp = directory.with_name(directory.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        self.controlnet.save_pretrained(tmp / CONTROLNET_SUBFOLDER, safe_serialization=True)
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
-        save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = dict(self.config, format_version=FORMAT_VERSION,
-                      cross_attention_dim=self.unet.config.cross_attention_dim,
-                      block_out_channels=list(self.unet.config.block_out_channels))
-        if self.training_info:
-            config[TRAINING_KEY] = self.training_info
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if directory.exists():
-            shutil.rmtree(directory)
-        tmp.rename(directory)
+        with atomic_dir(directory) as tmp:
+            self.controlnet.save_pretrained(tmp / CONTROLNET_SUBFOLDER, safe_serialization=True)
+            state = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            config = dict(self.config, format_version=FORMAT_VERSION,
+                          cross_attention_dim=self.unet.config.cross_attention_dim,
+                          block_out_channels=list(self.unet.config.block_out_channels))
+            if self.training_info:
+                config[TRAINING_KEY] = self.training_info
+            write_json(tmp / CONFIG_NAME, config, sort_keys=True)
         return directory
 
     @classmethod
@@ -277,14 +230,14 @@ class ConsisSRNet(nn.Module):
         directory = Path(directory)
         config = json.loads((directory / CONFIG_NAME).read_text())
         if config.pop("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory}: unsupported format version")
+            raise InputError(f"{directory}: unsupported format version")
         training_info = config.pop(TRAINING_KEY, {})
         unet = getattr(backbone, "unet", backbone)
         for key in ("cross_attention_dim", "block_out_channels"):
             saved, have = config.pop(key), unet.config[key]
             have = list(have) if isinstance(have, (list, tuple)) else have
             if saved != have:
-                raise ValueError(f"{directory}: saved for a UNet with {key}={saved}, got {have}")
+                raise InputError(f"{directory}: saved for a UNet with {key}={saved}, got {have}")
         weight = unet.conv_in.weight
         controlnet = ControlNetModel.from_pretrained(directory / CONTROLNET_SUBFOLDER, torch_dtype=weight.dtype)
         if controlnet.device != weight.device:
@@ -294,7 +247,7 @@ class ConsisSRNet(nn.Module):
         expected = set(net.adapter_state_dict())
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise ValueError(f"{directory}: adapter weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            raise InputError(f"{directory}: adapter weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
         net.load_state_dict(state, strict=False)
         net.training_info = training_info
         return net
@@ -353,134 +306,3 @@ def apply_trainable_policy(net: ConsisSRNet) -> list[nn.Parameter]:
     for parameter in net.controlnet.parameters():
         parameter.requires_grad_(id(parameter) not in frozen)
     return [p for p in net.parameters() if p.requires_grad]
-
-
-# --------------------------------------------------------------------------------------------
-# parameter counts (`consissr model-info`)
-# --------------------------------------------------------------------------------------------
-def _count(params) -> dict[str, int]:
-    params = list(params)
-    return {"total": sum(p.numel() for p in params), "trainable": sum(p.numel() for p in params if p.requires_grad)}
-
-
-def count_parameters(net: ConsisSRNet) -> dict[str, dict[str, int]]:
-    """Total / trainable parameters per part (after ``apply_trainable_policy``)."""
-    pos, transposed = [], []
-    for addition in net.self_attention.values():
-        assert isinstance(addition, SelfAttentionAddition)
-        if addition.pos_embed is not None:
-            pos.append(addition.pos_embed)
-        if addition.transposed is not None:
-            transposed += list(addition.transposed.parameters())
-    return {
-        "unet": _count(net.unet.parameters()),
-        "pos_embed": _count(pos),
-        "transposed_attention": _count(transposed),
-        "controlnet": _count(net.controlnet.parameters()),
-        "hpa_unet": _count(net.hpa_unet.parameters()),
-        "hpa_controlnet": _count(net.hpa_controlnet.parameters()),
-        "image_projection": _count(net.image_proj.parameters()),
-    }
-
-
-def build_paper_net_on_meta(params: ModelParams) -> ConsisSRNet:
-    """The paper-scale net (SD 2.1-base UNet config, ViT-H-14 embedding) with no memory: meta device."""
-    from accelerate import init_empty_weights
-    from diffusers import UNet2DConditionModel
-
-    config = {k: v for k, v in SD21_BASE_UNET_CONFIG.items() if not k.startswith("_")}
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**config)
-        return ConsisSRNet.from_backbone(
-            unet, dataclasses.replace(params, pos_embed_grid=PAPER_POS_EMBED_GRID),
-            image_embed_dim=PAPER_CLIP_EMBED_DIM)
-
-
-def robust_clip_parameters(model_name: str) -> tuple[int, int] | None:
-    """(parameters, embed_dim) of the robust CLIP student tower, built on the meta device.
-
-    ``None`` when ``consissr.models.robust_clip`` is not available.
-    """
-    try:
-        from consissr.models.robust_clip import RobustCLIP
-    except ImportError:
-        return None
-    from accelerate import init_empty_weights
-
-    with init_empty_weights():
-        clip = RobustCLIP(model_name=model_name, pretrained=None, with_teacher=False, device="meta")
-    return sum(p.numel() for p in clip.student.parameters()), clip.embed_dim
-
-
-def model_info(params: Params, profile: str, backbone_dir: str | Path) -> dict[str, Any]:
-    """Parameter counts for one profile: ``tiny`` (the saved embedded backbone) or ``paper`` (meta)."""
-    from consissr.models.backbone import build_tiny_backbone, load_backbone
-
-    clip_name = TINY_CLIP if profile == "tiny" else PAPER_CLIP
-    clip = robust_clip_parameters(clip_name)
-    embed_dim = clip[1] if clip else (TINY_CLIP_EMBED_DIM if profile == "tiny" else PAPER_CLIP_EMBED_DIM)
-    if profile == "tiny":
-        backbone_dir = Path(backbone_dir)
-        with tempfile.TemporaryDirectory() as tmp:
-            if not (backbone_dir / "model_index.json").is_file():
-                backbone_dir = build_tiny_backbone(Path(tmp) / "backbone", seed=params.base.seed)
-            unet = load_backbone("embedded", embedded_dir=backbone_dir).unet
-        net = ConsisSRNet.from_backbone(unet, params.model, image_embed_dim=embed_dim)
-        source = str(backbone_dir)
-    elif profile == "paper":
-        net = build_paper_net_on_meta(params.model)
-        source = "SD 2.1-base UNet config (meta device)"
-    else:
-        raise ValueError(f"profile must be 'tiny' or 'paper', got {profile!r}")
-    apply_trainable_policy(net)
-    counts = count_parameters(net)
-    counts["robust_clip"] = {"total": clip[0] if clip else 0, "trainable": 0}
-    return {"profile": profile, "source": source, "clip": clip_name, "image_embed_dim": embed_dim,
-            "pos_embed_grid": net.config["pos_embed_grid"], "counts": counts}
-
-
-_ROWS = [
-    ("unet", "UNet (frozen SD)"),
-    ("pos_embed", "  + positional embeddings"),
-    ("transposed_attention", "  + transposed attention"),
-    ("controlnet", "ControlNet"),
-    ("hpa_unet", "HPA output layers, UNet"),
-    ("hpa_controlnet", "HPA output layers, ControlNet"),
-    ("image_projection", "HPA image projection"),
-    ("robust_clip", "Robust CLIP student (own stage)"),
-]
-
-
-def describe_training(record: dict[str, Any]) -> str:
-    """One line on how the saved diffusion model was trained (``training_record``)."""
-    if not record:
-        return "no trained ConsisSR model saved yet (run `dvc repro train_sdsr`)"
-    prior = ("pretrained prior" if record["prior_pretrained"]
-             else "untrained prior (the embedded backbone's UNet is random)")
-    return f"trained {record['steps']:,d} diffusion steps on {record['backbone']}; {prior}"
-
-
-def print_model_info(params: Params, profile: str = "both", backbone_dir: str | Path = "data/models/backbone",
-                     model_dir: str | Path = "data/models/consissr") -> dict:
-    """Print total and trainable parameter counts per part for the tiny and/or paper profile,
-    and how the saved model in ``model_dir`` was trained."""
-    profiles = ["tiny", "paper"] if profile == "both" else [profile]
-    record = read_training_record(model_dir)
-    print(f"Saved model {model_dir}: {describe_training(record)}")
-    print()
-    results: dict[str, Any] = {"training": record}
-    for name in profiles:
-        info = model_info(params, name, backbone_dir)
-        results[name] = info
-        counts = info["counts"]
-        print(f"ConsisSR {name} profile — {info['source']}; CLIP {info['clip']} (D={info['image_embed_dim']}), "
-              f"pos-embedding grid {info['pos_embed_grid']}")
-        print(f"  {'part':34s} {'total':>14s} {'trainable':>14s}")
-        for key, label in _ROWS:
-            c = counts[key]
-            print(f"  {label:34s} {c['total']:>14,d} {c['trainable']:>14,d}")
-        net_total = sum(c["total"] for k, c in counts.items() if k != "robust_clip")
-        net_trainable = sum(c["trainable"] for c in counts.values())
-        print(f"  {'SD-SR net total':34s} {net_total:>14,d} {net_trainable:>14,d}")
-        print()
-    return results

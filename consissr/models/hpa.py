@@ -1,38 +1,14 @@
-"""Hybrid Prompt Adapter (paper §3.2, Fig. 3): text and robust-CLIP image prompts in one cross-attention.
+"""Hybrid Prompt Adapter (paper §3.3, Fig. 3): text and robust-CLIP image prompts in one cross-attention.
 
-Every cross-attention (``attn2``) of the UNet and of the ControlNet gets a
-``HybridPromptAttnProcessor``. With the layer's *original, frozen* ``to_q``/``to_k``/``to_v``
-it runs two scaled-dot-product attentions that share the query::
+    out = to_out(Attn(Q, K_txt, V_txt) + scale · W_img(Attn(Q, K_img, V_img)))
 
-    text  = Attn(Q, K_txt, V_txt)          K_txt, V_txt = to_k(c_txt), to_v(c_txt)
-    image = Attn(Q, K_img, V_img)          K_img, V_img = to_k(c_img), to_v(c_img)
-    out   = to_out(text + scale · W_img(image))
-
-``W_img`` (``HybridPromptAdapter.to_out_image``) is the only new weight per layer: an
-``nn.Linear(head_dim, head_dim)`` applied to every head's image output, zero-initialised, as in
-the authors' code (``to_out_ip``). Decoupling through the *same* ``to_k``/``to_v`` keeps the
-image tokens in the space the frozen SD already reads prompts from; only how much of the image
-answer enters the residual stream is learned.
-
-Image tokens ``c_img`` are made once per forward by ``ImageProjection`` from the robust CLIP
-image embedding (B, D): ``Linear(D → N·C)`` + ``LayerNorm(C)``, IP-Adapter's ``ImageProjModel``,
-where C is the cross-attention width (SD 2.1: 1024) and N the number of image tokens. The
-projection is *not* zero-initialised: the zero ``to_out_image`` already makes a fresh adapter
-an exact no-op, and zeroing both would leave each without gradient forever (the authors'
-``ft_layers`` zero their last layer *and* ``to_out_ip``).
-
-How image tokens reach the processors: through the models' normal forward as
-``cross_attention_kwargs={IMAGE_TOKENS_KWARG: tokens}`` (``"ip_hidden_states"``), e.g.
-``unet(x, t, text, cross_attention_kwargs={"ip_hidden_states": tokens})``. diffusers'
-``Attention.forward`` silently drops that one key for processors that do not take it (its
-``quiet_attn_parameters``), so the self-attention processors elsewhere are left as they are and
-no warning is logged per layer. No tokens (or ``scale == 0``) gives the text-only attention,
-computed exactly as diffusers' ``AttnProcessor2_0`` does.
-
-The processors are plain objects, not ``nn.Module``s: the trainable ``HybridPromptAdapter``s live
-in the ``nn.ModuleDict`` that ``install_hybrid_prompt_adapter`` returns (owned by
-``ConsisSRNet``), so the UNet's and ControlNet's own ``state_dict``/``save_pretrained`` stay
-exactly diffusers' format.
+with the layer's own frozen ``to_q``/``to_k``/``to_v`` for both branches. ``W_img`` (per-head
+``Linear``, zero-initialised, the authors' ``to_out_ip``) is the only new weight per layer;
+image tokens come from ``ImageProjection`` (IP-Adapter's ``Linear(D → N·C)`` + ``LayerNorm``),
+not zero-initialised, as zeroing both would leave neither a gradient. Tokens travel as
+``cross_attention_kwargs={"ip_hidden_states": tokens}``. The trainable adapters live in the
+``ModuleDict`` that ``install_hybrid_prompt_adapter`` returns, so the UNet's and ControlNet's
+own ``state_dict`` stay diffusers' format.
 """
 
 from __future__ import annotations

@@ -1,18 +1,12 @@
-"""Robust CLIP (paper §3.2, Eq. 3): a CLIP image encoder fine-tuned to see through degradations.
-
-A frozen *teacher* CLIP visual tower embeds the high-quality image; a trainable *student* copy
-of it embeds the degraded low-quality image, and the student learns to match the teacher:
+"""Robust CLIP (paper §3.3, Eq. 3): a CLIP image encoder fine-tuned to see through degradations.
 
     L_robust = || E_student(I_LQ) - E_teacher(I_HQ) ||²            (Eq. 3)
 
-Both towers come from open_clip's own ``create_model_and_transforms`` (the only place this
-project imports open_clip), so the paper's ``ViT-H-14`` / ``laion2b_s32b_b79k`` and the tiny
-``consissr-tiny-vit`` registered from ``clip_configs/`` load through the same code path, as do
-``pretrained=<checkpoint file>`` and ``model_name="local-dir:<folder>"`` (a folder holding
-``open_clip_config.json`` + ``open_clip_model.safetensors``). Only the visual towers are kept.
-
-The trained student is saved as ``robust_clip.safetensors`` + ``config.json``; restoring it
-for inference (``with_teacher=False``) needs no pretrained CLIP weights.
+Both visual towers come from open_clip's ``create_model_and_transforms`` (the one place this
+project imports open_clip): ``ViT-H-14`` / ``laion2b_s32b_b79k``, the tiny ``consissr-tiny-vit``
+from ``clip_configs/``, a checkpoint file or ``local-dir:<folder>``. The trained student is saved
+as ``robust_clip.safetensors`` + ``config.json``; inference (``with_teacher=False``) needs no
+pretrained CLIP weights.
 """
 
 from __future__ import annotations
@@ -29,6 +23,9 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from consissr.errors import InputError
+from consissr.io import atomic_path, write_json
 
 if TYPE_CHECKING:
     from consissr.config import ClipParams
@@ -92,7 +89,7 @@ def _load_visual(
 
 
 class RobustCLIP(nn.Module):
-    """Frozen teacher + trainable student CLIP visual towers (paper §3.2, Eq. 3).
+    """Frozen teacher + trainable student CLIP visual towers (paper §3.3, Eq. 3).
 
     Args:
         model_name: an open_clip model name (paper: ``"ViT-H-14"``; tiny: ``"consissr-tiny-vit"``)
@@ -196,7 +193,7 @@ class RobustCLIP(nn.Module):
             with_teacher=with_teacher, preprocess_cfg=config["preprocess_cfg"])
         model.student.load_state_dict(state, strict=True)
         if model.embed_dim != config["embed_dim"]:
-            raise ValueError(
+            raise InputError(
                 f"{directory}: embed_dim {model.embed_dim} != saved {config['embed_dim']}")
         return model
 
@@ -212,10 +209,9 @@ class RobustCLIP(nn.Module):
                   "image_size": self.image_size, "embed_dim": self.embed_dim,
                   "preprocess_cfg": self.preprocess_cfg}
         # weights first: config.json appearing marks a complete save
-        _atomic_write(directory / WEIGHTS_NAME,
-                      lambda tmp: save_file(state, str(tmp), metadata={"format": "pt"}))
-        text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-        _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(text))
+        with atomic_path(directory / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": "pt"})
+        write_json(directory / CONFIG_NAME, config, sort_keys=True)
         return directory
 
     # ----------------------------------------------------------------------------------------
@@ -313,16 +309,6 @@ def _center_crop_or_pad(x: torch.Tensor, target: tuple[int, int], fill: float) -
 def _plain_preprocess_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     """JSON-friendly copy of open_clip's preprocess cfg (tuples → lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
-
-
-def _atomic_write(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 __all__ = ["CLIP_CONFIG_DIR", "PAPER_CLIP", "RobustCLIP", "robust_clip_loss"]

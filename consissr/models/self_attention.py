@@ -1,32 +1,13 @@
-"""Self-attention additions to the frozen UNet (paper §3.3, Fig. 5).
+"""Self-attention additions to the frozen UNet (paper Fig. 5): positional embedding + transposed attention.
 
-Two zero-initialised, trainable additions to every transformer block's self-attention
-(``attn1``) of the UNet, installed as one attention processor per layer
-(``ConsisSelfAttnProcessor``) so diffusers' models are used as they are:
+    attn1(x) = SA(n1(x); Q + P, K + P) + TA(n1(x))      P: learned positional table, TA: Restormer's MDTA
 
-1. **Learned absolute positional embedding.** A (head_dim, G_l, G_l) table per layer, zero at
-   start, added — as in the authors' code (``MemoryEfficientSelfAttentionWithPosEmb``) — to the
-   projected queries and keys of every head (values are left alone). G_l is the layer's token
-   grid for the training crop (``pos_embed_grid`` latent pixels divided by the level's
-   downsampling). At any other latent size (non-square, not 512², odd) the table is resized
-   bilinearly to the layer's actual h×w; at the training size it is used as stored. The
-   authors' code only accepts 512² inputs.
-2. **Transposed (channel) self-attention** in Restormer's MDTA form (Zamir et al. 2022, §3.1):
-   1×1 conv then 3×3 depthwise conv make Q, K, V; per head, L2-normalised Q and K give a C×C
-   attention scaled by a learned temperature; a 1×1 conv projects out. The output projection is
-   zero-initialised and the branch is added to the self-attention output, i.e. residually in
-   the block: ``x + SA(n1(x)) + TA(n1(x))`` with ``n1`` the block's own ``norm1``. (The authors'
-   code runs it after ``attn1`` with its own LayerNorm; a processor can only see ``attn1``'s
-   input, and at zero initialisation both forms are the same function.)
-
-Both additions need the layer's spatial size, which the token sequence (B, h·w, C) does not
-carry: a forward pre-hook on each ``Transformer2DModel`` records its input's (h, w), keyed by
-token count, on the processors of its blocks (the key keeps a recomputation under gradient
-checkpointing on the right shape).
-
-The trainable modules live in the ``nn.ModuleDict`` that ``install_self_attention`` returns
-(owned by ``ConsisSRNet``); the processors are plain objects, so the UNet's own ``state_dict``
-stays diffusers' format.
+Both are zero-initialised, one ``ConsisSelfAttnProcessor`` per ``attn1``. The positional table
+is stored on the training grid (``pos_embed_grid``) and resized bilinearly to any other latent
+size (the authors' code accepts 512² only); MDTA (Zamir et al. 2022) runs in parallel with the
+self-attention on the block's own ``norm1`` output. A forward pre-hook on each
+``Transformer2DModel`` records the layer's (h, w), which the token sequence does not carry. The
+trainable modules live in the ``ModuleDict`` that ``install_self_attention`` returns.
 """
 
 from __future__ import annotations
@@ -39,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from consissr.models.attention_ops import merge_heads, prepare_mask_and_norm, project_out, split_heads
-
 from consissr.models.hpa import module_key
 
 _PROCESSOR_SUFFIX = ".processor"

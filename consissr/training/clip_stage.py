@@ -1,18 +1,11 @@
-"""Stage ``train_clip``: robust CLIP fine-tuning (paper §3.2, Eq. 3).
+"""Stage ``train_clip``: robust CLIP fine-tuning (paper §3.3, Eq. 3).
 
     L_robust = || E'(I_LQ) - E(I_HQ) ||²                              (Eq. 3)
 
 The student E' (a copy of the CLIP image tower) sees the degraded image, the frozen teacher E
-the clean one; only the student is trained, with Adam β = (0.9, 0.99), lr 1e-5, batch 8 per GPU
-and 100K iterations in the paper (§4.1). Both images are resized and centre-cropped to the CLIP
-input size (224², ``RobustCLIP.preprocess``).
-
-Outputs in ``out_dir`` (``data/models/robust_clip/``):
-    ``robust_clip.safetensors`` + ``config.json`` — the student (``RobustCLIP.from_pretrained``);
-    ``train_log.json`` — loss and lr per step, the steps run, the seconds taken;
-    ``checkpoints/step-XXXXXXXX/`` — resumable checkpoints (``consissr.training.loop``).
-MLflow (``consissr.tracking``): params, ``loss``/``lr`` per step, the final weights under
-``robust_clip/`` and ``plots/loss_curve.png``.
+the clean one; only the student trains (paper §4.1: Adam β = (0.9, 0.99), lr 1e-5, batch 8 per
+GPU, 100K iterations). Writes ``robust_clip.safetensors`` + ``config.json``, ``train_log.json``
+and ``checkpoints/`` into ``data/models/robust_clip/``.
 """
 
 from __future__ import annotations
@@ -29,9 +22,9 @@ from consissr.data.pairs import PairedImageDataset
 from consissr.models.robust_clip import CONFIG_NAME, WEIGHTS_NAME, RobustCLIP
 from consissr.training import loop
 from consissr.training.loop import LoopSettings, TrainResult
+from consissr.training.report import report_training
 
 log = logging.getLogger(__name__)
-
 
 
 def robust_clip_step(model: torch.nn.Module, batch: dict) -> torch.Tensor:
@@ -40,7 +33,7 @@ def robust_clip_step(model: torch.nn.Module, batch: dict) -> torch.Tensor:
 
 
 def loop_settings(train: TrainClipParams, *, seed: int, device: str) -> LoopSettings:
-    return LoopSettings.from_params(train, global_batch=False, seed=seed, device=device)  # batch_size is per process
+    return LoopSettings.from_params(train, seed=seed, device=device, batch_size_per_device=train.batch_size_per_device)
 
 
 def train_clip(
@@ -77,13 +70,12 @@ def train_clip(
         run.set_tags({"dataset.pairs": len(dataset), "dataset.fingerprint": dataset.fingerprint})
         # 3. Eq. 3 through the shared loop (checkpoints, resume, DDP, mixed precision)
         result = loop.train(model=model, loss_fn=robust_clip_step, dataset=dataset, settings=settings,
-                       out_dir=out_dir, tracker=run,
-                       fingerprint={"clip": clip, "data": dataset.fingerprint})
+                            out_dir=out_dir, tracker=run, fingerprint={"clip": clip, "data": dataset.fingerprint})
 
         # 4. the final student, the training log, MLflow artifacts (main process only)
         if result.is_main_process:
             robust = result.model
             robust.save_pretrained(out_dir)
-            loop.report(result, out_dir, run, loss_label="train_clip (Eq. 3) loss",
+            report_training(result, out_dir, run, loss_label="train_clip (Eq. 3) loss",
                         artifacts=[(out_dir / WEIGHTS_NAME, "robust_clip"), (out_dir / CONFIG_NAME, "robust_clip")])
     return result

@@ -1,90 +1,39 @@
-"""The shared training loop: accelerate, exact resume, atomic checkpoints, divergence stop.
+"""The shared training loop: accelerate, exact resume, divergence stop.
 
 One code path for CPU, one GPU and several GPUs (DDP under ``accelerate launch`` / ``torchrun``),
-with bf16/fp16 mixed precision, gradient accumulation and optional gradient checkpointing.
-A stage (``clip_stage.py``: Eq. 3; ``sdsr_stage.py``: Algorithm 1) brings only what is its own:
-
-* ``model`` — an ``nn.Module`` holding everything the loss needs. Its parameters with
-  ``requires_grad=True`` are what Adam trains and what a checkpoint stores; frozen parts
-  (a teacher, the VAE) must be rebuilt identically by the stage (seeded or pretrained).
-* ``loss_fn(model, batch) -> loss`` or ``(loss, {name: value})`` — one micro-batch's scalar loss.
-  ``model`` is the prepared (under DDP: ``DistributedDataParallel``-wrapped) module, so the loss
-  must go through ``model(...)`` (its ``forward``) for gradients to be all-reduced; reach other
-  attributes through ``unwrap(model)``. Randomness (noise, timesteps, TALA's coin) should come
-  from the global torch RNG, which the checkpoint saves and restores per rank.
-* ``dataset`` — a map-style ``Dataset`` whose item ``i`` depends only on ``i`` (randomness goes
-  in ``loss_fn``); batches are collated (default or ``collate_fn``) and moved to the device.
-* optionally ``sample_fn(model, step) -> {name: image}`` — called on the main process every
-  ``sample_every`` steps with the unwrapped model in eval mode under ``torch.no_grad``, inside a
-  forked RNG (sampling never changes the training trajectory); each image (PIL, or HWC numpy)
-  is logged as ``samples/step-XXXXXXXX/<name>.png``.
-* optionally a ``tracker`` (``consissr.tracking.Run``; anything with ``log_metrics(metrics, step)``,
-  ``log_image(image, name)`` and ``set_tags(tags)``): this module never imports mlflow, and only
-  the main process calls it.
-
-Data order
-    Samples are drawn from an endless stream of per-epoch permutations,
-    ``numpy.random.default_rng([seed, epoch]).permutation(len(dataset))``; each micro-batch takes
-    the next ``batch_size × num_processes`` of them and rank ``r`` keeps the ``r``-th slice. The
-    position in the stream (``epoch``, ``index``) is part of the checkpoint.
-
-Checkpoints (``out_dir/checkpoints/step-XXXXXXXX/``, every ``checkpoint_every`` steps and at the end)
-    ``trainable.safetensors`` (the trainable weights), ``state.pt`` (optimizer, LR scheduler,
-    grad scaler, every rank's RNG states — python, numpy, torch, cuda —, step, data position,
-    loss/lr history, settings fingerprint) and ``meta.json`` (the same, human-readable, minus
-    tensors). A checkpoint is written into a hidden folder beside and renamed into place, so a
-    kill at any moment leaves only complete checkpoints; the last ``keep_checkpoints`` are kept.
-    ``state.pt`` holds only tensors and plain Python values and is read with
-    ``torch.load(weights_only=True)``. (accelerate's ``save_state``/``load_state`` were not
-    used: they write in place rather than atomically, store frozen weights too, and
-    ``load_state`` silently continues when RNG states fail to load.)
-
-Resume
-    ``train`` continues from the latest checkpoint in ``out_dir/checkpoints`` when its
-    fingerprint (the settings that shape the trajectory — everything but ``iterations`` and the
-    logging/checkpoint cadence —, the number of processes and the caller's ``fingerprint``) equals
-    this run's; a resumed run then reproduces the uninterrupted one exactly (same losses, same
-    weights, on the same hardware). Checkpoints of other settings are removed with a warning,
-    as DVC would have removed the whole output. Raising ``iterations`` continues a finished run.
-
-Divergence
-    A NaN or infinite loss on any rank stops every rank with :class:`TrainingDiverged`, naming
-    the step and the last good checkpoint.
+bf16/fp16, gradient accumulation and checkpointing. A stage brings ``model`` (its
+``requires_grad`` parameters are what Adam trains and a checkpoint stores), ``loss_fn(model,
+batch)`` (through ``model(...)`` so DDP all-reduces; randomness from the global torch RNG, which
+checkpoints restore per rank), a map-style ``dataset`` whose item ``i`` depends only on ``i``, and
+optionally ``sample_fn`` and a ``tracking.Tracker``. Data order: an endless stream of seeded
+per-epoch permutations, rank ``r`` taking the ``r``-th slice of each global micro-batch.
+Checkpoints and the resume rules: ``checkpoint.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import os
 import random
-import re
-import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 from tqdm.auto import tqdm
 
-log = logging.getLogger(__name__)
+from consissr.errors import ParamsError
+from consissr.tracking import NullRun, Tracker
+from consissr.training import checkpoint as ckpt
 
-STALE = "stale"
-CHECKPOINTS = "checkpoints"
-WEIGHTS_FILE = "trainable.safetensors"
-STATE_FILE = "state.pt"
-META_FILE = "meta.json"
-CHECKPOINT_VERSION = 1
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+log = logging.getLogger(__name__)
 
 LossOutput = torch.Tensor | tuple[torch.Tensor, Mapping[str, Any]]
 LossFn = Callable[[nn.Module, Any], LossOutput]
@@ -95,52 +44,35 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
-class Tracker(Protocol):
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
-    def log_image(self, image: Any, name: str, step: int | None = None) -> None: ...
-    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
-
-
-class _NoTracker:
-    def log_metrics(self, metrics, step): ...
-    def log_image(self, image, name, step=None): ...
-    def set_tags(self, tags): ...
-
-
 @dataclass(frozen=True)
 class LoopSettings:
-    """Everything the loop needs to know about optimisation and bookkeeping.
+    """Everything the loop needs to know about optimisation and bookkeeping (ranges: ``config.py``).
 
     Args:
         iterations: optimizer steps in total (a resumed run counts from its checkpoint).
-        batch_size: micro-batch per process, or, with ``global_batch``, the effective batch
-            (``batch_size = per-process micro-batch × num_processes × gradient_accumulation``).
+        batch_size_per_device / global_batch_size: exactly one; the global batch is the
+            per-process micro-batch × processes × ``gradient_accumulation``.
         lr, betas, eps, weight_decay: Adam (paper §4.1: β = (0.9, 0.99)).
         lr_warmup_steps: linear warm-up from 0 to ``lr`` over this many steps, then constant.
-        gradient_accumulation: micro-batches per optimizer step.
         mixed_precision: ``no`` | ``bf16`` | ``fp16`` (fp16 needs a GPU; it uses a grad scaler).
-        gradient_checkpointing: call the model's own switch (diffusers
-            ``enable_gradient_checkpointing``, transformers ``gradient_checkpointing_enable``,
-            open_clip ``set_grad_checkpointing``) — the model, or each submodule that has one.
+        gradient_checkpointing: call the model's own switch (or each trainable submodule's).
         max_grad_norm: clip the global gradient norm (None: no clipping).
-        checkpoint_every: steps between checkpoints (0: only the final one).
-        keep_checkpoints: how many of the newest checkpoints to keep (≥ 1).
-        log_every: steps between tracker metric writes (the mean loss since the last write).
-        sample_every: steps between ``sample_fn`` calls (0: never).
-        num_workers: DataLoader worker processes.
+        checkpoint_every / keep_checkpoints: steps between checkpoints (0: only the final one) / how many kept.
+        log_every / sample_every: steps between tracker metric writes / ``sample_fn`` calls (0: never).
         seed: seeds the data order and, on a fresh start, every RNG (``seed + rank``).
-        device: ``auto`` (accelerate's choice: CUDA when present, else CPU) | ``cpu`` | ``cuda``.
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+        resume: ``auto`` | ``strict`` (see ``checkpoint.prepare_resume``).
     """
 
     iterations: int
-    batch_size: int
     lr: float
+    batch_size_per_device: int | None = None
+    global_batch_size: int | None = None
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.0
     lr_warmup_steps: int = 0
     gradient_accumulation: int = 1
-    global_batch: bool = False
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     max_grad_norm: float | None = None
@@ -151,26 +83,35 @@ class LoopSettings:
     num_workers: int = 0
     seed: int = 0
     device: str = "auto"
-
-    def __post_init__(self) -> None:
-        if self.iterations < 0 or self.batch_size < 1 or self.gradient_accumulation < 1:
-            raise ValueError(f"iterations ≥ 0, batch_size ≥ 1 and gradient_accumulation ≥ 1 needed: {self}")
-        if self.keep_checkpoints < 1:
-            raise ValueError(f"keep_checkpoints must be ≥ 1, got {self.keep_checkpoints}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+    resume: str = "auto"
 
     # fields that do not change the trajectory, so a run may resume across a change of them
     _CADENCE = ("iterations", "checkpoint_every", "keep_checkpoints", "log_every", "sample_every",
-                "num_workers", "device")
+                "num_workers", "device", "resume")
 
     @classmethod
-    def from_params(cls, train: Any, *, global_batch: bool, seed: int, device: str) -> "LoopSettings":
-        """From a stage's params section (``TrainClipParams``, ``TrainSdsrParams``): every field of
-        the same name, plus what the section does not hold."""
-        names = {f.name for f in dataclasses.fields(cls)} - {"global_batch", "seed", "device"}
-        return cls(**{n: getattr(train, n) for n in names if hasattr(train, n)},
-                   global_batch=global_batch, seed=seed, device=device)
+    def from_params(cls, train: Any, *, seed: int, device: str, **batch_and_sampling: Any) -> LoopSettings:
+        """From a training section (``TrainClipParams``, ``TrainSdsrParams``), field by field: a renamed
+        field fails here instead of silently taking a default. ``batch_and_sampling``: the section's
+        batch (``batch_size_per_device=`` or ``global_batch_size=``) and ``sample_every=``."""
+        return cls(iterations=train.iterations, lr=train.lr, betas=tuple(train.betas),
+                   lr_warmup_steps=train.lr_warmup_steps, gradient_accumulation=train.gradient_accumulation,
+                   mixed_precision=train.mixed_precision, gradient_checkpointing=train.gradient_checkpointing,
+                   max_grad_norm=train.max_grad_norm, checkpoint_every=train.checkpoint_every,
+                   keep_checkpoints=train.keep_checkpoints, log_every=train.log_every, num_workers=train.num_workers,
+                   resume=train.resume, seed=seed, device=device, **batch_and_sampling)
+
+    def micro_batch(self, world: int) -> int:
+        """The per-process micro-batch for ``world`` processes."""
+        if (self.batch_size_per_device is None) == (self.global_batch_size is None):
+            raise ValueError(f"LoopSettings needs exactly one of batch_size_per_device and global_batch_size: {self}")
+        if self.batch_size_per_device is not None:
+            return self.batch_size_per_device
+        per = world * self.gradient_accumulation
+        if self.global_batch_size % per:
+            raise ParamsError(f"global_batch_size {self.global_batch_size} is not divisible by {world} processes × "
+                              f"{self.gradient_accumulation} accumulation steps")
+        return self.global_batch_size // per
 
     def trajectory(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in self._CADENCE}
@@ -230,171 +171,6 @@ class StreamBatchSampler(Sampler[list[int]]):
 
 
 # --------------------------------------------------------------------------------------------
-# RNG states as tensors and plain values (loadable with weights_only=True)
-# --------------------------------------------------------------------------------------------
-def rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()  # this process's device only (not every GPU's)
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(_as_tuples(state["python"]))
-    npst = state["numpy"]
-    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _as_tuples(value: Any) -> Any:
-    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-# --------------------------------------------------------------------------------------------
-# checkpoints
-# --------------------------------------------------------------------------------------------
-def checkpoint_dirs(out_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints under ``out_dir/checkpoints``, oldest first."""
-    root = Path(out_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and (p / META_FILE).is_file()]
-    return sorted(found, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
-
-
-def latest_checkpoint(out_dir: str | os.PathLike) -> Path | None:
-    dirs = checkpoint_dirs(out_dir)
-    return dirs[-1] if dirs else None
-
-
-def load_checkpoint_state(path: str | os.PathLike) -> dict[str, Any]:
-    """``state.pt`` of a checkpoint folder, read with ``weights_only=True``."""
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The parameters that require grad, detached, contiguous, on CPU."""
-    return {name: p.detach().to("cpu").contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def code_fingerprint() -> str:
-    """Hash of this package's source: a checkpoint written by other code is not resumed.
-
-    DVC reruns a training stage when its code changes; as its output persists (for resuming),
-    the code must be part of what a checkpoint has to match, or the rerun would pick up the old
-    run's final checkpoint and train nothing.
-    """
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*")):
-        if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
-            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
-
-
-def _fingerprint(settings: LoopSettings, world: int, extra: Mapping[str, Any] | None) -> tuple[str, dict]:
-    data = {"settings": settings.trajectory(), "num_processes": world, "code": code_fingerprint(),
-            "extra": extra or {}}
-    text = json.dumps(data, sort_keys=True, default=_jsonable)
-    return hashlib.sha256(text.encode()).hexdigest()[:16], json.loads(text)
-
-
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return dataclasses.asdict(value)
-    if isinstance(value, (Path, torch.dtype, torch.device)):
-        return str(value)
-    raise TypeError(f"fingerprint: {type(value).__name__} is not JSON-serialisable")
-
-
-def _write_checkpoint(ckpt_root: Path, step: int, weights: dict[str, torch.Tensor], state: dict[str, Any],
-                      meta: dict[str, Any], keep: int) -> Path:
-    """Write ``step-XXXXXXXX`` atomically (hidden folder, then rename); prune to the newest ``keep``."""
-    final = ckpt_root / f"step-{step:08d}"
-    tmp = ckpt_root / f".step-{step:08d}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"step": str(step)})
-        torch.save(state, tmp / STATE_FILE)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")  # last: marks complete
-        for f in tmp.iterdir():
-            _fsync(f)
-        if final.exists():  # a re-run of the same step (e.g. the final one) replaces it
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(ckpt_root)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    for old in checkpoint_dirs(ckpt_root.parent)[:-keep]:
-        shutil.rmtree(old)
-    return final
-
-
-def _fsync(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _clear_stale(ckpt_root: Path, fingerprint: str, fingerprint_data: dict) -> None:
-    """Remove unfinished temp folders; move checkpoints written with other settings or code aside.
-
-    They go to ``checkpoints/stale/<their fingerprint>/`` (never resumed, never deleted here: a
-    long run is not lost to an edited log line; delete them once you are sure).
-    """
-    if not ckpt_root.is_dir():
-        return
-    for p in ckpt_root.iterdir():
-        if p.is_dir() and p.name.startswith(".step-"):
-            shutil.rmtree(p)
-    for ckpt in checkpoint_dirs(ckpt_root.parent):
-        meta = json.loads((ckpt / META_FILE).read_text())
-        if meta.get("fingerprint") != fingerprint:
-            changed = _diff(meta.get("fingerprint_data", {}), fingerprint_data)
-            target = ckpt_root / STALE / str(meta.get("fingerprint", "unknown")) / ckpt.name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if target.exists():
-                shutil.rmtree(target)
-            ckpt.rename(target)
-            log.warning("not resuming checkpoint %s: written with other settings (%s); moved to %s, "
-                        "starting afresh", ckpt.name, ", ".join(changed) or "unknown difference", target)
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for k in sorted(set(old) | set(new)):
-            out += _diff(old.get(k), new.get(k), f"{prefix}{k}.")
-        return out
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} → {new!r}"]
-
-
-# --------------------------------------------------------------------------------------------
 # model helpers
 # --------------------------------------------------------------------------------------------
 _GC_SWITCHES = (("enable_gradient_checkpointing", ()), ("gradient_checkpointing_enable", ()),
@@ -443,10 +219,10 @@ def _new_accelerator(settings: LoopSettings):
     AcceleratorState._reset_state(reset_partial_state=False)
     cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
     if settings.mixed_precision == "fp16" and cpu:
-        raise ValueError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
+        raise ParamsError("mixed_precision fp16 needs a GPU; use bf16 or no on CPU")
     if settings.device.startswith("cuda:"):
         if "LOCAL_RANK" in os.environ:  # a launcher assigns one GPU per process
-            raise ValueError(f"base.device {settings.device!r} names one GPU; under accelerate launch / "
+            raise ParamsError(f"base.device {settings.device!r} names one GPU; under accelerate launch / "
                              "torchrun use 'auto' or 'cuda' (CUDA_VISIBLE_DEVICES picks the GPUs)")
         torch.cuda.set_device(torch.device(settings.device))  # accelerate then uses that GPU
     # cpu=True also makes a torchrun/accelerate launch on a CPU machine a gloo DDP run
@@ -472,28 +248,20 @@ def train(
 
     ``out_dir`` receives ``checkpoints/``; the caller saves the final model from the returned
     ``TrainResult.model`` (on the main process). ``fingerprint`` is the caller's part of what a
-    checkpoint must match to be resumed (model config, data identity, ...).
+    checkpoint must match to be resumed (params sections, input data hashes).
     """
-    tracker = tracker or _NoTracker()
+    tracker = tracker or NullRun()
     out_dir = Path(out_dir)
-    ckpt_root = out_dir / CHECKPOINTS
 
     # 1. processes, devices, precision
     accelerator = _new_accelerator(settings)
     world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    micro = settings.batch_size
-    if settings.global_batch:
-        per = world * settings.gradient_accumulation
-        if settings.batch_size % per:
-            raise ValueError(f"batch_size {settings.batch_size} (global) is not divisible by "
-                             f"{world} processes × {settings.gradient_accumulation} accumulation steps")
-        micro = settings.batch_size // per
-    fp, fp_data = _fingerprint(settings, world, fingerprint)
+    micro = settings.micro_batch(world)
+    fp = ckpt.Fingerprint.of(trajectory=settings.trajectory(), num_processes=world, model=model, extra=fingerprint)
 
     # 2. optimiser (Adam, paper §4.1) and a linear warm-up, then constant, LR
     if settings.gradient_checkpointing:
         enable_gradient_checkpointing(model)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError(f"{type(model).__name__} has no parameter with requires_grad=True")
@@ -506,38 +274,29 @@ def train(
     model, optimizer = accelerator.prepare(model, optimizer)  # the scheduler is stepped by hand, once per step
     inner = unwrap(model)
 
-    # 3. resume from the latest checkpoint with this fingerprint, or start fresh
+    # 3. resume from the latest checkpoint this run may resume (checkpoint.prepare_resume), or start fresh
     if main:
-        _clear_stale(ckpt_root, fp, fp_data)
+        ckpt.prepare_resume(out_dir, fp, strict=settings.resume == "strict")
     accelerator.wait_for_everyone()
-    latest = latest_checkpoint(out_dir)
+    latest = ckpt.latest_checkpoint(out_dir)
     history: dict[str, list[float]] = {"step": [], "loss": [], "lr": []}
     step, cursor, resumed_from = 0, 0, None
     if latest is not None:
-        state = load_checkpoint_state(latest)
-        weights = load_file(latest / WEIGHTS_FILE, device="cpu")
-        missing = sorted(set(names) - set(weights))
-        unexpected = sorted(set(weights) - set(names))
-        if missing or unexpected:
-            raise RuntimeError(f"{latest}: trainable weights do not match the model "
-                               f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-        with torch.no_grad():
-            for name, p in inner.named_parameters():
-                if name in weights:
-                    p.copy_(weights[name].to(p.dtype))
+        state = ckpt.load_checkpoint_state(latest)
+        ckpt.load_trainable(latest, inner)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if accelerator.scaler is not None and state.get("scaler") is not None:
             accelerator.scaler.load_state_dict(state["scaler"])
         step, cursor = int(state["step"]), int(state["cursor"])
         history = {k: v.tolist() for k, v in state["history"].items()}
-        set_rng_state(state["rng"][rank])
+        ckpt.set_rng_state(state["rng"][rank])
         resumed_from = step
         if main:
             log.info("resuming from %s (step %d, epoch %d, index %d)", latest, step, state["epoch"], state["index"])
             tracker.set_tags({"resumed_from_step": step, "resumed_from": str(latest)})
     else:
-        seed_everything(settings.seed + rank)
+        ckpt.seed_everything(settings.seed + rank)
     last_checkpoint = latest
 
     # 4. data: this rank's slice of the seeded stream, from the saved position
@@ -550,23 +309,24 @@ def train(
     batches = iter(loader)
 
     def save(at_step: int) -> Path:
-        rngs = _gather_objects(accelerator, rng_state())
-        path = ckpt_root / f"step-{at_step:08d}"
+        rngs = _gather_objects(accelerator, ckpt.rng_state())
+        path = out_dir / ckpt.CHECKPOINTS / f"step-{at_step:08d}"
         if main:
             state = {
-                "version": CHECKPOINT_VERSION, "step": at_step, "cursor": cursor,
-                "epoch": cursor // len(dataset), "index": cursor % len(dataset),
+                "step": at_step, "cursor": cursor, "epoch": cursor // len(dataset), "index": cursor % len(dataset),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else None,
-                "rng": rngs, "fingerprint": fp,
+                "rng": rngs, "fingerprint": fp.digest,
                 "history": {"step": torch.tensor(history["step"], dtype=torch.int64),
                             "loss": torch.tensor(history["loss"], dtype=torch.float64),
                             "lr": torch.tensor(history["lr"], dtype=torch.float64)},
             }
-            meta = {"version": CHECKPOINT_VERSION, "step": at_step, "epoch": state["epoch"], "index": state["index"],
-                    "cursor": cursor, "num_processes": world, "fingerprint": fp, "fingerprint_data": fp_data,
-                    "loss": history["loss"][-1] if history["loss"] else None, "time": time.time()}
-            path = _write_checkpoint(ckpt_root, at_step, trainable_state(inner), state, meta, settings.keep_checkpoints)
+            meta = {"epoch": state["epoch"], "index": state["index"], "cursor": cursor, "num_processes": world,
+                    "fingerprint": fp.digest, "fingerprint_data": fp.data, "code": fp.code,
+                    "complete": at_step >= settings.iterations,  # the completion marker: never resumed
+                    "loss": history["loss"][-1] if history["loss"] else None}
+            path = ckpt.write_checkpoint(out_dir, at_step, ckpt.trainable_state(inner), state, meta,
+                                         settings.keep_checkpoints)
         accelerator.wait_for_everyone()
         return path
 
@@ -635,35 +395,6 @@ def train(
                        seconds=seconds, steps_run=step - start_step)
 
 
-TRAIN_LOG = "train_log.json"
-
-
-def report(result: TrainResult, out_dir: Path, run, *, artifacts: list[tuple[Path, str | None]],
-           loss_label: str) -> None:
-    """End of a training stage (main process): ``train_log.json``, the weights and a loss curve to MLflow.
-
-    ``train_log.json`` records this invocation (resumed from, steps run, seconds), so it is
-    kept out of the stage's DVC hash by ``.dvcignore``: the same training gives the same hash.
-    """
-    from consissr.io import write_json
-
-    history = result.history
-    write_json(out_dir / TRAIN_LOG, {
-        "steps": result.step, "resumed_from": result.resumed_from, "steps_run": result.steps_run,
-        "seconds": round(result.seconds, 3), "num_processes": result.num_processes,
-        "final_loss": history["loss"][-1] if history["loss"] else None,
-        "history": [{"step": s, "loss": l, "lr": r}
-                    for s, l, r in zip(history["step"], history["loss"], history["lr"])]})
-    run.log_metrics({"steps_per_second": result.steps_run / max(result.seconds, 1e-9)}, result.step)
-    for path, artifact_path in artifacts:
-        run.log_artifact(path, artifact_path)
-    run.log_artifact(out_dir / TRAIN_LOG)
-    if history["step"]:
-        run.log_plot("plots/loss_curve.png", history["step"], {loss_label: history["loss"]})
-    log.info("%s: %d steps, final loss %s → %s", loss_label, result.step,
-             history["loss"][-1] if history["loss"] else None, out_dir)
-
-
 def _sample(sample_fn: SampleFn, model: nn.Module, step: int, tracker: Tracker, device: torch.device) -> None:
     """Run ``sample_fn`` in eval mode, without grad, in a forked RNG; log its images."""
     py, npst = random.getstate(), np.random.get_state()
@@ -700,6 +431,5 @@ def _gather_objects(accelerator, obj: Any) -> list[Any]:
     return gathered
 
 
-__all__ = ["LoopSettings", "StreamBatchSampler", "TrainResult", "TrainingDiverged", "checkpoint_dirs",
-           "enable_gradient_checkpointing", "epoch_permutation", "latest_checkpoint", "load_checkpoint_state",
-           "train", "trainable_state", "unwrap"]
+__all__ = ["LoopSettings", "StreamBatchSampler", "TrainResult", "TrainingDiverged", "enable_gradient_checkpointing",
+           "epoch_permutation", "train", "unwrap"]

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from consissr.errors import InputError, ParamsError
+
 log = logging.getLogger(__name__)
 
 METRICS_NAME = "vae_metrics.json"
@@ -103,7 +105,7 @@ def load_photos(sources: Sequence[str], extensions: Sequence[str], holdout: Sequ
             train.append(to_tensor(rgb))
     missing = sorted(set(holdout) - set(held))
     if missing:
-        raise ValueError(f"train_vae.holdout: {missing} are not ids of prepare.sources {list(sources)}")
+        raise ParamsError(f"train_vae.holdout: {missing} are not ids of prepare.sources {list(sources)}")
     return train, held
 
 
@@ -180,7 +182,7 @@ def train_autoencoder(
     """
     photos = [p for p in photos if min(p.shape[1:]) >= crop_size]
     if not photos:
-        raise ValueError(f"train_vae: no training photo is at least {crop_size}² (train_vae.crop_size)")
+        raise InputError(f"train_vae: no training photo is at least {crop_size}² (train_vae.crop_size)")
     generator = torch.Generator().manual_seed(seed)
     sample_generator = torch.Generator().manual_seed(seed + 1)
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
@@ -362,19 +364,18 @@ def vae_ceiling(prepared_dir: str | Path, degraded_dir: str | Path, backbone_dir
     bicubic ×scale) vs HQ. Writes the JSON ``out`` (a DVC metrics file) and logs both to MLflow.
     """
     from consissr import tracking
+    from consissr.data import layout
     from consissr.data.latent_cache import resolve_device
-    from consissr.data.pairs import read_rgb
     from consissr.io import write_json
     from consissr.models.backbone import load_vae, resolve_source
 
     prepared_dir, degraded_dir = Path(prepared_dir), Path(degraded_dir)
     source = resolve_source(backbone.pretrained, backbone_dir)
     vae = load_vae(source, revision=backbone.revision).to(resolve_device(device)).eval()
-    lq_paths = sorted((degraded_dir / "lq_up").glob("*.png"))
-    if not lq_paths:
-        raise FileNotFoundError(f"{degraded_dir / 'lq_up'}: no degraded images (run `dvc repro degrade`)")
-    hq = [read_rgb(prepared_dir / "hq" / p.name) for p in lq_paths]
-    bicubic = mean_psnr_y([(read_rgb(p), h) for p, h in zip(lq_paths, hq)])
+    ids = layout.read_ids(degraded_dir, written_by="degrade")
+    hq = [layout.read_rgb(layout.image_path(prepared_dir, layout.HQ, i)) for i in ids]
+    bicubic = mean_psnr_y([(layout.read_rgb(layout.image_path(degraded_dir, layout.LQ_UP, i)), h)
+                           for i, h in zip(ids, hq)])
     ceiling = reconstruction_psnr(vae, hq)
     metrics = {"backbone": source, "pairs": len(hq), "ceiling_psnr_y": ceiling, "bicubic_x4_psnr_y": bicubic,
                "ceiling_over_bicubic_db": ceiling - bicubic}
