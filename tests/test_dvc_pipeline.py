@@ -57,6 +57,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     import consissr.data.sources as src
     import consissr.models.backbone as bb
     import consissr.training.clip_stage as clip_stage
+    import consissr.training.gan_stage as gan_stage
     import consissr.training.sdsr_stage as sdsr_stage
     import consissr.training.vae_stage as vae_stage
 
@@ -77,6 +78,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     monkeypatch.setattr(sdsr_stage, "train_sdsr", consume)
     monkeypatch.setattr(vae_stage, "train_vae", consume)
     monkeypatch.setattr(vae_stage, "vae_ceiling", consume)
+    monkeypatch.setattr(gan_stage, "train_gan", consume)
     args = type("Args", (), {"out": tmp_path, "input": tmp_path, "prepared": tmp_path,
                              "degraded": tmp_path, "backbone": tmp_path, "vae": tmp_path,
                              "latents": tmp_path, "robust_clip": tmp_path})()

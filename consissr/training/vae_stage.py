@@ -90,13 +90,14 @@ def load_photos(sources: Sequence[str], extensions: Sequence[str], holdout: Sequ
                 ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """(training photos, {id: held-out photo}) from ``prepare.sources``; unreadable files are skipped
     with a log line (``prepare`` reports them). Raises when a ``holdout`` id is not a source."""
-    from consissr.data.sources import BadImage, iter_sources
+    from consissr.data.images import ImageError
+    from consissr.data.sources import iter_sources
 
     train, held = [], {}
     for src in iter_sources(tuple(sources), tuple(extensions)):
         try:
             rgb, _ = src.load()
-        except BadImage as exc:
+        except ImageError as exc:
             log.warning("train_vae: skip %s", exc)
             continue
         if src.key in holdout:
@@ -396,15 +397,16 @@ def _metric_key(name: str) -> str:
 
 def _eval_dir_images(eval_dirs: Sequence[str], extensions: Sequence[str]) -> dict[str, list[torch.Tensor]]:
     """{"eval:<folder>": photos} for ``prepare.eval_dirs`` (the evaluation images)."""
-    from consissr.data.sources import BadImage, _files, load_rgb
+    from consissr.data.images import ImageError
+    from consissr.data.sources import _files, load_rgb
 
     out: dict[str, list[torch.Tensor]] = {}
     for entry in eval_dirs:
         images = []
-        for path in _files(entry, tuple(extensions)):
+        for _, path in _files(entry, tuple(extensions)):
             try:
                 images.append(to_tensor(load_rgb(path)[0]))
-            except BadImage as exc:
+            except ImageError as exc:
                 log.warning("train_vae: skip evaluation image: %s", exc)
         if images:
             out[f"eval:{entry}"] = images
