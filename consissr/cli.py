@@ -37,15 +37,28 @@ def _paths(p: argparse.ArgumentParser, **defaults: str) -> None:
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=Path, default=Path(default))
 
 
+@stage("train-vae", "train the embedded backbone's tiny VAE on the training photos (embedded profile only)")
+def _train_vae_args(p):
+    _paths(p, out="data/models/vae")
+
+
+def run_train_vae(params: Params, args) -> None:
+    from consissr.training.vae_stage import train_vae
+
+    prepare = params.prepare
+    train_vae(args.out, pretrained=params.backbone.pretrained, sources=prepare.sources, extensions=prepare.extensions,
+              eval_dirs=prepare.eval_dirs, train=params.train_vae, seed=params.base.seed, device=params.base.device)
+
+
 @stage("backbone", "build and save the embedded tiny SD backbone (or record the real one's id)")
 def _backbone_args(p):
-    _paths(p, out="data/models/backbone")
+    _paths(p, vae="data/models/vae", out="data/models/backbone")
 
 
 def run_backbone(params: Params, args) -> None:
     from consissr.models.backbone import write_backbone
 
-    write_backbone(params.backbone, out_dir=args.out, seed=params.base.seed)
+    write_backbone(params.backbone, out_dir=args.out, seed=params.base.seed, vae_dir=args.vae)
 
 
 @stage("prepare", "HQ crops from the sources, with a skip report and the contamination guard")
@@ -68,6 +81,19 @@ def run_degrade(params: Params, args) -> None:
     from consissr.data.degradation import degrade_folder
 
     degrade_folder(args.input, args.out, params.degrade, seed=params.base.seed)
+
+
+@stage("vae-ceiling", "reconstruction PSNR(Y) of the backbone's VAE on the HQ crops vs bicubic x4 of the LQ")
+def _vae_ceiling_args(p):
+    _paths(p, prepared="data/prepared", degraded="data/degraded", backbone="data/models/backbone",
+           out="data/reports/vae_ceiling.json")
+
+
+def run_vae_ceiling(params: Params, args) -> None:
+    from consissr.training.vae_stage import vae_ceiling
+
+    vae_ceiling(args.prepared, args.degraded, args.backbone, args.out, backbone=params.backbone,
+                device=params.base.device)
 
 
 @stage("encode", "VAE-encode LQ/HQ pairs into safetensors latent shards")
@@ -121,16 +147,16 @@ def run_train_gan(params: Params, args) -> None:
               scale=params.degrade.scale, seed=params.base.seed, device=params.base.device)
 
 
-@stage("model-info", "print total and trainable parameter counts per part (both profiles)")
+@stage("model-info", "print parameter counts per part (both profiles) and how the saved model was trained")
 def _model_info_args(p):
-    _paths(p, backbone="data/models/backbone")
+    _paths(p, backbone="data/models/backbone", model="data/models/consissr")
     p.add_argument("--profile", choices=["tiny", "paper", "both"], default="both")
 
 
 def run_model_info(params: Params, args) -> None:
     from consissr.models.info import print_model_info
 
-    print_model_info(params, profile=args.profile, backbone_dir=args.backbone)
+    print_model_info(params, profile=args.profile, backbone_dir=args.backbone, model_dir=args.model)
 
 
 # ---------------------------------------------------------------------------------------------
