@@ -19,7 +19,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_outputs_and_repro_has_nothin
     _dvc(first, "remote", "add", "--default", "shared", str(remote))
     built = _dvc(first, "repro", "prepare")
     assert ran(built) == {"prepare"}
-    _dvc(first, "push")
+    _dvc(first, "push", "prepare")
     assert any(p.is_file() for p in remote.rglob("*")), "push wrote nothing to the remote"
 
     # a fresh clone: the same commit (tracked files + dvc.lock + the remote in .dvc/config), no data
@@ -27,9 +27,9 @@ def test_push_then_pull_into_a_fresh_clone_restores_outputs_and_repro_has_nothin
     for rel in ("dvc.lock", ".dvc/config"):
         (second / rel).write_bytes((first / rel).read_bytes())
     assert not (second / "data" / "prepared").exists()
-    _dvc(second, "pull")
+    _dvc(second, "pull", "prepare")
     assert files(second / "data" / "prepared") == files(first / "data" / "prepared")
     assert len(files(second / "data" / "prepared")) > 1
     again = _dvc(second, "repro", "prepare")
     assert ran(again) == set(), again
-    assert "up to date" in _dvc(second, "status")
+    assert "up to date" in _dvc(second, "status", "prepare")
