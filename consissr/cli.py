@@ -23,11 +23,12 @@ from consissr.errors import ConsisSRError, ParamsError
 log = logging.getLogger("consissr")
 
 STAGES: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+TOOLS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}  # no params file: upscale, demo
 
 
-def stage(name: str, help: str):
+def stage(name: str, help: str, *, registry: dict = STAGES):
     def deco(fn):
-        STAGES[name] = (help, fn)
+        registry[name] = (help, fn)
         return fn
     return deco
 
@@ -109,6 +110,18 @@ def run_train_sdsr(params: Params, args) -> None:
                device=params.base.device)
 
 
+@stage("train-gan", "fit the RRDBNet for GAN-Embedding mode with L1 (or check and record gan.pretrained)")
+def _train_gan_args(p):
+    _paths(p, prepared="data/prepared", degraded="data/degraded", out="data/models/gan")
+
+
+def run_train_gan(params: Params, args) -> None:
+    from consissr.training.gan_stage import train_gan
+
+    train_gan(args.prepared, args.degraded, args.out, gan=params.gan, train=params.train_gan,
+              scale=params.degrade.scale, seed=params.base.seed, device=params.base.device)
+
+
 @stage("model-info", "print total and trainable parameter counts per part (both profiles)")
 def _model_info_args(p):
     _paths(p, backbone="data/models/backbone")
@@ -121,16 +134,96 @@ def run_model_info(params: Params, args) -> None:
     print_model_info(params, profile=args.profile, backbone_dir=args.backbone)
 
 
-@stage("promote", "log the pipeline as an MLflow model, register a version, move the champion alias by the rule")
+# ---------------------------------------------------------------------------------------------
+# tools for a person with a picture (TOOLS: no params file needed)
+# ---------------------------------------------------------------------------------------------
+def _model_args(p) -> None:
+    p.add_argument("--model", type=Path, default=None,
+                   help="a saved pipeline folder (default: the stage outputs under data/models/)")
+    p.add_argument("--device", default="auto")
+
+
+def _sampling_args(p) -> None:
+    _model_args(p)
+    p.add_argument("--mode", choices=["full", "ganemb"], default=None, help="§3.1 full | Algorithm 2 GAN-Embedding")
+    p.add_argument("--preset", choices=["rec", "gen"], default=None, help="GANEmb preset of Table 2")
+    p.add_argument("--steps", dest="num_inference_steps", type=int, default=None)
+    p.add_argument("--t-max", dest="t_max", type=int, default=None, help="GANEmb start timestep (1..1000)")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--guidance", dest="guidance_scale", type=float, default=None, help="1 = off")
+    p.add_argument("--hpa-scale", type=float, default=None, help="hybrid prompt adapter image weight")
+    p.add_argument("--color-fix", choices=["adain", "wavelet", "none"], default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile-size", type=int, default=None, help="output pixels per tile")
+
+
+def _sampling_options(args):
+    from consissr.inference.upscale import UpscaleOptions
+
+    return UpscaleOptions(**{k: getattr(args, k) for k in UpscaleOptions.__dataclass_fields__})
+
+
+@stage("upscale", "super-resolve image files and folders (alpha, gray, 16-bit, EXIF kept) into OUTDIR",
+       registry=TOOLS)
+def _upscale_args(p):
+    p.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="image files or folders")
+    p.add_argument("-o", "--out", type=Path, required=True, metavar="OUTDIR")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger inputs (default: PIL's 89.5 Mpx)")
+    _sampling_args(p)
+
+
+def _load_pipeline(args):
+    """``--model DIR`` (a saved pipeline, its own defaults), else the stage outputs with the ``inference``
+    section of ``--params`` (when that file exists) as the defaults."""
+    from consissr.inference.pipeline import load_pipeline
+
+    if args.model is None and args.params.is_file():
+        return load_pipeline(None, device=args.device, defaults=load_params(args.params).inference)
+    return load_pipeline(args.model, device=args.device)
+
+
+def run_upscale(args) -> int:
+    from consissr.data.images import DEFAULT_MAX_PIXELS
+    from consissr.inference.upscale import upscale_files
+
+    pipe = _load_pipeline(args)
+    report = upscale_files(pipe, args.inputs, args.out, _sampling_options(args), overwrite=args.overwrite,
+                           max_pixels=args.max_pixels or DEFAULT_MAX_PIXELS)
+    for bad in report.failed:
+        print(f"consissr upscale: {bad['path']}: {bad['reason']}", file=sys.stderr)
+    print(f"consissr upscale: {len(report.written)} written to {args.out}, {len(report.failed)} failed")
+    return 0 if report.ok else 1
+
+
+@stage("demo", "a local web page (Gradio) to upscale one image with the knobs and a before/after view",
+       registry=TOOLS)
+def _demo_args(p):
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    _model_args(p)
+
+
+def run_demo(args) -> int:
+    from consissr.inference.demo import launch
+
+    launch(_load_pipeline(args), host=args.host, port=args.port)
+    return 0
+
+
+@stage("promote", "log the pipeline as an MLflow model, register a version, move the champion alias by the rule",
+       registry=TOOLS)
 def _promote_args(p):
     p.add_argument("--config", type=Path, default=Path("configs/retrain.yaml"), help="flow settings with the rule")
     p.add_argument("--model-dir", type=Path, default=None, help="a saved pipeline folder (default: the stage outputs)")
 
 
-def run_promote(params: Params, args) -> None:
+def run_promote(args) -> int:
     from consissr.promote import promote
 
     promote(args.config, model_dir=args.model_dir, profile=os.environ.get("CONSISSR_PROFILE"))
+    return 0
 
 
 def _relaunch_distributed(argv: list[str]) -> None:
@@ -167,13 +260,21 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a dotted param")
         p.add_argument("-v", "--verbose", action="store_true")
         add_args(p)
+    for name, (help_text, add_args) in TOOLS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("-v", "--verbose", action="store_true")
+        p.add_argument("--params", type=Path, default=Path("params.yaml"),
+                       help="its `inference` section gives the defaults without --model (used when it exists)")
+        add_args(p)
     args = parser.parse_args(argv)
     _relaunch_distributed(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        params = load_params(args.params, _parse_overrides(args.set))
         runner = globals()["run_" + args.command.replace("-", "_")]
+        if args.command in TOOLS:
+            return runner(args)
+        params = load_params(args.params, _parse_overrides(args.set))
         runner(params, args)
     except (ConsisSRError, FileNotFoundError) as exc:  # what the user can fix: one line, no traceback
         print(f"consissr {args.command}: error: {exc}", file=sys.stderr)

@@ -5,6 +5,7 @@
    before they are imported.
 2. basicsr's ``DiffJPEG`` returns a channels-last-strided tensor, on which ``filter2D``'s
    ``.view`` fails for batch > 1: ``diff_jpeg`` returns a contiguous tensor.
+3. ``realesrgan`` (for ``RealESRGANer``) is imported here too, after the alias of item 1.
 """
 
 from __future__ import annotations
@@ -25,14 +26,17 @@ def _alias_functional_tensor() -> None:
 _alias_functional_tensor()
 
 import basicsr  # noqa: E402,F401  (after the alias)
+from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
 from basicsr.data.degradations import (  # noqa: E402
     circular_lowpass_kernel,
     random_add_gaussian_noise_pt,
     random_add_poisson_noise_pt,
     random_mixed_kernels,
 )
+from basicsr.metrics import calculate_psnr  # noqa: E402
 from basicsr.utils import DiffJPEG, USMSharp  # noqa: E402
 from basicsr.utils.img_process_util import filter2D  # noqa: E402
+from realesrgan import RealESRGANer  # noqa: E402
 
 
 class ContiguousDiffJPEG(DiffJPEG):
@@ -45,7 +49,10 @@ class ContiguousDiffJPEG(DiffJPEG):
 __all__ = [
     "ContiguousDiffJPEG",
     "DiffJPEG",
+    "RRDBNet",
+    "RealESRGANer",
     "USMSharp",
+    "calculate_psnr",
     "circular_lowpass_kernel",
     "filter2D",
     "random_add_gaussian_noise_pt",

@@ -91,6 +91,9 @@ class PrepareParams:
     # Evaluation image folders: a training crop source whose decoded pixels equal an image
     # here fails the stage (contamination guard).
     eval_dirs: tuple[str, ...] = ()
+    # Decoded-pixel limit (PIL's default): above it a file is skipped as "larger than the limit",
+    # except a JPEG that libjpeg can decode at 1/2..1/8 scale under it with the crop still fitting.
+    max_image_pixels: int = 89_478_485
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "crop_size", "crops_per_image")
@@ -266,6 +269,68 @@ class TrainSdsrParams:
 
 
 @dataclass(frozen=True)
+class GanParams:
+    """The GAN of GAN-Embedding mode (Algorithm 2, l. 1): basicsr's RRDBNet. Owned by consissr/models/gan.py."""
+
+    # null: train_gan fits the RRDBNet below; else a Real-ESRGAN .pth used as is (paper:
+    # RealESRGAN_x4plus.pth, with num_block 23, num_feat 64, num_grow_ch 32), checked and recorded
+    pretrained: str | None = None
+    num_block: int = 2  # RRDB blocks (x4plus: 23)
+    num_feat: int = 16  # (x4plus: 64)
+    num_grow_ch: int = 8  # (x4plus: 32)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "num_block", "num_feat", "num_grow_ch")
+
+
+@dataclass(frozen=True)
+class TrainGanParams:
+    """L1 fit of the RRDBNet, LQ → HQ, like Real-ESRNet (Wang et al. 2021, train_realesrnet_x4plus.yml:
+    L1, Adam lr 2e-4, β = (0.9, 0.99), batch 12 per GPU, 64² LQ patches, 1M iterations)."""
+
+    batch_size_per_device: int = 8  # micro-batch of each process (Real-ESRNet: 12 per GPU)
+    patch_size: int = 32  # LQ patch side, randomly cropped (HQ patch: scale × this)
+    # bilinear: the untrained net is two bilinear ×2 steps, the RRDB trunk a zero-started residual
+    # (models/gan.py bilinear_init; a head start for CPU minutes); random: basicsr's init, as Real-ESRNet
+    init: Literal["bilinear", "random"] = "bilinear"
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.99)
+    iterations: int = 300
+    lr_warmup_steps: int = 0
+    gradient_accumulation: int = 1
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    max_grad_norm: float | None = None  # None: no clipping
+    num_workers: int = 0  # DataLoader workers
+    checkpoint_every: int = 100  # steps; checkpoints/ beside the final weights
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    sample_every: int = 100  # steps between LQ | bicubic | GAN | HQ grids in MLflow; 0: never
+    sample_count: int = 4  # pairs (the first of degraded/index.json) in a grid
+    resume: Literal["auto", "strict"] = "auto"  # as train_clip.resume
+
+    def __post_init__(self) -> None:
+        _check_training(self)
+        _at_least(self, 1, "batch_size_per_device", "patch_size")
+        _at_least(self, 0, "sample_every", "sample_count")
+
+
+@dataclass(frozen=True)
+class InferenceParams:
+    """Sampling defaults of ``ConsisSRPipeline`` (consissr/inference/); no DVC stage reads them yet."""
+
+    mode: Literal["full", "ganemb"] = "full"  # §3.1: 50 spaced DDPM steps | Algorithm 2 (GAN-Embedding)
+    num_inference_steps: int = 50  # full mode (§3.1)
+    preset: Literal["rec", "gen"] = "rec"  # GANEmb default, Table 2: rec = (t_max 600, 10 steps), gen = (1000, 10)
+    prompt: str = ""  # the training prompt (train_sdsr.prompt: empty)
+    negative_prompt: str = ""
+    guidance_scale: float = 1.0  # 1 = no classifier-free guidance (only useful after training with prompt_dropout)
+    color_fix: Literal["adain", "wavelet", "none"] = "adain"
+    tile_size: int = 256  # output pixels; larger images run in tiles (latent diffusion, VAE, GAN)
+    tile_overlap: int = 64  # output pixels shared by neighbouring tiles
+    control_from_gan: bool = False  # GANEmb: ControlNet and robust CLIP see the GAN output instead of the LQ
+
+
+@dataclass(frozen=True)
 class Params:
     """The whole params file: one section per stage plus ``base``."""
 
@@ -278,6 +343,9 @@ class Params:
     clip: ClipParams = ClipParams()
     train_clip: TrainClipParams = TrainClipParams()
     train_sdsr: TrainSdsrParams = TrainSdsrParams()
+    gan: GanParams = GanParams()
+    train_gan: TrainGanParams = TrainGanParams()
+    inference: InferenceParams = InferenceParams()
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(self)
@@ -297,6 +365,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),
+    "train_gan": ("base.seed", "base.device", "degrade.scale", "gan", "train_gan"),
 }
 
 

@@ -57,6 +57,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     import consissr.data.sources as src
     import consissr.models.backbone as bb
     import consissr.training.clip_stage as clip_stage
+    import consissr.training.gan_stage as gan_stage
     import consissr.training.sdsr_stage as sdsr_stage
 
     def consume(*args, **kwargs):  # a stand-in stage function that reads every field it is given
@@ -74,6 +75,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     monkeypatch.setattr(lc, "encode_pairs", consume)
     monkeypatch.setattr(clip_stage, "train_clip", consume)
     monkeypatch.setattr(sdsr_stage, "train_sdsr", consume)
+    monkeypatch.setattr(gan_stage, "train_gan", consume)
     args = type("Args", (), {"out": tmp_path, "input": tmp_path, "prepared": tmp_path,
                              "degraded": tmp_path, "backbone": tmp_path,
                              "latents": tmp_path, "robust_clip": tmp_path})()

@@ -181,7 +181,7 @@ def test_an_edit_outside_the_training_path_does_not_stop_a_resume(tmp_path, pack
     _interrupted(tmp_path / "run", SETTINGS)
     (package_copy / "tracking.py").write_text((package_copy / "tracking.py").read_text() + "\n# a log line\n")
     (package_copy / "cli.py").write_text("")
-    (package_copy / "inference").mkdir()
+    (package_copy / "inference").mkdir(exist_ok=True)  # exists once branch infer is merged
     (package_copy / "inference" / "pipeline.py").write_text("x = 1\n")
     resumed = _rerun(tmp_path / "run", dataclasses.replace(SETTINGS, resume="strict"))
     assert (resumed.resumed_from, resumed.steps_run) == (2, 2)

@@ -1,0 +1,236 @@
+"""The GAN of GAN-Embedding mode (Algorithm 2, l. 1): basicsr's RRDBNet, run by realesrgan's RealESRGANer.
+
+``data/models/gan/`` (stage ``train_gan``) holds ``gan_config.json`` ({"scale", "num_block",
+"num_feat", "num_grow_ch", "weights", "sha256"}) and, in the embedded profile, ``gan.pth``: a plain
+RRDBNet state dict under the key ``"params"``, the format ``RealESRGANer`` reads. In the paper
+profile ``weights`` is the absolute path of ``RealESRGAN_x4plus.pth`` (not copied). Weights are
+read with ``torch.load(weights_only=True)``, matched key for key (strict) and checked against the
+recorded sha256; every failure names the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from consissr.compat import RealESRGANer, RRDBNet
+from consissr.errors import InputError
+from consissr.io import atomic_path, file_sha256, write_json
+
+CONFIG_NAME = "gan_config.json"
+WEIGHTS_NAME = "gan.pth"
+WEIGHT_KEYS = ("params_ema", "params")  # RealESRGANer's order of preference
+ARCH_KEYS = ("scale", "num_block", "num_feat", "num_grow_ch")
+X4PLUS_ARCH = {"scale": 4, "num_block": 23, "num_feat": 64, "num_grow_ch": 32}  # RealESRGAN_x4plus.pth
+
+
+class GanWeightsError(InputError):
+    """A GAN folder, config or weights file that cannot be used (the message names the file)."""
+
+
+def build_rrdbnet(*, scale: int, num_block: int, num_feat: int, num_grow_ch: int) -> RRDBNet:
+    """basicsr's RRDBNet for RGB → RGB at ``scale`` (Real-ESRGAN's generator; x4plus: 23/64/32)."""
+    return RRDBNet(num_in_ch=3, num_out_ch=3, scale=scale, num_block=num_block, num_feat=num_feat,
+                   num_grow_ch=num_grow_ch)
+
+
+@torch.no_grad()
+def bilinear_init(model: RRDBNet) -> RRDBNet:
+    """Make an RRDBNet start as two bilinear ×2 steps (scale 4), keeping its other weights random.
+
+    Channels 0–2 carry the input straight through ``conv_first``, ``conv_hr`` and ``conv_last``
+    (centre taps of 1; the LeakyReLUs see values ≥ 0); in ``conv_up1`` and ``conv_up2``, which
+    follow a nearest ×2, they get the kernel [1, 2, 1]ᵀ[1, 2, 1]/16, which makes nearest ×2
+    exactly bilinear ×2 (half-pixel centres) away from the zero-padded border. ``conv_body``
+    starts at zero, so the RRDB trunk adds a learned residual from step one, as a
+    zero-initialised residual branch does. At scales 2 and 1 (pixel-unshuffled input) channels
+    0–2 read the top-left sample of each cell. A head start for minutes of CPU training, not
+    Real-ESRNet's recipe (basicsr's random init).
+    """
+    cell = (4 // model.scale) ** 2  # pixel_unshuffle: input channel c·r² + i·r + j
+    tent = torch.tensor([1.0, 2.0, 1.0])
+    tent = torch.outer(tent, tent) / 16
+    for conv in (model.conv_body, model.conv_last):
+        conv.weight.zero_()
+        conv.bias.zero_()
+    for conv in (model.conv_first, model.conv_up1, model.conv_up2, model.conv_hr, model.conv_last):
+        conv.weight[:3].zero_()
+        conv.bias[:3].zero_()
+        for c in range(3):
+            if conv is model.conv_up1 or conv is model.conv_up2:
+                conv.weight[c, c] = tent
+            else:
+                conv.weight[c, c * cell if conv is model.conv_first else c, 1, 1] = 1.0
+    return model
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The RRDBNet state dict in a Real-ESRGAN ``.pth`` (key ``params_ema``, else ``params``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise GanWeightsError(f"{path}: GAN weights file not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (truncated zip, not a torch file, pickled code ...)
+        raise GanWeightsError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if not isinstance(checkpoint, dict):
+        raise GanWeightsError(f"{path}: expected a dict with key 'params_ema' or 'params', got {type(checkpoint).__name__}")
+    for key in WEIGHT_KEYS:
+        if key in checkpoint:
+            state = checkpoint[key]
+            if not isinstance(state, dict):
+                raise GanWeightsError(f"{path}: {key!r} is not a state dict")
+            return state
+    raise GanWeightsError(f"{path}: no 'params_ema' or 'params' key (found {sorted(map(str, checkpoint))[:6]}); "
+                          "RealESRGANer reads only those")
+
+
+def check_weights(path: str | os.PathLike, **arch: int) -> RRDBNet:
+    """Load ``path`` into ``build_rrdbnet(**arch)`` with a strict key and shape match; return the net."""
+    path = Path(path)
+    state = read_state_dict(path)
+    model = build_rrdbnet(**arch)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or mismatched:
+        desc = ", ".join(f"{k}={v}" for k, v in arch.items())
+        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
+                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
+                 f"{len(mismatched)} of another shape (e.g. {mismatched[:3]})" if mismatched else ""]
+        raise GanWeightsError(f"{path}: does not fit RRDBNet({desc}): keys "
+                              f"{'; '.join(p for p in parts if p)}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+def save_gan(model: torch.nn.Module, out_dir: str | os.PathLike, *, scale: int, num_block: int, num_feat: int,
+             num_grow_ch: int) -> dict[str, Any]:
+    """Write ``gan.pth`` ({"params": state dict}) and ``gan_config.json`` into ``out_dir``; return the config."""
+    out_dir = Path(out_dir)
+    weights = out_dir / WEIGHTS_NAME
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(weights) as tmp:
+        torch.save({"params": state}, tmp)
+    config = {"scale": scale, "num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch,
+              "weights": WEIGHTS_NAME, "sha256": file_sha256(weights)}
+    write_json(out_dir / CONFIG_NAME, config)
+    return config
+
+
+def record_pretrained(path: str | os.PathLike, out_dir: str | os.PathLike, *, scale: int, num_block: int,
+                      num_feat: int, num_grow_ch: int) -> dict[str, Any]:
+    """Check a Real-ESRGAN ``.pth`` (e.g. RealESRGAN_x4plus.pth) and name it, by absolute path and
+    sha256, in ``out_dir/gan_config.json``; the weights are not copied. A ``gan.pth`` left by an
+    earlier (trained) run of the stage is removed, so the folder holds only the config."""
+    path = Path(path).expanduser().resolve()
+    check_weights(path, scale=scale, num_block=num_block, num_feat=num_feat, num_grow_ch=num_grow_ch)
+    config = {"scale": scale, "num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch,
+              "weights": str(path), "sha256": file_sha256(path), "pretrained": True}
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / CONFIG_NAME, config)
+    (out_dir / WEIGHTS_NAME).unlink(missing_ok=True)
+    return config
+
+
+def read_gan_config(gan_dir: str | os.PathLike) -> dict[str, Any]:
+    """``gan_config.json`` of a GAN folder, validated."""
+    path = Path(gan_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise GanWeightsError(f"{path}: missing; run the train_gan stage (consissr train-gan) first")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GanWeightsError(f"{path}: not valid JSON: {exc}") from None
+    for key in (*ARCH_KEYS, "weights"):
+        if not isinstance(config, dict) or key not in config:
+            raise GanWeightsError(f"{path}: no {key!r} entry")
+    for key in ARCH_KEYS:
+        if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < 1:
+            raise GanWeightsError(f"{path}: {key!r} must be a positive integer, got {config[key]!r}")
+    return config
+
+
+def weights_path(gan_dir: str | os.PathLike) -> Path:
+    """The weights file a GAN folder names (relative names are inside the folder)."""
+    return Path(gan_dir) / read_gan_config(gan_dir)["weights"]  # an absolute name replaces the folder
+
+
+def load_gan(gan_dir: str | os.PathLike, *, device: str | torch.device = "cpu", tile: int = 0, half: bool = False,
+             tile_pad: int = 10, pre_pad: int = 10) -> RealESRGANer:
+    """The GAN of a ``train_gan`` output folder as a ``realesrgan.RealESRGANer``.
+
+    Args:
+        gan_dir: a folder with ``gan_config.json`` (and ``gan.pth``, unless the config names a file).
+        device: ``cpu`` | ``cuda`` | ``cuda:N`` | ``auto`` (CUDA when present).
+        tile, tile_pad, pre_pad, half: RealESRGANer's own options (tile 0: whole image at once).
+    """
+    config = read_gan_config(gan_dir)
+    path = weights_path(gan_dir)
+    if not path.is_file():
+        raise GanWeightsError(f"{path}: GAN weights named by {Path(gan_dir) / CONFIG_NAME} not found")
+    if config.get("sha256") and file_sha256(path) != config["sha256"]:
+        raise GanWeightsError(f"{path}: sha256 differs from the one recorded in {Path(gan_dir) / CONFIG_NAME}; "
+                              "the file changed since the train_gan stage checked it (rerun the stage)")
+    arch = {k: config[k] for k in ARCH_KEYS}
+    model = check_weights(path, **arch)  # clear errors first; RealESRGANer then loads the same file
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return RealESRGANer(scale=arch["scale"], model_path=str(path), model=model, tile=tile, tile_pad=tile_pad,
+                        pre_pad=pre_pad, half=half, device=torch.device(device))
+
+
+@torch.no_grad()
+def gan_upscale(upsampler: RealESRGANer, image: np.ndarray) -> np.ndarray:
+    """Upscale an RGB float image (H, W, 3) in [0, 1] → float32 (sH, sW, 3) in [0, 1].
+
+    Runs RealESRGANer's own steps (pre-pad, whole-image or tiled forward, crop) on the float
+    pixels. Its ``enhance`` would first quantise to 8/16 bit in BGR and guesses the bit depth from
+    the maximum (a 16-bit image darker than 257/65535 would pass as 8-bit); the tensor steps
+    below are ``enhance``'s own, minus that round trip. The network itself is RGB in and out.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"gan_upscale: expected an RGB image of shape (H, W, 3), got {image.shape}")
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    pre_pad = upsampler.pre_pad
+    upsampler.pre_pad = min(pre_pad, image.shape[0] - 1, image.shape[1] - 1)  # reflect padding needs pad < size
+    try:
+        upsampler.pre_process(image)
+        if upsampler.tile_size > 0:
+            upsampler.tile_process()
+        else:
+            upsampler.process()
+        output = upsampler.post_process()
+    finally:
+        upsampler.pre_pad = pre_pad
+        for name in ("img", "output"):  # do not keep the last image's tensors alive on the device
+            if hasattr(upsampler, name):
+                delattr(upsampler, name)
+    return output[0].float().clamp_(0.0, 1.0).permute(1, 2, 0).cpu().numpy()
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "X4PLUS_ARCH",
+    "GanWeightsError",
+    "bilinear_init",
+    "build_rrdbnet",
+    "check_weights",
+    "gan_upscale",
+    "load_gan",
+    "read_gan_config",
+    "read_state_dict",
+    "record_pretrained",
+    "save_gan",
+    "weights_path",
+]

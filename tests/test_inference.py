@@ -1,0 +1,345 @@
+"""ConsisSRPipeline (consissr/inference/): schedules against IDDPM's formulas, GANEmb start, seeds,
+odd sizes, tiling, colour fix, guidance, save/load. Tiny models built by the stages' own code."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from consissr.config import InferenceParams, ModelParams
+from consissr.inference.color import adain_color_fix, color_fix, wavelet_color_fix
+from consissr.inference.schedules import (
+    gan_start_latent,
+    set_spaced_timesteps,
+    spaced_timesteps,
+)
+from consissr.inference.tiling import gaussian_weights, tile_boxes
+
+SEED = 7
+
+
+# --------------------------------------------------------------------------------------------
+# reference formulas, written from the papers (not from the code under test)
+# --------------------------------------------------------------------------------------------
+def iddpm_space_timesteps(num_timesteps: int, count: int) -> list[int]:
+    """IDDPM respace.py ``space_timesteps(num_timesteps, str(count))`` for one section."""
+    frac_stride = (num_timesteps - 1) / (count - 1)
+    cur, steps = 0.0, []
+    for _ in range(count):
+        steps.append(round(cur))
+        cur += frac_stride
+    return steps
+
+
+def sd_alphas_cumprod() -> torch.Tensor:
+    """SD's "scaled_linear" schedule: β_t = (linspace(√0.00085, √0.012, 1000))², ᾱ_t = Π(1 − β)."""
+    betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0)
+
+
+@pytest.fixture(scope="module")
+def scheduler(tiny_backbone):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_pretrained(tiny_backbone, subfolder="scheduler")
+
+
+# --------------------------------------------------------------------------------------------
+# schedules
+# --------------------------------------------------------------------------------------------
+def test_full_mode_timesteps_are_iddpm_respaced(scheduler):
+    timesteps = set_spaced_timesteps(scheduler, 50, 1000).tolist()
+    assert timesteps == iddpm_space_timesteps(1000, 50)[::-1]
+    assert timesteps == [round(i * 999 / 49) for i in range(50)][::-1]
+    assert timesteps[0] == 999 and timesteps[-1] == 0
+    # diffusers' default "leading" spacing is another list (981 … 1): why custom timesteps are set
+    scheduler.set_timesteps(50)
+    assert scheduler.timesteps.tolist()[0] == 981 and scheduler.timesteps.tolist() != timesteps
+
+
+def test_scheduler_step_uses_the_respaced_betas(scheduler):
+    """One DDPMScheduler step equals IDDPM's respaced posterior: β' = 1 − ᾱ_t/ᾱ_prev of the list."""
+    ab = sd_alphas_cumprod()
+    assert torch.allclose(scheduler.alphas_cumprod.double(), ab, rtol=1e-5)
+    timesteps = set_spaced_timesteps(scheduler, 10, 600).tolist()
+    assert timesteps[0] == 599  # paper t_max = 600 is diffusers index 599
+    x = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(0))
+    eps = torch.randn(1, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    for i, t in enumerate(timesteps):
+        prev = timesteps[i + 1] if i + 1 < len(timesteps) else None
+        a_t, a_prev = ab[t], (ab[prev] if prev is not None else torch.tensor(1.0, dtype=torch.float64))
+        beta = 1 - a_t / a_prev  # respaced β'
+        x0 = (x.double() - (1 - a_t).sqrt() * eps.double()) / a_t.sqrt()
+        mean = a_prev.sqrt() * beta / (1 - a_t) * x0 + (1 - beta).sqrt() * (1 - a_prev) / (1 - a_t) * x.double()
+        variance = beta * (1 - a_prev) / (1 - a_t)  # posterior variance of the respaced chain
+        out = scheduler.step(eps, t, x, generator=torch.Generator().manual_seed(10 + i)).prev_sample
+        if prev is None:  # last step: no noise
+            expected = mean
+        else:
+            noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(10 + i))
+            expected = mean + variance.sqrt() * noise.double()
+        torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_spaced_timesteps_start_at_t_max_in_paper_convention():
+    assert spaced_timesteps(10, 1000)[0] == 999  # t_max = T = 1000 → index 999
+    assert spaced_timesteps(10, 600) == [round(i * 599 / 9) for i in range(10)][::-1]
+    assert spaced_timesteps(1, 600) == [599]
+    with pytest.raises(ValueError, match="t_max"):
+        spaced_timesteps(10, 1001)
+    with pytest.raises(ValueError, match="steps"):
+        spaced_timesteps(0, 600)
+
+
+def test_gan_start_latent_formula(scheduler):
+    z = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(2))
+    eps = torch.randn(1, 4, 5, 7, generator=torch.Generator().manual_seed(3))
+    ab = sd_alphas_cumprod()[599]
+    expected = ab.sqrt() * z.double() + (1 - ab).sqrt() * eps.double()
+    torch.testing.assert_close(gan_start_latent(scheduler, z, eps, 600).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# colour fix and tiles
+# --------------------------------------------------------------------------------------------
+def test_adain_matches_reference_statistics():
+    g = torch.Generator().manual_seed(0)
+    image, ref = torch.rand(1, 3, 20, 24, generator=g), torch.rand(1, 3, 20, 24, generator=g) * 0.5 + 0.2
+    out = adain_color_fix(image, ref)
+    torch.testing.assert_close(out.mean(dim=(2, 3)), ref.mean(dim=(2, 3)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.flatten(2).std(dim=2), ref.flatten(2).std(dim=2), rtol=1e-3, atol=1e-4)
+
+
+def test_wavelet_keeps_detail_and_takes_the_reference_colour():
+    g = torch.Generator().manual_seed(0)
+    ref = torch.rand(1, 3, 40, 40, generator=g) * 0.5
+    shifted = ref + torch.tensor([0.2, -0.1, 0.05]).view(1, 3, 1, 1)  # same detail, other colour
+    torch.testing.assert_close(wavelet_color_fix(shifted, ref), ref, rtol=0, atol=1e-5)
+    assert torch.equal(color_fix(shifted, ref, "none"), shifted.clamp(0, 1))
+    with pytest.raises(ValueError, match="color_fix"):
+        color_fix(shifted, ref, "histogram")
+
+
+def test_tiles_cover_the_grid_with_positive_weights():
+    boxes = tile_boxes(40, 25, 16, 8)
+    cover = torch.zeros(40, 25)
+    for y0, y1, x0, x1 in boxes:
+        assert (y1 - y0, x1 - x0) == (16, 16)
+        cover[y0:y1, x0:x1] += 1
+    assert cover.min() >= 1
+    assert tile_boxes(10, 12, 16, 8) == [(0, 10, 0, 12)]
+    w = gaussian_weights(16, 16)
+    assert w.min() > 0 and w[0, 0, 7:9, 7:9].min() == w.max()
+
+
+# --------------------------------------------------------------------------------------------
+# the pipeline on tiny parts
+# --------------------------------------------------------------------------------------------
+def _perturb_(module: torch.nn.Module, seed: int, std: float = 0.05) -> None:
+    """Random values in the zero-initialised additions, so that loading them matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_backbone, tmp_path_factory):
+    """Stage-like folders: backbone (conftest), consissr net, robust CLIP, a tiny random GAN."""
+    from consissr.models.backbone import load_backbone
+    from consissr.models.consissr import ConsisSRNet
+    from consissr.models.robust_clip import RobustCLIP
+
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(0)
+    clip = RobustCLIP(model_name="consissr-tiny-vit", with_teacher=False)
+    clip.save_pretrained(root / "robust_clip")
+    unet = load_backbone("embedded", embedded_dir=tiny_backbone).unet
+    net = ConsisSRNet.from_backbone(unet, ModelParams(), image_embed_dim=clip.embed_dim)
+    for module in (net.hpa_unet, net.hpa_controlnet, net.self_attention, net.controlnet.controlnet_down_blocks,
+                   net.controlnet.controlnet_mid_block):
+        _perturb_(module, seed=1)
+    net.save_pretrained(root / "consissr")
+    dirs = {"backbone": tiny_backbone, "consissr": root / "consissr", "robust_clip": root / "robust_clip",
+            "gan": root / "gan"}
+    from consissr.models.gan import build_rrdbnet, save_gan
+
+    torch.manual_seed(0)
+    arch = {"scale": 4, "num_block": 1, "num_feat": 8, "num_grow_ch": 4}
+    save_gan(build_rrdbnet(**arch), root / "gan", **arch)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def pipe(parts):
+    from consissr.inference.pipeline import load_pipeline
+
+    pipe = load_pipeline(None, device="cpu", stage_dirs=parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _lq(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((h, w, 3), dtype=np.float32)
+
+
+FAST = {"num_inference_steps": 2, "output_type": "np", "tile_size": 512}  # untiled; tiling has its own test
+
+
+def test_components_and_defaults(pipe):
+    from diffusers import DDPMScheduler, DiffusionPipeline
+
+    assert isinstance(pipe, DiffusionPipeline) and isinstance(pipe.scheduler, DDPMScheduler)
+    assert pipe.unet is pipe.net.unet and pipe.controlnet is pipe.net.controlnet
+    assert set(pipe.components) == {"vae", "text_encoder", "tokenizer", "scheduler", "net", "robust_clip", "gan"}
+    assert pipe.defaults == InferenceParams() and pipe.scale == 4
+    rec, gen = pipe.plan(mode="ganemb", preset="rec"), pipe.plan(mode="ganemb", preset="gen")
+    assert (rec.t_max, rec.steps, gen.t_max, gen.steps) == (600, 10, 1000, 10)
+    custom = pipe.plan(mode="ganemb", preset="gen", t_max=800, num_inference_steps=4)
+    assert (custom.t_max, custom.steps) == (800, 4)
+    full = pipe.plan(mode="full")
+    assert (full.t_max, full.steps, full.guidance_scale) == (1000, 50, 1.0)
+    with pytest.raises(ValueError, match="t_max"):
+        pipe.plan(mode="full", t_max=600)
+    with pytest.raises(ValueError, match="tile_size"):
+        pipe.plan(tile_size=100)
+
+
+def test_same_seed_same_image_and_odd_size(pipe):
+    lq = _lq(45, 67)
+    first = pipe(lq, seed=SEED, **FAST).images
+    again = pipe(lq, seed=SEED, **FAST).images
+    other = pipe(lq, seed=SEED + 1, **FAST).images
+    assert first.shape == (1, 180, 268, 3) and first.dtype == np.float32
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).mean() > 1e-3
+    pil = pipe(_pil(lq), seed=SEED, num_inference_steps=1, tile_size=512).images[0]
+    assert pil.size == (268, 180) and pil.mode == "RGB"
+    assert pipe(lq, mode="ganemb", seed=SEED, **FAST).images.shape == (1, 180, 268, 3)
+
+
+def _pil(array: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(np.round(array * 255).astype(np.uint8))
+
+
+def test_full_mode_runs_the_spaced_chain_from_noise(pipe):
+    seen = []
+    original = pipe.net.forward
+
+    def record(x, t, *args, **kwargs):
+        seen.append((x.clone(), int(t)))
+        return original(x, t, *args, **kwargs)
+
+    pipe.net.forward = record
+    try:
+        pipe(_lq(16, 16), seed=SEED, num_inference_steps=5, color_fix="none", output_type="np")
+    finally:
+        del pipe.net.forward
+    assert [t for _, t in seen] == [round(i * 999 / 4) for i in range(5)][::-1]
+    x_T = torch.randn(seen[0][0].shape, generator=torch.Generator().manual_seed(SEED))
+    assert torch.equal(seen[0][0], x_T)  # x_T ~ N(0, I), the first draw of the seeded generator
+
+
+def test_ganemb_start_latent_and_first_timestep(pipe):
+    from consissr.inference.tiling import pad_to_multiple, size_multiple
+
+    lq = _lq(20, 12, seed=3)
+    seen = []
+    original = pipe.net.forward
+
+    def record(x, t, *args, **kwargs):
+        seen.append((x.clone(), int(t)))
+        return original(x, t, *args, **kwargs)
+
+    pipe.net.forward = record
+    try:
+        out = pipe(lq, mode="ganemb", preset="rec", seed=SEED, output_type="np").images
+    finally:
+        del pipe.net.forward
+    assert out.shape == (1, 80, 48, 3)
+    assert len(seen) == 10 and seen[0][1] == 600 - 1  # paper t_max = 600 ↔ diffusers index 599
+    gan = torch.from_numpy(pipe.gan_upscale(lq)).permute(2, 0, 1)[None]
+    z_gan = pipe.encode_image(pad_to_multiple(gan, size_multiple(pipe.vae, pipe.unet)))
+    eps = torch.randn(z_gan.shape, generator=torch.Generator().manual_seed(SEED))
+    ab = sd_alphas_cumprod()[599]
+    expected = ab.sqrt() * z_gan.double() + (1 - ab).sqrt() * eps.double()
+    torch.testing.assert_close(seen[0][0].double(), expected, rtol=1e-5, atol=1e-5)
+    gen = []
+    pipe.net.forward = lambda x, t, *a, **k: (gen.append(int(t)), original(x, t, *a, **k))[1]
+    try:
+        pipe(lq, mode="ganemb", preset="gen", num_inference_steps=2, seed=SEED, output_type="np")
+    finally:
+        del pipe.net.forward
+    assert gen == [999, 0]  # t_max = T = 1000 ↔ index 999
+
+
+def test_guidance_with_equal_prompts_is_no_guidance_and_hpa_scale_matters(pipe):
+    lq = _lq(16, 16, seed=4)
+    plain = pipe(lq, seed=SEED, **FAST).images
+    same = pipe(lq, seed=SEED, prompt="a cat", negative_prompt="a cat", guidance_scale=5.0, **FAST).images
+    base = pipe(lq, seed=SEED, prompt="a cat", **FAST).images
+    guided = pipe(lq, seed=SEED, prompt="a cat", negative_prompt="noise, blur", guidance_scale=5.0, **FAST).images
+    np.testing.assert_allclose(same, base, atol=2e-3)  # ε_neg + g(ε_pos − ε_neg) = ε when the prompts agree
+    assert np.abs(plain - base).mean() > 0 and np.abs(guided - base).mean() > 1e-3
+    scale = pipe.net.hpa_scale
+    no_image_prompt = pipe(lq, seed=SEED, hpa_scale=0.0, **FAST).images
+    assert pipe.net.hpa_scale == scale and np.abs(no_image_prompt - plain).mean() > 1e-4
+
+
+def test_tiled_and_untiled_agree_on_a_small_image(pipe):
+    """Tiling changes the output less than a change of seed does.
+
+    A 24² → 96² image with 64-px tiles. The tiles do not compute the same function as the whole image: a tile's UNet attends to its
+    window only, GroupNorm statistics are per window, the positional table is resized to the
+    window, and the VAE's GroupNorms see one tile. So tiled ≠ untiled by construction; the
+    bound below says the blend hides it well: the mean absolute difference is under a quarter
+    of what a different seed changes (the sampler's own spread), and under 0.05 of the range.
+    """
+    lq = _lq(24, 24, seed=5)
+    kw = {"num_inference_steps": 2, "color_fix": "none", "output_type": "np"}
+    whole = pipe(lq, seed=SEED, tile_size=256, **kw).images
+    tiled = pipe(lq, seed=SEED, tile_size=64, tile_overlap=32, **kw).images  # 2×2 latent windows, 3×3 VAE tiles
+    reseeded = pipe(lq, seed=SEED + 1, tile_size=256, **kw).images
+    diff, spread = np.abs(tiled - whole).mean(), np.abs(reseeded - whole).mean()
+    assert tiled.shape == whole.shape == (1, 96, 96, 3)
+    assert 0 < diff < 0.25 * spread and diff < 0.05, (diff, spread)
+
+
+def test_callback_sees_every_step(pipe):
+    steps = []
+
+    def callback(p, i, t, kwargs):
+        steps.append((i, int(t)))
+        return {"latents": kwargs["latents"]}
+
+    pipe(_lq(16, 16), seed=SEED, num_inference_steps=3, output_type="np", callback_on_step_end=callback)
+    assert steps == [(0, 999), (1, 500), (2, 0)]
+
+
+def test_save_and_load_give_the_same_output(pipe, tmp_path):
+    from consissr.inference.pipeline import ConsisSRPipeline, load_pipeline
+
+    lq = _lq(20, 28, seed=6)
+    mode = {"mode": "ganemb", "preset": "rec", "num_inference_steps": 3}
+    before = pipe(lq, seed=SEED, output_type="np", **mode).images
+    pipe.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "model_index.json").is_file()
+    loaded = load_pipeline(tmp_path / "model", device="cpu")
+    assert isinstance(loaded, ConsisSRPipeline)
+    loaded.set_progress_bar_config(disable=True)
+    after = loaded(lq, seed=SEED, output_type="np", **mode).images
+    assert np.array_equal(before, after)
+    np.testing.assert_array_equal(loaded.gan_upscale(lq), pipe.gan_upscale(lq))
+    assert loaded.defaults == pipe.defaults and loaded.training_info == pipe.training_info
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        ConsisSRPipeline.from_pretrained(tmp_path / "nothing")
+
+
+def test_load_pipeline_names_a_missing_stage_output(parts, tmp_path):
+    from consissr.inference.pipeline import load_pipeline
+
+    with pytest.raises(FileNotFoundError, match="consissr"):
+        load_pipeline(None, device="cpu", stage_dirs={**parts, "consissr": tmp_path / "consissr"})
