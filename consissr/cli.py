@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -237,6 +238,35 @@ def run_demo(args) -> int:
     return 0
 
 
+@stage("promote", "log the pipeline as an MLflow model, register a version, move the champion alias by the rule",
+       registry=TOOLS)
+def _promote_args(p):
+    p.add_argument("--config", type=Path, default=Path("configs/retrain.yaml"), help="flow settings with the rule")
+    p.add_argument("--model-dir", type=Path, default=None, help="a saved pipeline folder (default: the stage outputs)")
+
+
+def run_promote(args) -> int:
+    from consissr.promote import promote
+
+    promote(args.config, model_dir=args.model_dir, profile=os.environ.get("CONSISSR_PROFILE"))
+    return 0
+
+
+def _relaunch_distributed(argv: list[str]) -> None:
+    """A training command under ``CONSISSR_NUM_PROCESSES`` > 1 re-executes itself through ``accelerate launch``.
+
+    DVC stages keep their plain ``consissr train-...`` command (dvc.lock records it); a GPU worker sets the
+    process count (Prefect job variable ``CONSISSR_NUM_GPUS`` -> the flow's env).
+    """
+    count = int(os.environ.get("CONSISSR_NUM_PROCESSES", "1") or 1)
+    if count <= 1 or "LOCAL_RANK" in os.environ or not argv or not argv[0].startswith("train-"):
+        return
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
+           "-m", "consissr.cli", *argv]
+    log.info("relaunching through accelerate: %s", " ".join(cmd))
+    os.execv(sys.executable, cmd)
+
+
 def _parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -263,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="its `inference` section gives the defaults without --model (used when it exists)")
         add_args(p)
     args = parser.parse_args(argv)
+    _relaunch_distributed(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
