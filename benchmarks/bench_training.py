@@ -91,6 +91,11 @@ def data_dirs(crop: int, tmp: Path) -> dict[str, Path]:
     return dirs
 
 
+def vae_factor(dirs: dict) -> int:
+    widths = json.loads((dirs["backbone"] / "vae" / "config.json").read_text())["block_out_channels"]
+    return 2 ** (len(widths) - 1)
+
+
 class HQCrops(torch.utils.data.Dataset):
     """Only the HQ crops of the pairs: what an online-degradation dataloader reads."""
 
@@ -235,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
         dirs = data_dirs(args.crop, Path(tmp))
         load_before = os.getloadavg()[0]
         results = bench(dirs, batch=args.batch, warmup=args.warmup, steps=args.steps, seed=args.seed)
+        latent = args.crop // vae_factor(dirs)
         source = "data/ (DVC outputs)" if dirs["latents"].is_relative_to(ROOT) else "built in a temporary folder"
     table = markdown(results)
     print(table)
     record = {
         "machine": machine(load_before),
-        "setup": {"profile": "tiny", "crop": args.crop, "latent": args.crop // 8, "batch": args.batch,
+        "setup": {"profile": "tiny", "crop": args.crop, "latent": latent, "batch": args.batch,
                   "warmup": args.warmup, "steps": args.steps, "data": source,
                   "model": "ConsisSRNet(ModelParams()) on the embedded backbone, tiny robust CLIP, Adam"},
         "results": results, "table": table,

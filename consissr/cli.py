@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -37,15 +38,28 @@ def _paths(p: argparse.ArgumentParser, **defaults: str) -> None:
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=Path, default=Path(default))
 
 
+@stage("train-vae", "train the embedded backbone's tiny VAE on the training photos (embedded profile only)")
+def _train_vae_args(p):
+    _paths(p, out="data/models/vae")
+
+
+def run_train_vae(params: Params, args) -> None:
+    from consissr.training.vae_stage import train_vae
+
+    prepare = params.prepare
+    train_vae(args.out, pretrained=params.backbone.pretrained, sources=prepare.sources, extensions=prepare.extensions,
+              eval_dirs=prepare.eval_dirs, train=params.train_vae, seed=params.base.seed, device=params.base.device)
+
+
 @stage("backbone", "build and save the embedded tiny SD backbone (or record the real one's id)")
 def _backbone_args(p):
-    _paths(p, out="data/models/backbone")
+    _paths(p, vae="data/models/vae", out="data/models/backbone")
 
 
 def run_backbone(params: Params, args) -> None:
     from consissr.models.backbone import write_backbone
 
-    write_backbone(params.backbone, out_dir=args.out, seed=params.base.seed)
+    write_backbone(params.backbone, out_dir=args.out, seed=params.base.seed, vae_dir=args.vae)
 
 
 @stage("prepare", "HQ crops from the sources, with a skip report and the contamination guard")
@@ -68,6 +82,19 @@ def run_degrade(params: Params, args) -> None:
     from consissr.data.degradation import degrade_folder
 
     degrade_folder(args.input, args.out, params.degrade, seed=params.base.seed)
+
+
+@stage("vae-ceiling", "reconstruction PSNR(Y) of the backbone's VAE on the HQ crops vs bicubic x4 of the LQ")
+def _vae_ceiling_args(p):
+    _paths(p, prepared="data/prepared", degraded="data/degraded", backbone="data/models/backbone",
+           out="data/reports/vae_ceiling.json")
+
+
+def run_vae_ceiling(params: Params, args) -> None:
+    from consissr.training.vae_stage import vae_ceiling
+
+    vae_ceiling(args.prepared, args.degraded, args.backbone, args.out, backbone=params.backbone,
+                device=params.base.device)
 
 
 @stage("encode", "VAE-encode LQ/HQ pairs into safetensors latent shards")
@@ -138,16 +165,16 @@ def run_evaluate(params: Params, args) -> None:
              prepared_dir=args.prepared, pipeline_dir=args.pipeline)
 
 
-@stage("model-info", "print total and trainable parameter counts per part (both profiles)")
+@stage("model-info", "print parameter counts per part (both profiles) and how the saved model was trained")
 def _model_info_args(p):
-    _paths(p, backbone="data/models/backbone")
+    _paths(p, backbone="data/models/backbone", model="data/models/consissr")
     p.add_argument("--profile", choices=["tiny", "paper", "both"], default="both")
 
 
 def run_model_info(params: Params, args) -> None:
     from consissr.models.info import print_model_info
 
-    print_model_info(params, profile=args.profile, backbone_dir=args.backbone)
+    print_model_info(params, profile=args.profile, backbone_dir=args.backbone, model_dir=args.model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +255,35 @@ def run_demo(args) -> int:
     return 0
 
 
+@stage("promote", "log the pipeline as an MLflow model, register a version, move the champion alias by the rule",
+       registry=TOOLS)
+def _promote_args(p):
+    p.add_argument("--config", type=Path, default=Path("configs/retrain.yaml"), help="flow settings with the rule")
+    p.add_argument("--model-dir", type=Path, default=None, help="a saved pipeline folder (default: the stage outputs)")
+
+
+def run_promote(args) -> int:
+    from consissr.promote import promote
+
+    promote(args.config, model_dir=args.model_dir, profile=os.environ.get("CONSISSR_PROFILE"))
+    return 0
+
+
+def _relaunch_distributed(argv: list[str]) -> None:
+    """A training command under ``CONSISSR_NUM_PROCESSES`` > 1 re-executes itself through ``accelerate launch``.
+
+    DVC stages keep their plain ``consissr train-...`` command (dvc.lock records it); a GPU worker sets the
+    process count (Prefect job variable ``CONSISSR_NUM_GPUS`` -> the flow's env).
+    """
+    count = int(os.environ.get("CONSISSR_NUM_PROCESSES", "1") or 1)
+    if count <= 1 or "LOCAL_RANK" in os.environ or not argv or not argv[0].startswith("train-"):
+        return
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
+           "-m", "consissr.cli", *argv]
+    log.info("relaunching through accelerate: %s", " ".join(cmd))
+    os.execv(sys.executable, cmd)
+
+
 def _parse_overrides(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -254,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="its `inference` section gives the defaults without --model (used when it exists)")
         add_args(p)
     args = parser.parse_args(argv)
+    _relaunch_distributed(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

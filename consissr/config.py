@@ -167,6 +167,33 @@ class EncodeParams:
 
 
 @dataclass(frozen=True)
+class TrainVaeParams:
+    """The embedded backbone's tiny AutoencoderKL trained on the training photos (stage train_vae).
+
+    Embedded profile only; a real backbone keeps its VAE. Loss: L1 + L2 + kl_weight·KL
+    (+ lpips_weight·LPIPS when its weights are present), Adam with a cosine lr decay.
+    """
+
+    steps: int = 500
+    batch_size: int = 8
+    crop_size: int = 64  # random crops of the photos, flipped / rotated
+    lr: float = 2e-3
+    kl_weight: float = 1e-6  # per input element (SD's VAE: 1e-6)
+    lpips_weight: float = 0.0  # used only when LPIPS weights load offline; else a log line
+    # photos kept out of training and reported as held-out reconstruction PSNR(Y)
+    # (ids of prepare.sources: embedded_<name>, or s<k>_<path slug> for folders)
+    holdout: tuple[str, ...] = ("embedded_coffee",)
+    # CPU threads while training (0: torch's default). One thread gives the same weights on any
+    # machine and is far faster than 2 on a shared, loaded CPU (OpenMP threads spin-wait)
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "steps", "batch_size", "crop_size")
+        _at_least(self, 0, "kl_weight", "lpips_weight", "threads")
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
 class ModelParams:
     """The ConsisSR network around the backbone (paper §3.2–3.3). Owned by consissr/models/."""
 
@@ -174,9 +201,10 @@ class ModelParams:
     pos_embed: bool = True  # learned absolute positional embedding on self-attention
     transposed_attention: bool = True  # Restormer-style channel self-attention
     controlnet_conditioning: Literal["latent", "pixel"] = "latent"
-    # latent side of the training crops (prepare.crop_size / 8; paper: 512 / 8 = 64): the grid
+    # latent side of the training crops (prepare.crop_size / VAE factor; tiny: 128 / 4 = 32;
+    # paper: 512 / 8 = 64): the grid
     # the positional tables are stored on before bilinear resizing to other sizes
-    pos_embed_grid: int = 16
+    pos_embed_grid: int = 32
     num_image_tokens: int = 4  # N robust-CLIP image tokens per prompt (IP-Adapter: 4; authors' code: 1)
 
     def __post_init__(self) -> None:
@@ -377,6 +405,7 @@ class Params:
     prepare: PrepareParams = PrepareParams()
     degrade: DegradeParams = DegradeParams()
     encode: EncodeParams = EncodeParams()
+    train_vae: TrainVaeParams = TrainVaeParams()
     model: ModelParams = ModelParams()
     clip: ClipParams = ClipParams()
     train_clip: TrainClipParams = TrainClipParams()
@@ -398,9 +427,12 @@ def section_hash(*sections: Any) -> str:
 
 # Which sections each DVC stage reads; dvc.yaml's `params:` must list exactly their leaves.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "backbone": ("base.seed", "backbone"),
     "prepare": ("base.seed", "prepare"),
     "degrade": ("base.seed", "degrade"),
+    "train_vae": ("base.seed", "base.device", "backbone.pretrained", "prepare.sources", "prepare.extensions",
+                  "prepare.eval_dirs", "train_vae"),
+    "backbone": ("base.seed", "backbone"),
+    "vae_ceiling": ("base.device", "backbone"),
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),

@@ -314,6 +314,8 @@ def start_run(
         all_tags[f"input.{name}.hash"] = data_hash(path) or "missing"
     if os.environ.get("MLFLOW_PARENT_RUN_ID"):
         all_tags["mlflow.parentRunId"] = os.environ["MLFLOW_PARENT_RUN_ID"]
+    if os.environ.get("CONSISSR_PROFILE"):  # set by the Prefect flow (embedded | paper)
+        all_tags["profile"] = os.environ["CONSISSR_PROFILE"]
     all_tags.update(tags or {})
 
     created = client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=stage)
@@ -334,5 +336,74 @@ def start_run(
             client.set_terminated(run.run_id, status)
 
 
-__all__ = ["NullRun", "Run", "Tracker", "artifact_location", "data_hash", "flatten", "git_commit", "is_main_process",
-           "line_plot", "repo_root", "start_run", "tracking_uri"]
+# --------------------------------------------------------------------------------------------
+# model registry
+# --------------------------------------------------------------------------------------------
+def _pipeline_model():
+    """The pyfunc wrapper class, built lazily (mlflow imports only when a model is logged)."""
+    import mlflow.pyfunc
+
+    class ConsisSRPyfunc(mlflow.pyfunc.PythonModel):
+        """``predict``: images (np float HxWx3 in [0, 1], or a list / NxHxWx3 batch) -> upscaled images."""
+
+        def load_context(self, context):
+            from consissr.inference.pipeline import load_pipeline
+
+            self.pipe = load_pipeline(context.artifacts["pipeline"], device="cpu")
+
+        def predict(self, context, model_input, params=None):
+            import numpy as np
+
+            params = dict(params or {})
+            images = [model_input] if isinstance(model_input, np.ndarray) and model_input.ndim == 3 else model_input
+            return [self.pipe(np.asarray(img, dtype=np.float32), output_type="np", **params).images[0]
+                    for img in images]
+
+    return ConsisSRPyfunc()
+
+
+def log_pipeline_model(run: NullRun, pipeline_dir: str | os.PathLike, model_name: str) -> str | None:
+    """Log a saved pipeline folder as an MLflow pyfunc model of ``run`` and register it; returns the version."""
+    if run.run_id is None:
+        return None
+    import mlflow
+
+    mlflow.set_tracking_uri(run.tracking_uri)
+    mlflow.set_registry_uri(run.tracking_uri)
+    with mlflow.start_run(run_id=run.run_id):
+        info = mlflow.pyfunc.log_model(name="pipeline", python_model=_pipeline_model(),
+                                       artifacts={"pipeline": str(pipeline_dir)},
+                                       pip_requirements=["consissr"], registered_model_name=model_name)
+    return str(info.registered_model_version)
+
+
+def alias_version(uri: str, model_name: str, alias: str) -> tuple[str, dict[str, str]] | None:
+    """(version, its tags) of ``model_name@alias``, or None when the alias (or the model) does not exist."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mv = MlflowClient(tracking_uri=uri, registry_uri=uri).get_model_version_by_alias(model_name, alias)
+    except MlflowException:
+        return None
+    return str(mv.version), dict(mv.tags or {})
+
+
+def tag_version(uri: str, model_name: str, version: str, tags: Mapping[str, Any]) -> None:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for key, value in tags.items():
+        client.set_model_version_tag(model_name, version, key, str(value))
+
+
+def set_alias(uri: str, model_name: str, alias: str, version: str) -> None:
+    """Point ``model_name@alias`` at ``version`` (moving it from the previous one)."""
+    from mlflow import MlflowClient
+
+    MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(model_name, alias, version)
+
+
+__all__ = ["NullRun", "Run", "Tracker", "alias_version", "artifact_location", "data_hash", "flatten", "git_commit",
+           "is_main_process", "line_plot", "log_pipeline_model", "repo_root", "set_alias", "start_run", "tag_version",
+           "tracking_uri"]

@@ -17,7 +17,9 @@ def test_tiny_backbone_is_saved_in_the_stable_diffusion_layout(tiny_backbone):
     # diffusers' own pipeline loader reads it like any SD checkpoint directory
     pipe = StableDiffusionPipeline.from_pretrained(tiny_backbone, safety_checker=None, requires_safety_checker=False)
     assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
-    assert pipe.vae_scale_factor == 8
+    # the UNet works on the VAE's latent (the embedded VAE: 4x down, 8 channels)
+    assert pipe.vae_scale_factor == 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 4
+    assert pipe.unet.config.in_channels == pipe.unet.config.out_channels == pipe.vae.config.latent_channels == 8
 
 
 def test_loader_returns_frozen_components_with_sd_schedule(tiny_backbone):
@@ -31,7 +33,8 @@ def test_loader_returns_frozen_components_with_sd_schedule(tiny_backbone):
     betas = bb.noise_scheduler.betas.double()
     expected = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
     torch.testing.assert_close(betas, expected, rtol=1e-6, atol=1e-9)
-    assert bb.vae.config.scaling_factor == 0.18215
+    # an untrained VAE (no train_vae output given) is left unscaled; train_vae sets 1/std
+    assert bb.vae.config.scaling_factor == 1.0
 
 
 def test_tokenizer_is_the_real_clip_bpe(tiny_backbone):

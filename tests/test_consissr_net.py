@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from consissr.config import ModelParams, Params
-from consissr.models.backbone import build_tiny_backbone
+from consissr.models.backbone import build_tiny_backbone, tiny_unet_config
 from consissr.models.consissr import ConsisSRNet, apply_trainable_policy
 from consissr.models.hpa import IMAGE_TOKENS_KWARG, HybridPromptAttnProcessor
 from consissr.models.info import SD21_BASE_UNET_CONFIG, SD21_BASE_UNET_PARAMETERS, model_info, print_model_info
@@ -39,13 +39,14 @@ def make_net(vanilla_unet, params: ModelParams = PARAMS) -> ConsisSRNet:
     return ConsisSRNet.from_backbone(copy.deepcopy(vanilla_unet), params, image_embed_dim=EMBED_DIM).eval()
 
 
-def inputs(batch=2, height=16, width=16, seed=0):
+def inputs(batch=2, height=16, width=16, seed=0, channels=None):
     g = torch.Generator().manual_seed(seed)
+    channels = channels or tiny_unet_config()["in_channels"]  # the embedded VAE's latent channels
     return dict(
-        noisy_latents=torch.randn(batch, 4, height, width, generator=g),
+        noisy_latents=torch.randn(batch, channels, height, width, generator=g),
         t=torch.tensor([10, 700][:batch]),
         encoder_hidden_states=torch.randn(batch, 77, 64, generator=g),
-        lq_cond=torch.randn(batch, 4, height, width, generator=g),
+        lq_cond=torch.randn(batch, channels, height, width, generator=g),
         image_embeds=torch.randn(batch, EMBED_DIM, generator=g),
     )
 

@@ -59,6 +59,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     import consissr.training.clip_stage as clip_stage
     import consissr.training.gan_stage as gan_stage
     import consissr.training.sdsr_stage as sdsr_stage
+    import consissr.training.vae_stage as vae_stage
 
     def consume(*args, **kwargs):  # a stand-in stage function that reads every field it is given
         for value in (*args, *kwargs.values()):
@@ -75,10 +76,12 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     monkeypatch.setattr(lc, "encode_pairs", consume)
     monkeypatch.setattr(clip_stage, "train_clip", consume)
     monkeypatch.setattr(sdsr_stage, "train_sdsr", consume)
+    monkeypatch.setattr(vae_stage, "train_vae", consume)
+    monkeypatch.setattr(vae_stage, "vae_ceiling", consume)
     monkeypatch.setattr(gan_stage, "train_gan", consume)
     monkeypatch.setattr(eval_stage, "evaluate", consume)
     args = type("Args", (), {"out": tmp_path, "input": tmp_path, "prepared": tmp_path,
-                             "degraded": tmp_path, "backbone": tmp_path,
+                             "degraded": tmp_path, "backbone": tmp_path, "vae": tmp_path,
                              "latents": tmp_path, "robust_clip": tmp_path, "metrics": tmp_path, "plots": tmp_path,
                              "report": tmp_path, "work": tmp_path, "pipeline": None})()
     for stage in STAGE_PARAMS:
@@ -104,23 +107,26 @@ def ran(output):
 def test_dvc_repro_end_to_end_in_a_temporary_copy(tmp_path):
     copy_tracked_files(tmp_path)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    data_stages = {"backbone", "prepare", "degrade", "encode"}
+    params = (tmp_path / "params.yaml").read_text()
+    assert "\n  steps: 500 " in params  # train_vae: a short run is enough here
+    (tmp_path / "params.yaml").write_text(params.replace("\n  steps: 500 ", "\n  steps: 10 "))
+    data_stages = {"train_vae", "backbone", "prepare", "degrade", "vae_ceiling", "encode"}
 
-    first = _dvc(tmp_path, "repro", "encode")
+    first = _dvc(tmp_path, "repro", "encode", "vae_ceiling")
     assert ran(first) == data_stages
     assert (tmp_path / "data" / "latents" / "manifest.json").is_file()
 
-    second = _dvc(tmp_path, "repro", "encode")
+    second = _dvc(tmp_path, "repro", "encode", "vae_ceiling")
     assert ran(second) == set(), second
 
     params = (tmp_path / "params.yaml").read_text()
     assert "    noise_range: [1.0, 30.0]" in params
     (tmp_path / "params.yaml").write_text(params.replace("    noise_range: [1.0, 30.0]", "    noise_range: [2.0, 30.0]"))
-    third = _dvc(tmp_path, "repro", "encode")
-    assert ran(third) == {"degrade", "encode"}, third
+    third = _dvc(tmp_path, "repro", "encode", "vae_ceiling")
+    assert ran(third) == {"degrade", "vae_ceiling", "encode"}, third  # the VAE does not retrain
 
     # reproducible: rebuilding every data stage from scratch gives byte-identical outputs
     lock = (tmp_path / "dvc.lock").read_text()
-    forced = _dvc(tmp_path, "repro", "--force", "encode")
+    forced = _dvc(tmp_path, "repro", "--force", "encode", "vae_ceiling")
     assert ran(forced) == data_stages
     assert (tmp_path / "dvc.lock").read_text() == lock

@@ -53,12 +53,13 @@ def test_encode_writes_scaled_latents_and_a_manifest(pairs, tiny_backbone, tmp_p
     prepared, degraded = pairs
     manifest = encode_pairs(prepared, degraded, tmp_path / "lat", **params(), backbone_dir=tiny_backbone)
     assert manifest["count"] == N and [s["count"] for s in manifest["shards"]] == [3, 3, 1]
-    assert manifest["latent_shape"] == [4, SIZE // 8, SIZE // 8] and manifest["dtype"] == "float32"
+    vae = load_vae(str(tiny_backbone))
+    c, f = vae.config.latent_channels, 2 ** (len(vae.config.block_out_channels) - 1)
+    assert manifest["latent_shape"] == [c, SIZE // f, SIZE // f] and manifest["dtype"] == "float32"
     assert json.loads((tmp_path / "lat" / "manifest.json").read_text()) == manifest
     ds = LatentPairDataset(tmp_path / "lat", verify=True)
     assert len(ds) == N and ds.ids == [f"img{i}" for i in range(N)]
     # the cached latent is exactly the scaled posterior mode of the VAE the backbone holds
-    vae = load_vae(str(tiny_backbone))
     hq = np.asarray(Image.open(prepared / "hq" / "img4.png"), dtype=np.float32)
     x = torch.from_numpy(hq).permute(2, 0, 1)[None] / 127.5 - 1
     expected = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
@@ -67,7 +68,7 @@ def test_encode_writes_scaled_latents_and_a_manifest(pairs, tiny_backbone, tmp_p
     torch.testing.assert_close(sample["hq"], expected[0], rtol=1e-5, atol=1e-5)
     assert not torch.equal(sample["lq"], sample["hq"])
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=0)))
-    assert batch["lq"].shape == (4, 4, SIZE // 8, SIZE // 8)
+    assert batch["lq"].shape == (4, c, SIZE // f, SIZE // f)
 
 
 def test_bad_pair_is_skipped_and_reported(pairs, tiny_backbone, tmp_path):

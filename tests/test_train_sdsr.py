@@ -1,6 +1,6 @@
 """Stage train_sdsr (Algorithm 1, TALA) on a tiny real latent cache, tiny backbone and tiny robust CLIP, CPU.
 
-The cache is built by the real ``encode`` stage from numpy-made pixel pairs (64² → latents 8²);
+The cache is built by the real ``encode`` stage from numpy-made pixel pairs (64² → latents 16², the embedded VAE downsamples 4×);
 the robust CLIP is a tiny open_clip tower saved with ``RobustCLIP.save_pretrained``, its student
 deliberately different from its teacher.
 """
@@ -47,7 +47,7 @@ BACKBONE = BackboneParams()
 TRAIN = TrainSdsrParams(global_batch_size=4, lr=1e-4, iterations=6, tala=True, gamma=1.0, prompt="fixed",
                         prompt_text="a photo", prompt_dropout=0.5, checkpoint_every=2, keep_checkpoints=2,
                         sample_every=3, sample_timesteps=(500, 1000), sample_count=2, log_every=1)
-SIZE = 64  # pixels; latents 8²
+SIZE = 64  # pixels; latents 16²
 
 
 def _run(data: dict, out: Path, *, train: TrainSdsrParams = TRAIN, robust_clip: Path | None = None):
@@ -259,11 +259,27 @@ def test_saved_model_reloads_with_identical_outputs(trained, data):
     net = copy.deepcopy(trained["result"].model.net).eval()
     restored = ConsisSRNet.from_pretrained(out, load_backbone("embedded", embedded_dir=data["backbone"])).eval()
     g = torch.Generator().manual_seed(0)
-    x = {"noisy_latents": torch.randn(2, 4, 8, 8, generator=g), "t": torch.tensor([10, 900]),
+    c = net.unet.config.in_channels
+    x = {"noisy_latents": torch.randn(2, c, 8, 8, generator=g), "t": torch.tensor([10, 900]),
          "encoder_hidden_states": torch.randn(2, 77, 64, generator=g),
-         "lq_cond": torch.randn(2, 4, 8, 8, generator=g), "image_embeds": torch.randn(2, 64, generator=g)}
+         "lq_cond": torch.randn(2, c, 8, 8, generator=g), "image_embeds": torch.randn(2, 64, generator=g)}
     assert torch.equal(restored(**x), net(**x))
     assert not torch.equal(net(**x), _fresh_net(data)[0].eval()(**x)), "the saved net is the untrained one"
+
+
+def test_saved_config_and_model_info_say_how_the_model_was_trained(trained, data, capsys):
+    """contracts.md 3: consissr_config.json's "training" = steps trained, prior pretrained or not."""
+    from consissr.config import Params
+    from consissr.models.info import print_model_info
+
+    saved = json.loads((trained["out"] / CONFIG_NAME).read_text())["training"]
+    assert saved == {"steps": TRAIN.iterations, "prior_pretrained": False, "backbone": str(data["backbone"])}
+    restored = ConsisSRNet.from_pretrained(trained["out"], load_backbone("embedded", embedded_dir=data["backbone"]))
+    assert restored.training_info == saved
+    info = print_model_info(Params(), profile="paper", model_dir=trained["out"])
+    assert info["training"] == saved
+    out = capsys.readouterr().out
+    assert f"trained {TRAIN.iterations} diffusion steps" in out and "untrained prior" in out
 
 
 _KILLED = """

@@ -4,7 +4,7 @@ Both faces of the project go through the same ``from_pretrained(source, subfolde
 ``source`` is a diffusers directory or hub id (paper: ``stabilityai/stable-diffusion-2-1-base``)
 or the directory that ``build_tiny_backbone`` wrote with ``save_pretrained`` — the SD layout
 (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``) at a tiny scale, randomly
-initialised from a fixed seed.
+initialised from a fixed seed except the VAE, which stage ``train_vae`` trained on photos.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from consissr.io import atomic_dir, write_json
 EMBEDDED = "embedded"
 EMBEDDED_DIR = Path("data/models/backbone")
 PAPER_BACKBONE = "stabilityai/stable-diffusion-2-1-base"
+TINY_CROP_SIZE = 128  # prepare.crop_size of the embedded default: the tiny UNet's sample_size in pixels
 
 # SD 2.1-base's own noise schedule (scheduler/scheduler_config.json of the hub repo).
 SD_SCHEDULE = dict(
@@ -31,10 +32,11 @@ SD_SCHEDULE = dict(
     clip_sample=False, steps_offset=1, prediction_type="epsilon")
 
 
-def tiny_unet_config() -> dict[str, Any]:
-    """SD 2.1's UNet shape (cross-attn down/up blocks, linear projections) at 0.8M parameters."""
+def tiny_unet_config(latent_channels: int = 8, sample_size: int = 32) -> dict[str, Any]:
+    """SD 2.1's UNet shape (cross-attn down/up blocks, linear projections) at 0.8M parameters, on
+    the VAE's latent (``latent_channels``; ``sample_size`` = 128² crops / the VAE's factor)."""
     return dict(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+        sample_size=sample_size, in_channels=latent_channels, out_channels=latent_channels, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=8,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
@@ -43,12 +45,13 @@ def tiny_unet_config() -> dict[str, Any]:
 
 
 def tiny_vae_config() -> dict[str, Any]:
-    """An AutoencoderKL with SD's 8x downsampling and 4 latent channels."""
+    """SD's AutoencoderKL at 4x downsampling with 8 latent channels and no attention (stage
+    ``train_vae`` trains it; ``scaling_factor`` is then set from its latents' std)."""
     return dict(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(16, 32, 32, 32), norm_num_groups=8, sample_size=128,
-        scaling_factor=0.18215)
+        in_channels=3, out_channels=3, latent_channels=8, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32), norm_num_groups=8, sample_size=128,
+        mid_block_add_attention=False, scaling_factor=1.0)
 
 
 def tiny_text_config() -> dict[str, Any]:
@@ -77,15 +80,20 @@ def _clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
-def build_tiny_backbone(out_dir: str | Path, *, seed: int) -> Path:
-    """Create the embedded backbone from configs with a fixed seed and save it in SD's layout."""
+def build_tiny_backbone(out_dir: str | Path, *, seed: int, vae_dir: str | Path | None = None) -> Path:
+    """Create the embedded backbone from configs with a fixed seed and save it in SD's layout.
+
+    ``vae_dir``: the AutoencoderKL that stage ``train_vae`` trained (``save_pretrained`` folder);
+    without it the VAE is random (tests that only need shapes). The UNet is sized to its latent.
+    """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**tiny_unet_config())
-    vae = AutoencoderKL(**tiny_vae_config())
+    vae = AutoencoderKL.from_pretrained(vae_dir) if vae_dir is not None else AutoencoderKL(**tiny_vae_config())
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    unet = UNet2DConditionModel(**tiny_unet_config(vae.config.latent_channels, TINY_CROP_SIZE // factor))
     text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config()))
     with tempfile.TemporaryDirectory() as tmp:
         _clip_tokenizer_files(Path(tmp))
@@ -153,16 +161,21 @@ def load_backbone(
     return Backbone(unet, vae, text_encoder, tokenizer, noise_scheduler, source)
 
 
-def write_backbone(params, *, out_dir: str | Path = EMBEDDED_DIR, seed: int) -> Path:
+def write_backbone(params, *, out_dir: str | Path = EMBEDDED_DIR, seed: int,
+                   vae_dir: str | Path | None = None) -> Path:
     """Stage ``backbone``: build the embedded backbone, or record which real one to load.
 
-    ``params`` is ``config.BackboneParams``. For a real backbone the folder holds
+    ``params`` is ``config.BackboneParams``. The embedded backbone takes the VAE trained by stage
+    ``train_vae`` from ``vae_dir``. For a real backbone the folder holds
     ``source.json`` only: the weights stay where the user keeps them (a local directory or
     the hub cache) and every later stage loads them by that name.
     """
     out_dir = Path(out_dir)
     if params.pretrained == EMBEDDED:
-        return build_tiny_backbone(out_dir, seed=seed)
+        if vae_dir is None or not (Path(vae_dir) / "config.json").is_file():
+            raise MissingInputError(f"{vae_dir}: no trained VAE for the embedded backbone; run `consissr train-vae` "
+                                    "(or `dvc repro train_vae`)")
+        return build_tiny_backbone(out_dir, seed=seed, vae_dir=vae_dir)
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "source.json", {"pretrained": params.pretrained, "revision": params.revision})
     return out_dir

@@ -34,30 +34,34 @@ CONFIG_NAME = "consissr_config.json"
 WEIGHTS_NAME = "consissr_adapters.safetensors"
 CONTROLNET_SUBFOLDER = "controlnet"
 FORMAT_VERSION = 1
+TRAINING_KEY = "training"  # consissr_config.json: {"steps", "prior_pretrained", "backbone"} (training_record)
 
 
 
-def build_controlnet(unet: nn.Module, conditioning: str = "latent"):
+def build_controlnet(unet: nn.Module, conditioning: str = "latent", *, vae_scale_factor: int = 8):
     """``ControlNetModel.from_unet`` (encoder weights copied from the UNet) for the LQ condition.
 
     ``"latent"`` (default): the condition is the VAE latent of the LQ image, bicubically
-    upsampled to the output size and scaled like the noisy latents — (B, 4, h, w), the same
+    upsampled to the output size and scaled like the noisy latents — (B, C, h, w), the same
     size as ``noisy_latents``. The conditioning embedding has a single stage
     (``conditioning_embedding_out_channels=(C0,)``: 3×3 conv 4→C0, SiLU, zero 3×3 conv), so it
     does not downsample. Why latent: the encode stage already caches LQ latents, so training
-    needs no pixels and no 8×-downsampling pyramid; it is what the authors' code feeds its
+    needs no pixels and no downsampling pyramid; it is what the authors' code feeds its
     ControlNet (a VAE-encoder latent, DiffBIR-style); and it fits any latent size by
     construction, which the non-square / non-512 inference relies on.
 
-    ``"pixel"``: the LQ image itself, (B, 3, 8h, 8w) in [0, 1], through diffusers' default
-    four-stage embedding (16, 32, 96, 256) that downsamples 8×.
+    ``"pixel"``: the LQ image itself, (B, 3, f·h, f·w) in [0, 1], through diffusers' default
+    embedding (16, 32, 96, 256), cut to the stages that downsample by the VAE's factor f (SD: 8).
     """
     from diffusers import ControlNetModel
 
     if conditioning == "latent":
         channels, embedding = unet.config.in_channels, (unet.config.block_out_channels[0],)
     elif conditioning == "pixel":
-        channels, embedding = 3, (16, 32, 96, 256)
+        stages = vae_scale_factor.bit_length()  # f = 2^(stages - 1)
+        if vae_scale_factor != 2 ** (stages - 1) or stages > 4:
+            raise ValueError(f"pixel ControlNet conditioning needs a VAE factor of 1, 2, 4 or 8, got {vae_scale_factor}")
+        channels, embedding = 3, (16, 32, 96, 256)[:stages]
     else:
         raise ValueError(f"controlnet_conditioning must be 'latent' or 'pixel', got {conditioning!r}")
     return ControlNetModel.from_unet(
@@ -103,6 +107,8 @@ class ConsisSRNet(nn.Module):
             transposed_attention=bool(transposed_attention), controlnet_conditioning=controlnet_conditioning)
         self.unet = unet
         self.controlnet = controlnet
+        # how the saved net was trained (``training_record``); saved under "training"
+        self.training_info: dict[str, Any] = {}
         # 1. hybrid prompt: image tokens in the cross-attention width, adapters in both nets
         weight = unet.conv_in.weight
         self.image_proj = ImageProjection(
@@ -122,7 +128,9 @@ class ConsisSRNet(nn.Module):
     def from_backbone(cls, backbone: Any, params: ModelParams, *, image_embed_dim: int) -> ConsisSRNet:
         """A fresh net on ``backbone`` (a ``Backbone`` or its UNet) from the ``model:`` params."""
         unet = getattr(backbone, "unet", backbone)
-        controlnet = build_controlnet(unet, params.controlnet_conditioning)
+        vae = getattr(backbone, "vae", None)
+        factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+        controlnet = build_controlnet(unet, params.controlnet_conditioning, vae_scale_factor=factor)
         weight, control_weight = unet.conv_in.weight, controlnet.conv_in.weight
         if (control_weight.device, control_weight.dtype) != (weight.device, weight.dtype):
             controlnet.to(device=weight.device, dtype=weight.dtype)
@@ -163,11 +171,11 @@ class ConsisSRNet(nn.Module):
         """Noise prediction ε(z_t, t, c_txt, c_img, LQ).
 
         Args:
-            noisy_latents: z_t, (B, 4, h, w); any h, w the UNet accepts.
+            noisy_latents: z_t, (B, C, h, w) (C: the VAE's latent channels); any h, w the UNet accepts.
             t: timesteps, (B,) or a scalar.
             encoder_hidden_states: text prompt embedding (B, 77, C).
-            lq_cond: the ControlNet condition (``build_controlnet``: LQ latent (B, 4, h, w) or
-                LQ pixels (B, 3, 8h, 8w)).
+            lq_cond: the ControlNet condition (``build_controlnet``: LQ latent (B, C, h, w) or
+                LQ pixels (B, 3, f·h, f·w), f the VAE factor).
             image_embeds: robust CLIP image embedding (B, D); ``None`` = text prompt only.
             conditioning_scale: weight of the ControlNet residuals.
         """
@@ -208,6 +216,8 @@ class ConsisSRNet(nn.Module):
             config = dict(self.config, format_version=FORMAT_VERSION,
                           cross_attention_dim=self.unet.config.cross_attention_dim,
                           block_out_channels=list(self.unet.config.block_out_channels))
+            if self.training_info:
+                config[TRAINING_KEY] = self.training_info
             write_json(tmp / CONFIG_NAME, config, sort_keys=True)
         return directory
 
@@ -221,6 +231,7 @@ class ConsisSRNet(nn.Module):
         config = json.loads((directory / CONFIG_NAME).read_text())
         if config.pop("format_version") != FORMAT_VERSION:
             raise InputError(f"{directory}: unsupported format version")
+        training_info = config.pop(TRAINING_KEY, {})
         unet = getattr(backbone, "unet", backbone)
         for key in ("cross_attention_dim", "block_out_channels"):
             saved, have = config.pop(key), unet.config[key]
@@ -238,7 +249,25 @@ class ConsisSRNet(nn.Module):
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
             raise InputError(f"{directory}: adapter weights do not match (missing {missing[:3]}, unexpected {unexpected[:3]})")
         net.load_state_dict(state, strict=False)
+        net.training_info = training_info
         return net
+
+
+def training_record(steps: int, *, pretrained: str, source: str) -> dict[str, Any]:
+    """The ``"training"`` entry of ``consissr_config.json``: diffusion steps trained, whether the
+    prior (the SD UNet) is pretrained — False for the embedded backbone, random by design — and
+    the backbone it was trained on."""
+    from consissr.models.backbone import EMBEDDED
+
+    return {"steps": int(steps), "prior_pretrained": pretrained != EMBEDDED, "backbone": str(source)}
+
+
+def read_training_record(model_dir: str | Path) -> dict[str, Any]:
+    """The ``"training"`` entry of a saved net's config; {} when absent (no net, or an older save)."""
+    path = Path(model_dir) / CONFIG_NAME
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text()).get(TRAINING_KEY, {})
 
 
 # --------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from consissr.config import ModelParams, Params
-from consissr.models.consissr import ConsisSRNet, apply_trainable_policy
+from consissr.models.consissr import ConsisSRNet, apply_trainable_policy, read_training_record
 from consissr.models.self_attention import SelfAttentionAddition
 
 # stabilityai/stable-diffusion-2-1-base, unet/config.json (diffusers' names; "attention_head_dim"
@@ -142,10 +142,24 @@ _ROWS = [
 ]
 
 
-def print_model_info(params: Params, profile: str = "both", backbone_dir: str | Path = "data/models/backbone") -> dict:
-    """Print total and trainable parameter counts per part for the tiny and/or paper profile."""
+def describe_training(record: dict[str, Any]) -> str:
+    """One line on how the saved diffusion model was trained (``consissr.training_record``)."""
+    if not record:
+        return "no trained ConsisSR model saved yet (run `dvc repro train_sdsr`)"
+    prior = ("pretrained prior" if record["prior_pretrained"]
+             else "untrained prior (the embedded backbone's UNet is random)")
+    return f"trained {record['steps']:,d} diffusion steps on {record['backbone']}; {prior}"
+
+
+def print_model_info(params: Params, profile: str = "both", backbone_dir: str | Path = "data/models/backbone",
+                     model_dir: str | Path = "data/models/consissr") -> dict:
+    """Print total and trainable parameter counts per part for the tiny and/or paper profile,
+    and how the saved model in ``model_dir`` was trained."""
     profiles = ["tiny", "paper"] if profile == "both" else [profile]
-    results = {}
+    record = read_training_record(model_dir)
+    print(f"Saved model {model_dir}: {describe_training(record)}")
+    print()
+    results: dict[str, Any] = {"training": record}
     for name in profiles:
         info = model_info(params, name, backbone_dir)
         results[name] = info

@@ -30,7 +30,7 @@ from consissr.data.latent_cache import MANIFEST, LatentPairDataset
 from consissr.errors import ParamsError
 from consissr.io import file_sha256, move_into
 from consissr.models.backbone import load_backbone
-from consissr.models.consissr import CONFIG_NAME, ConsisSRNet, apply_trainable_policy
+from consissr.models.consissr import CONFIG_NAME, ConsisSRNet, apply_trainable_policy, training_record
 from consissr.models.robust_clip import WEIGHTS_NAME as CLIP_WEIGHTS_NAME
 from consissr.models.robust_clip import RobustCLIP
 from consissr.training import loop
@@ -244,6 +244,7 @@ def train_sdsr(
         # 5. the trained parts, the training log, MLflow artifacts (main process only)
         if result.is_main_process:
             trained = result.model.net
+            trained.training_info = training_record(result.step, pretrained=backbone.pretrained, source=bb.source)
             save_final(trained, out_dir)
             trained_parts = [(entry, f"consissr/{entry.name}" if entry.is_dir() else "consissr")
                              for entry in sorted(out_dir.iterdir())

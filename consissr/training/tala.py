@@ -87,9 +87,9 @@ class TalaObjective(nn.Module):
         tala: False = plain DDPM training (never start from LQ).
         prompt_dropout: chance of replacing a sample's prompt by the empty one.
 
-    A batch holds ``lq``/``hq`` latents (B, 4, h, w), ``image_embeds`` (B, D), ``prompt``
+    A batch holds ``lq``/``hq`` latents (B, C, h, w), ``image_embeds`` (B, D), ``prompt``
     (B,) rows of the prompt table and, for ``controlnet_conditioning: pixel``, ``lq_pixels``
-    (B, 3, 8h, 8w) in [0, 1]. Every random draw (t, ε, r, dropout) comes from the global torch
+    (B, 3, f·h, f·w) in [0, 1] (f: the VAE factor). Every random draw (t, ε, r, dropout) comes from the global torch
     RNG, which the loop's checkpoints save and restore.
     """
 

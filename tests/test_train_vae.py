@@ -1,0 +1,225 @@
+"""Stage train_vae: the embedded backbone's tiny AutoencoderKL learns to reconstruct photos.
+
+A short run of the real stage function on the embedded photos (real ``prepare`` and ``degrade``
+on 96² crops) is shared by the fast tests; the slow test runs the default params and checks the
+issue's goal: reconstruction PSNR(Y) at least 5 dB above bicubic ×4 of the degraded LQ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from consissr.config import BackboneParams, DegradeParams, Params, PrepareParams, TrainVaeParams
+from consissr.training import vae_stage
+
+SEED = 3
+PREPARE = PrepareParams(crop_size=96, crops_per_image=1)  # degrade needs a side >= 74
+# a few CPU seconds: the mechanics, not the ceiling (the slow test and the DVC output check that)
+SHORT = TrainVaeParams(steps=40, batch_size=4, crop_size=32, lr=2e-3, threads=1)
+
+
+def _psnr_y_reference(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of BT.601 luma with scikit-image (independent of vae_stage.psnr_y)."""
+    from skimage.color import rgb2ycbcr
+    from skimage.metrics import peak_signal_noise_ratio
+
+    ya, yb = (rgb2ycbcr(x)[..., 0] for x in (a, b))  # Y in [16, 235] for uint8 input
+    return peak_signal_noise_ratio(yb, ya, data_range=255)
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    """data/prepared and data/degraded of the embedded photos, by the real stage functions."""
+    from consissr.data.degradation import degrade_folder
+    from consissr.data.sources import prepare
+
+    root = tmp_path_factory.mktemp("train_vae")
+    prepare(PREPARE, out_dir=root / "prepared", seed=SEED)
+    degrade_folder(root / "prepared", root / "degraded", DegradeParams(), seed=SEED)
+    return root
+
+
+def _mlflow(root):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("MLFLOW_EXPERIMENT_NAME", "test-train-vae")
+    return mp
+
+
+EMBEDDED = BackboneParams()
+
+
+def _train(out, train=SHORT, backbone=EMBEDDED):
+    mp = _mlflow(out.parent)
+    try:
+        return vae_stage.train_vae(out, pretrained=backbone.pretrained, sources=PREPARE.sources,
+                                   extensions=PREPARE.extensions, eval_dirs=(), train=train, seed=SEED, device="cpu")
+    finally:
+        mp.undo()
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("train_vae_short") / "vae"
+    return out, _train(out)
+
+
+@pytest.fixture(scope="module")
+def ceiling(pairs, short_run):
+    """Stage vae_ceiling on the embedded backbone built around the short run's VAE."""
+    from consissr.models.backbone import write_backbone
+
+    bb_dir = write_backbone(BackboneParams(), out_dir=pairs / "backbone", seed=0, vae_dir=short_run[0])
+    mp = _mlflow(pairs)
+    try:
+        metrics = vae_stage.vae_ceiling(pairs / "prepared", pairs / "degraded", bb_dir, pairs / "ceiling.json",
+                                        backbone=BackboneParams(), device="cpu")
+    finally:
+        mp.undo()
+    return bb_dir, metrics
+
+
+def test_psnr_y_is_the_bt601_luma_psnr():
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)
+    b = np.clip(a.astype(int) + rng.integers(-12, 13, a.shape), 0, 255).astype(np.uint8)
+    ours = vae_stage.psnr_y(vae_stage.to_tensor(a), vae_stage.to_tensor(b))
+    assert ours == pytest.approx(_psnr_y_reference(a, b), abs=0.01)
+
+
+def test_stage_saves_a_loadable_vae_with_scaling_factor_from_its_latents(short_run):
+    from diffusers import AutoencoderKL
+
+    out, metrics = short_run
+    vae = AutoencoderKL.from_pretrained(out)  # save_pretrained layout: config.json + safetensors
+    assert vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    assert vae.config.latent_channels == metrics["latent_channels"]
+    # scaled latents of the training photos have about unit std (SD's convention)
+    photos, _ = vae_stage.load_photos(("embedded",), (), SHORT.holdout)
+    crops = vae_stage.random_crops(photos, 32, 64, torch.Generator().manual_seed(99))
+    with torch.no_grad():
+        scaled = vae.encode(crops).latent_dist.mode() * vae.config.scaling_factor
+    assert 0.5 < float(scaled.std()) < 2.0
+    saved = json.loads((out / vae_stage.METRICS_NAME).read_text())
+    assert saved["trained"] and saved["steps"] == SHORT.steps and saved["holdout"] == list(SHORT.holdout)
+    assert (out / vae_stage.GRID_NAME).is_file()
+
+
+def test_bicubic_figure_is_the_psnr_of_the_degraded_lq(pairs, ceiling):
+    _, metrics = ceiling
+    assert json.loads((pairs / "ceiling.json").read_text()) == metrics
+    ref = [_psnr_y_reference(np.asarray(Image.open(p)), np.asarray(Image.open(pairs / "prepared" / "hq" / p.name)))
+           for p in sorted((pairs / "degraded" / "lq_up").glob("*.png"))]
+    assert metrics["bicubic_x4_psnr_y"] == pytest.approx(float(np.mean(ref)), abs=0.01)
+    assert metrics["pairs"] == len(ref)
+
+
+def test_training_reconstructs_better_than_the_random_init(pairs, short_run):
+    from diffusers import AutoencoderKL
+
+    from consissr.models.backbone import tiny_vae_config
+
+    out, metrics = short_run
+    torch.manual_seed(SEED)
+    random_vae = AutoencoderKL(**tiny_vae_config())
+    _, held = vae_stage.embedded_split(SHORT.holdout)
+    assert metrics["psnr_y"]["holdout"] > vae_stage.reconstruction_psnr(random_vae, held) + 2
+    # the reported held-out figure is what the saved VAE gives
+    assert metrics["psnr_y"]["holdout"] == pytest.approx(
+        vae_stage.reconstruction_psnr(AutoencoderKL.from_pretrained(out), held), abs=1e-3)
+
+
+def test_sample_grid_hq_column_is_the_reported_ceiling(pairs, ceiling):
+    """train_sdsr's grid decodes the cached HQ latents (encode stage → decode_latents): that column
+    is what vae_ceiling reports, and after even this short run no longer noise (the full run's
+    level is checked on the DVC outputs and by the slow test)."""
+    from consissr.data.latent_cache import encode_latents
+    from consissr.data.layout import read_rgb
+    from consissr.models.backbone import load_backbone
+    from consissr.training.sdsr_stage import decode_latents
+
+    bb_dir, metrics = ceiling
+    vae = load_backbone("embedded", embedded_dir=bb_dir).vae
+    hq = torch.stack([read_rgb(p) for p in sorted((pairs / "prepared" / "hq").glob("*.png"))])
+    decoded = decode_latents(vae, encode_latents(vae, hq * 2 - 1))
+    psnr = vae_stage.mean_psnr_y(list(zip(decoded, hq)))
+    assert psnr == pytest.approx(metrics["ceiling_psnr_y"], abs=0.05)
+    assert psnr > 16.0 and metrics["bicubic_x4_psnr_y"] > 18.0
+
+
+def test_embedded_backbone_is_built_around_the_trained_vae(tmp_path, short_run):
+    from consissr.models.backbone import load_backbone, write_backbone
+
+    out, metrics = short_run
+    bb_dir = write_backbone(BackboneParams(), out_dir=tmp_path / "backbone", seed=0, vae_dir=out)
+    bb = load_backbone("embedded", embedded_dir=bb_dir)
+    factor = 2 ** (len(bb.vae.config.block_out_channels) - 1)
+    assert factor == metrics["vae_scale_factor"] == 4
+    assert bb.unet.config.in_channels == bb.unet.config.out_channels == bb.vae.config.latent_channels == 8
+    assert bb.unet.config.sample_size * factor == 128 == Params().prepare.crop_size
+    assert Params().model.pos_embed_grid * factor == Params().prepare.crop_size
+    assert bb.vae.config.scaling_factor == pytest.approx(metrics["scaling_factor"])
+    with pytest.raises(FileNotFoundError, match="train-vae"):
+        write_backbone(BackboneParams(), out_dir=tmp_path / "b2", seed=0, vae_dir=tmp_path / "none")
+
+
+def test_a_real_backbone_keeps_its_vae(tmp_path):
+    metrics = _train(tmp_path / "vae", backbone=BackboneParams(pretrained="stabilityai/stable-diffusion-2-1-base"))
+    assert metrics["trained"] is False
+    assert sorted(p.name for p in (tmp_path / "vae").iterdir()) == [vae_stage.METRICS_NAME]
+
+
+def test_unknown_holdout_id_is_named(tmp_path):
+    with pytest.raises(ValueError, match="embedded_nope"):
+        _train(tmp_path / "vae", train=dataclasses.replace(SHORT, holdout=("embedded_nope",)))
+
+
+def test_dvc_outputs_sample_grid_hq_column_is_the_reported_ceiling():
+    """On this checkout's `dvc repro` outputs (skipped without them): the HQ column of train_sdsr's
+    grid, decode_latents of the cached HQ latents, gives vae_ceiling's figure, well above the
+    random VAE's noise and above the bicubic ×4 of the degraded LQ."""
+    from conftest import REPO
+
+    from consissr.data.latent_cache import LatentPairDataset
+    from consissr.data.layout import read_rgb
+    from consissr.models.backbone import load_backbone
+    from consissr.training.sdsr_stage import decode_latents
+
+    report, latents = REPO / "data" / "reports" / "vae_ceiling.json", REPO / "data" / "latents"
+    if not (report.is_file() and (latents / "manifest.json").is_file()):
+        pytest.skip("no `dvc repro` outputs (data/reports/vae_ceiling.json, data/latents) in this checkout")
+    metrics = json.loads(report.read_text())
+    if metrics["backbone"] != "data/models/backbone":
+        pytest.skip(f"not the embedded backbone: {metrics['backbone']}")
+    vae = load_backbone("embedded", embedded_dir=REPO / "data" / "models" / "backbone").vae
+    cache = LatentPairDataset(latents)
+    items = [cache[i] for i in range(min(8, len(cache)))]
+    decoded = decode_latents(vae, torch.stack([item["hq"] for item in items]))
+    hq = [read_rgb(REPO / "data" / "prepared" / "hq" / f"{item['id']}.png") for item in items]
+    psnr = vae_stage.mean_psnr_y(list(zip(decoded, hq)))
+    assert psnr > metrics["bicubic_x4_psnr_y"] + 1.0 and psnr > 20.0
+    assert abs(psnr - metrics["ceiling_psnr_y"]) < 2.0  # a subset of the crops the report averages
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="issue 13's goal is not reached yet: +0.8 dB over bicubic on the embedded "
+                   "crops, 25.8 dB on the held-out photo after 500 steps (notes/README-vae.md)")
+def test_default_params_reach_bicubic_plus_5_db(pairs, tmp_path):
+    """The issue's goal with the default train_vae params (minutes): reconstruction PSNR(Y) on the
+    held-out photo and on the HQ crops >= bicubic ×4 of the degraded LQ + 5 dB."""
+    from consissr.models.backbone import write_backbone
+
+    trained = _train(tmp_path / "vae", train=Params().train_vae)
+    bb_dir = write_backbone(BackboneParams(), out_dir=tmp_path / "backbone", seed=0, vae_dir=tmp_path / "vae")
+    metrics = vae_stage.vae_ceiling(pairs / "prepared", pairs / "degraded", bb_dir, tmp_path / "c.json",
+                                    backbone=BackboneParams(), device="cpu")
+    goal = metrics["bicubic_x4_psnr_y"] + 5.0
+    assert math.isfinite(metrics["ceiling_psnr_y"]) and metrics["ceiling_psnr_y"] >= goal, metrics
+    assert trained["psnr_y"]["holdout"] >= goal, trained
