@@ -104,6 +104,12 @@ def load_photos(sources: Sequence[str], extensions: Sequence[str], holdout: Sequ
             held[src.key] = to_tensor(rgb)
         else:
             train.append(to_tensor(rgb))
+    if "embedded" in sources:  # the evaluate stage's photos, already out of training: the natural hold-out
+        from consissr.data.sources import EMBEDDED_EVAL_PHOTOS, _embedded_rgb
+
+        for name in EMBEDDED_EVAL_PHOTOS:
+            if f"embedded_{name}" in holdout:
+                held[f"embedded_{name}"] = to_tensor(_embedded_rgb(name)[0])
     missing = sorted(set(holdout) - set(held))
     if missing:
         raise ParamsError(f"train_vae.holdout: {missing} are not ids of prepare.sources {list(sources)}")
