@@ -3,6 +3,8 @@ odd sizes, tiling, colour fix, guidance, save/load. Tiny models built by the sta
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 import torch
@@ -225,7 +227,9 @@ def _pil(array: np.ndarray):
     return Image.fromarray(np.round(array * 255).astype(np.uint8))
 
 
-def test_full_mode_runs_the_spaced_chain_from_noise(pipe):
+@contextmanager
+def recording(pipe):
+    """Record (x_t, t) of every network call of the pipeline."""
     seen = []
     original = pipe.net.forward
 
@@ -235,9 +239,14 @@ def test_full_mode_runs_the_spaced_chain_from_noise(pipe):
 
     pipe.net.forward = record
     try:
-        pipe(_lq(16, 16), seed=SEED, num_inference_steps=5, color_fix="none", output_type="np")
+        yield seen
     finally:
         del pipe.net.forward
+
+
+def test_full_mode_runs_the_spaced_chain_from_noise(pipe):
+    with recording(pipe) as seen:
+        pipe(_lq(16, 16), seed=SEED, num_inference_steps=5, color_fix="none", output_type="np")
     assert [t for _, t in seen] == [round(i * 999 / 4) for i in range(5)][::-1]
     x_T = torch.randn(seen[0][0].shape, generator=torch.Generator().manual_seed(SEED))
     assert torch.equal(seen[0][0], x_T)  # x_T ~ N(0, I), the first draw of the seeded generator
@@ -247,18 +256,8 @@ def test_ganemb_start_latent_and_first_timestep(pipe):
     from consissr.inference.tiling import pad_to_multiple, size_multiple
 
     lq = _lq(20, 12, seed=3)
-    seen = []
-    original = pipe.net.forward
-
-    def record(x, t, *args, **kwargs):
-        seen.append((x.clone(), int(t)))
-        return original(x, t, *args, **kwargs)
-
-    pipe.net.forward = record
-    try:
+    with recording(pipe) as seen:
         out = pipe(lq, mode="ganemb", preset="rec", seed=SEED, output_type="np").images
-    finally:
-        del pipe.net.forward
     assert out.shape == (1, 80, 48, 3)
     assert len(seen) == 10 and seen[0][1] == 600 - 1  # paper t_max = 600 ↔ diffusers index 599
     gan = torch.from_numpy(pipe.gan_upscale(lq)).permute(2, 0, 1)[None]
@@ -267,12 +266,9 @@ def test_ganemb_start_latent_and_first_timestep(pipe):
     ab = sd_alphas_cumprod()[599]
     expected = ab.sqrt() * z_gan.double() + (1 - ab).sqrt() * eps.double()
     torch.testing.assert_close(seen[0][0].double(), expected, rtol=1e-5, atol=1e-5)
-    gen = []
-    pipe.net.forward = lambda x, t, *a, **k: (gen.append(int(t)), original(x, t, *a, **k))[1]
-    try:
+    with recording(pipe) as gen_calls:
         pipe(lq, mode="ganemb", preset="gen", num_inference_steps=2, seed=SEED, output_type="np")
-    finally:
-        del pipe.net.forward
+    gen = [t for _, t in gen_calls]
     assert gen == [999, 0]  # t_max = T = 1000 ↔ index 999
 
 

@@ -1,28 +1,20 @@
 """The Prefect `retrain` flow over `dvc repro <stage>` tasks, against a local (ephemeral) Prefect API."""
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
+from conftest import REPO, copy_tracked_files
 
 pytestmark = pytest.mark.slow
 
 
 def copy_repo(dest: Path) -> Path:
     """A git-initialised copy of the tracked files (the temp-copy pattern of test_dvc_pipeline.py)."""
-    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for rel in files:
-        if (REPO / rel).is_file():
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / rel, dest / rel)
-    for rel in ("pipelines/retrain.py", "configs/retrain.yaml", "prefect.yaml"):  # also before they are committed
-        if (REPO / rel).is_file():
-            shutil.copy2(REPO / rel, dest / rel)
+    copy_tracked_files(dest)
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True)
     return dest
 
