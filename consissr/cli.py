@@ -70,7 +70,7 @@ def _prepare_args(p):
 def run_prepare(params: Params, args) -> None:
     from consissr.data.sources import prepare
 
-    prepare(params.prepare, out_dir=args.out, seed=params.base.seed)
+    prepare(params.prepare, out_dir=args.out, seed=params.base.seed, parallel=params.parallel)
 
 
 @stage("degrade", "Real-ESRGAN second-order degradation of the prepared crops")
@@ -81,7 +81,7 @@ def _degrade_args(p):
 def run_degrade(params: Params, args) -> None:
     from consissr.data.degradation import degrade_folder
 
-    degrade_folder(args.input, args.out, params.degrade, seed=params.base.seed)
+    degrade_folder(args.input, args.out, params.degrade, seed=params.base.seed, parallel=params.parallel)
 
 
 @stage("vae-ceiling", "reconstruction PSNR(Y) of the backbone's VAE on the HQ crops vs bicubic x4 of the LQ")
@@ -107,7 +107,7 @@ def run_encode(params: Params, args) -> None:
     from consissr.data.latent_cache import encode_pairs
 
     encode_pairs(args.prepared, args.degraded, args.out, encode=params.encode, backbone=params.backbone,
-                 device=params.base.device, backbone_dir=args.backbone)
+                 device=params.base.device, backbone_dir=args.backbone, parallel=params.parallel)
 
 
 @stage("train-clip", "fine-tune the robust CLIP student on LQ/HQ pairs (Eq. 3); resumes from checkpoints/")

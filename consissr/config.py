@@ -94,9 +94,19 @@ class PrepareParams:
     # Decoded-pixel limit (PIL's default): above it a file is skipped as "larger than the limit",
     # except a JPEG that libjpeg can decode at 1/2..1/8 scale under it with the crop still fitting.
     max_image_pixels: int = 89_478_485
+    # random: crops_per_image random crop_size squares of the image as decoded (smaller images skipped);
+    # center: the short side resized to crop_size (bicubic), then the centre square (§4.1, the authors' code)
+    crop_mode: Literal["random", "center"] = "random"
+    # a second pair set for train_clip (§4.1: "central patches ... resized to 224x224"): each image's
+    # short side resized to this, centre-cropped (prepared/clip/, degraded at that size); null: none
+    clip_crop_size: int | None = None
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "crop_size", "crops_per_image")
+        _require(self.crop_mode != "center" or self.crops_per_image == 1, "crops_per_image",
+                 f"must be 1 with crop_mode center (one centre crop per image), got {self.crops_per_image}")
+        _require(self.clip_crop_size is None or self.clip_crop_size >= 1, "clip_crop_size",
+                 f"must be >= 1 or null, got {self.clip_crop_size}")
 
 
 @dataclass(frozen=True)
@@ -147,9 +157,12 @@ class DegradeParams:
     usm_threshold: float = 10.0
     first: DegradationOrder = DegradationOrder()
     second: DegradationOrder = _SECOND_ORDER
+    # K independently seeded degradations of each crop (encoded too); train_sdsr draws one per
+    # sample per epoch, as the paper's dataloader degrades anew each time it sees a crop
+    variants: int = 1
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "scale")
+        _at_least(self, 1, "scale", "variants")
         _probability(self, "final_sinc_prob")
         _require(self.kernel_pad_size % 2 == 1, "kernel_pad_size", f"must be odd, got {self.kernel_pad_size}")
         bad = [k for k in self.kernel_range if k % 2 == 0 or k > self.kernel_pad_size]
@@ -164,6 +177,17 @@ class EncodeParams:
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "batch_size", "shard_size")
+
+
+@dataclass(frozen=True)
+class ParallelParams:
+    """Where prepare, degrade and encode run their shards (consissr/data/parallel.py); no output depends on it."""
+
+    workers: int = 1  # 1: in this process, no cluster; N > 1: a local Dask cluster of N processes, 1 thread each
+    scheduler_address: str | None = None  # a running Dask scheduler (tcp://host:8786) instead of a local cluster
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "workers")
 
 
 @dataclass(frozen=True)
@@ -405,6 +429,7 @@ class Params:
     prepare: PrepareParams = PrepareParams()
     degrade: DegradeParams = DegradeParams()
     encode: EncodeParams = EncodeParams()
+    parallel: ParallelParams = ParallelParams()
     train_vae: TrainVaeParams = TrainVaeParams()
     model: ModelParams = ModelParams()
     clip: ClipParams = ClipParams()
@@ -427,13 +452,13 @@ def section_hash(*sections: Any) -> str:
 
 # Which sections each DVC stage reads; dvc.yaml's `params:` must list exactly their leaves.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
-    "prepare": ("base.seed", "prepare"),
-    "degrade": ("base.seed", "degrade"),
+    "prepare": ("base.seed", "prepare", "parallel"),
+    "degrade": ("base.seed", "degrade", "parallel"),
     "train_vae": ("base.seed", "base.device", "backbone.pretrained", "prepare.sources", "prepare.extensions",
                   "prepare.eval_dirs", "train_vae"),
     "backbone": ("base.seed", "backbone"),
     "vae_ceiling": ("base.device", "backbone"),
-    "encode": ("base.device", "backbone", "encode"),
+    "encode": ("base.device", "backbone", "encode", "parallel"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),
     "train_gan": ("base.seed", "base.device", "degrade.scale", "gan", "train_gan"),

@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
-from tqdm import tqdm
 
 from consissr.compat import (
     ContiguousDiffJPEG,
@@ -36,8 +35,9 @@ from consissr.compat import (
     random_add_poisson_noise_pt,
     random_mixed_kernels,
 )
-from consissr.config import DegradationOrder, DegradeParams
+from consissr.config import DegradationOrder, DegradeParams, ParallelParams
 from consissr.data import layout
+from consissr.data.parallel import run_shards, shard_size, split
 from consissr.errors import InputError
 from consissr.io import atomic_dir, write_json
 
@@ -310,66 +310,109 @@ def _read_hq(path: Path, p: DegradeParams, min_size: int) -> torch.Tensor:
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0).unsqueeze(0)
 
 
-def degrade_folder(in_dir: str | Path, out_dir: str | Path, p: DegradeParams, *, seed: int) -> dict[str, Any]:
+def _degrade_shard(todo: list[tuple[Any, str | None]], *, in_dir: Path, out_dir: Path, p: DegradeParams,
+                   seed: int, variants: int) -> dict[str, list]:
+    """Degrade one shard of (index item, reason to skip it or None) into ``out_dir``; return its records."""
+    min_size = min_image_size(p)
+    written: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for item, reason in todo:
+        image_id = item.get("id") if isinstance(item, dict) else None
+        rel_hq = f"{layout.HQ}/{image_id}.png" if reason is None or "invalid id" not in reason else None
+        try:
+            if reason is not None:
+                raise _BadInput(reason)
+            hq = _read_hq(in_dir / rel_hq, p, min_size)
+        except _BadInput as exc:
+            log.warning("degrade: skipping %s (%s): %s", image_id, rel_hq, exc)
+            skipped.append({"id": image_id if isinstance(image_id, str) else repr(image_id),
+                            "path": rel_hq, "reason": str(exc)})
+            continue
+        record: dict[str, Any] = {}
+        for v in range(variants):  # variant 0 is the set itself (lq/, lq_up/), the others v<k>/
+            seed_v = layout.variant_seed(seed, image_id, v)
+            with seeded(seed_v):
+                kernels = sample_kernels(p)
+                lq, lq_up = degrade(hq, kernels, p)
+            folder = layout.variant_dir(out_dir, v)
+            for kind, image in ((layout.LQ, lq), (layout.LQ_UP, lq_up)):
+                layout.image_path(folder, kind, image_id).parent.mkdir(parents=True, exist_ok=True)
+                layout.write_rgb_png(layout.image_path(folder, kind, image_id), image[0])
+            paths = {kind: layout.image_path(folder, kind, image_id).relative_to(out_dir).as_posix()
+                     for kind in (layout.LQ, layout.LQ_UP)}
+            if v == 0:
+                record = {"id": image_id, "hq": rel_hq, **paths,
+                          "hq_size": list(hq.shape[-2:]), "lq_size": list(lq.shape[-2:]), "seed": seed_v}
+                record.update({k: item[k] for k in ("source", "sha256") if k in item})
+            else:
+                record.setdefault("variants", []).append({**paths, "seed": seed_v})
+        written.append(record)
+    return {"written": written, "skipped": skipped}
+
+
+def _degrade_set(in_dir: Path, tmp: Path, p: DegradeParams, *, seed: int, variants: int,
+                 parallel: ParallelParams) -> dict[str, Any]:
+    """Degrade the pair set of ``in_dir/index.json`` into the (temporary) folder ``tmp``; return its report."""
+    items = layout.read_index(in_dir, written_by="prepare")
+    # ids are checked here, before sharding: a duplicate is only visible over the whole list
+    todo: list[tuple[Any, str | None]] = []
+    seen: set[str] = set()
+    for item in items:
+        image_id = item.get("id") if isinstance(item, dict) else None
+        reason = None
+        if not isinstance(image_id, str) or not _SAFE_ID.fullmatch(image_id):
+            reason = f"invalid id {image_id!r} (must be a plain file name)"
+        elif image_id in seen:
+            reason = "duplicate id"
+        else:
+            seen.add(image_id)
+        todo.append((item, reason))
+    (tmp / layout.LQ).mkdir(parents=True)
+    (tmp / layout.LQ_UP).mkdir()
+    fn = functools.partial(_degrade_shard, in_dir=in_dir, out_dir=tmp, p=p, seed=seed, variants=variants)
+    recs = run_shards(fn, split(todo, shard_size(len(todo), parallel.workers)), parallel, desc="degrade")
+    written = [w for r in recs for w in r["written"]]
+    skipped = [s for r in recs for s in r["skipped"]]
+    report = {"written": len(written), "skipped": skipped}
+    if not written:
+        first = f" (first problem: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
+        raise InputError(f"degrade: none of the {len(items)} items in {in_dir / layout.INDEX} could be "
+                         f"degraded{first}")
+    write_json(tmp / layout.REPORT, report)
+    params = dataclasses.asdict(p)
+    params.pop("variants")  # a property of the set (below), not of the degradation
+    index = {"hq_dir": str(in_dir), "scale": p.scale, "base_seed": seed, "params": params, "items": written}
+    if variants > 1:  # K = 1 keeps the earlier index bytes
+        index["variants"] = variants
+    write_json(tmp / layout.INDEX, index)
+    log.info("degrade: wrote %d LQ images (%d variants each) from %s, skipped %d", len(written), variants, in_dir,
+             len(skipped))
+    return report
+
+
+def degrade_folder(in_dir: str | Path, out_dir: str | Path, p: DegradeParams, *, seed: int,
+                   parallel: ParallelParams | None = None) -> dict[str, Any]:
     """Degrade every item of ``in_dir/index.json`` (``in_dir/hq/<id>.png``) into ``out_dir``.
 
-    Builds the folder beside ``out_dir`` and swaps it in when complete: ``lq/<id>.png`` (H/scale), ``lq_up/<id>.png`` (H), ``index.json``
-    (the written items: id, hq path relative to ``in_dir``, lq paths relative to ``out_dir``,
-    sizes, per-image seed, plus the prepared item's source/sha256) and ``report.json``
-    (``{"written": n, "skipped": [{"id", "path", "reason"}]}``). A missing, corrupt or unusable
-    HQ file is skipped and reported; if no item can be degraded, raises ``RuntimeError`` naming
-    the first problem and leaves the previous ``out_dir`` as it was.
+    Builds the folder beside ``out_dir`` and swaps it in when complete: ``lq/<id>.png`` (H/scale),
+    ``lq_up/<id>.png`` (H), ``index.json`` (the written items: id, hq path relative to ``in_dir``,
+    lq paths relative to ``out_dir``, sizes, per-image seed, plus the prepared item's source/sha256;
+    with ``p.variants`` K > 1 also each item's ``variants`` [{lq, lq_up, seed}] of ``v<k>/``) and
+    ``report.json`` (``{"written": n, "skipped": [{"id", "path", "reason"}]}``). A prepared
+    ``clip/`` set (train_clip's centre crops) is degraded the same way into ``out_dir/clip/``, one
+    variant. A missing, corrupt or unusable HQ file is skipped and reported; if no item can be
+    degraded, raises ``InputError`` naming the first problem and leaves the previous ``out_dir`` as
+    it was. Shards of the items run on ``parallel``'s Dask cluster.
 
     Returns the report dict.
     """
     in_dir, out_dir = Path(in_dir), Path(out_dir)
-    items = layout.read_index(in_dir, written_by="prepare")
-    min_size = min_image_size(p)
-    written: list[dict[str, Any]] = []
-    skipped: list[dict[str, Any]] = []
-    seen: set[str] = set()
-
+    parallel = parallel or ParallelParams()
+    layout.read_index(in_dir, written_by="prepare")  # a missing index fails before any work
     # the folder is built beside out_dir and swapped in whole: no stale or half-written outputs
     with atomic_dir(out_dir) as tmp:
-        (tmp / layout.LQ).mkdir()
-        (tmp / layout.LQ_UP).mkdir()
-        for item in tqdm(items, desc="degrade", unit="img"):
-            image_id = item.get("id") if isinstance(item, dict) else None
-            rel_hq = f"{layout.HQ}/{image_id}.png"
-            try:
-                if not isinstance(image_id, str) or not _SAFE_ID.fullmatch(image_id):
-                    rel_hq = None
-                    raise _BadInput(f"invalid id {image_id!r} (must be a plain file name)")
-                if image_id in seen:
-                    raise _BadInput("duplicate id")
-                seen.add(image_id)
-                hq = _read_hq(in_dir / rel_hq, p, min_size)
-            except _BadInput as exc:
-                log.warning("degrade: skipping %s (%s): %s", image_id, rel_hq, exc)
-                skipped.append({"id": image_id if isinstance(image_id, str) else repr(image_id),
-                                "path": rel_hq, "reason": str(exc)})
-                continue
-
-            seed_i = layout.item_seed(seed, image_id)
-            with seeded(seed_i):
-                kernels = sample_kernels(p)
-                lq, lq_up = degrade(hq, kernels, p)
-            layout.write_rgb_png(layout.image_path(tmp, layout.LQ, image_id), lq[0])
-            layout.write_rgb_png(layout.image_path(tmp, layout.LQ_UP, image_id), lq_up[0])
-            record = {"id": image_id, "hq": rel_hq, "lq": f"{layout.LQ}/{image_id}.png",
-                      "lq_up": f"{layout.LQ_UP}/{image_id}.png",
-                      "hq_size": list(hq.shape[-2:]), "lq_size": list(lq.shape[-2:]), "seed": seed_i}
-            record.update({k: item[k] for k in ("source", "sha256") if k in item})
-            written.append(record)
-
-        report = {"written": len(written), "skipped": skipped}
-        if not written:
-            first = f" (first problem: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""
-            raise InputError(f"degrade: none of the {len(items)} items in {in_dir / layout.INDEX} could be "
-                               f"degraded{first}")
-        write_json(tmp / layout.REPORT, report)
-        write_json(tmp / layout.INDEX, {
-            "hq_dir": str(in_dir), "scale": p.scale, "base_seed": seed,
-            "params": dataclasses.asdict(p), "items": written})
-    log.info("degrade: wrote %d LQ images to %s, skipped %d", len(written), out_dir, len(skipped))
+        report = _degrade_set(in_dir, tmp, p, seed=seed, variants=p.variants, parallel=parallel)
+        if (in_dir / layout.CLIP / layout.INDEX).is_file():
+            _degrade_set(in_dir / layout.CLIP, tmp / layout.CLIP, p, seed=seed, variants=1, parallel=parallel)
+    log.info("degrade: wrote %d LQ images to %s, skipped %d", report["written"], out_dir, len(report["skipped"]))
     return report

@@ -2,14 +2,16 @@
 
     z = vae.encode(x).latent_dist.mode() · scaling_factor,  x ∈ [-1, 1]   (deterministic: the posterior mean)
 
-``data/latents/`` holds ``shard-XXXXX.safetensors`` ("lq", "hq": (N, C, h, w); ids and params
-hash in the metadata), ``manifest.json`` (written last) and ``report.json``. LQ is
-``degraded/lq_up`` (the LQ image at HQ size). Shards are written atomically; a rerun keeps the
-complete shards whose pairs and params match. ``LatentPairDataset`` refuses a folder without a manifest.
+``data/latents/`` holds ``shard-XXXXX.safetensors`` ("lq", "hq": (N, C, h, w), plus "lq_v<k>" per
+further degradation variant; ids and params hash in the metadata), ``manifest.json`` (written
+last) and ``report.json``. LQ is ``degraded/lq_up`` (the LQ image at HQ size). Shards run on
+``parallel``'s Dask cluster and are written atomically; a rerun keeps the complete shards whose
+pairs and params match. ``LatentPairDataset`` refuses a folder without a manifest.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -20,10 +22,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from consissr.config import section_hash
+from consissr.config import ParallelParams, section_hash
 from consissr.data import layout
+from consissr.data.parallel import run_shards, split
 from consissr.errors import InputError, MissingInputError
 from consissr.io import atomic_path, file_sha256, write_json
 
@@ -41,14 +43,21 @@ def resolve_device(device: str) -> torch.device:
 
 
 
-def _read_pair(prepared: Path, degraded: Path, item_id: str) -> tuple[np.ndarray, np.ndarray, str]:
+def _file_digest(*paths: Path) -> str:
+    return hashlib.sha256(b"".join(file_sha256(p).encode() for p in paths)).hexdigest()
+
+
+def _read_pair(prepared: Path, degraded: Path, item_id: str, variants: int = 1
+               ) -> tuple[np.ndarray, list[np.ndarray], str]:
+    """HQ crop, its ``variants`` LQ images (``lq_up``) and a hash of their files."""
     hq_path = layout.image_path(prepared, layout.HQ, item_id)
-    lq_path = layout.image_path(degraded, layout.LQ_UP, item_id)
-    hq, lq = layout.read_rgb_array(hq_path), layout.read_rgb_array(lq_path)
-    if hq.shape != lq.shape:
-        raise InputError(f"{lq_path}: size {lq.shape[:2]} differs from HQ {hq.shape[:2]}")
-    digest = hashlib.sha256(file_sha256(hq_path).encode() + file_sha256(lq_path).encode()).hexdigest()
-    return hq, lq, digest
+    lq_paths = [layout.image_path(layout.variant_dir(degraded, v), layout.LQ_UP, item_id) for v in range(variants)]
+    hq = layout.read_rgb_array(hq_path)
+    lqs = [layout.read_rgb_array(path) for path in lq_paths]
+    for path, lq in zip(lq_paths, lqs):
+        if hq.shape != lq.shape:
+            raise InputError(f"{path}: size {lq.shape[:2]} differs from HQ {hq.shape[:2]}")
+    return hq, lqs, _file_digest(hq_path, *lq_paths)
 
 
 def _to_model(batch: list[np.ndarray], device, dtype) -> torch.Tensor:
@@ -81,97 +90,145 @@ def _shard_ok(path: Path, ids: list[str], params_hash: str, sources: str) -> boo
         return False
 
 
-def _shard_chunks(prepared: Path, degraded: Path, ids: list[str], size: int, skipped: list, bar):
-    """Readable pairs in index order, ``size`` at a time; unreadable or odd-sized ones are skipped."""
-    chunk, shape = [], None
+def lq_key(variant: int) -> str:
+    """The shard tensor of degradation variant ``variant``: ``lq`` (0), ``lq_v<k>``."""
+    return "lq" if variant == 0 else f"lq_v{variant}"
+
+
+_VAE: dict[tuple, torch.nn.Module] = {}  # this process's VAE: a Dask worker loads it once for all its shards
+
+
+def _load_vae(source: str, revision: str | None, dtype: str, device: str) -> torch.nn.Module:
+    from consissr.models.backbone import load_vae
+
+    key = (source, revision, dtype, device)
+    if key not in _VAE:
+        _VAE.clear()
+        _VAE[key] = load_vae(source, revision=revision, torch_dtype=_DTYPES[dtype]).to(resolve_device(device)).eval()
+    return _VAE[key]
+
+
+def _encode_shard(shard: tuple[int, list[str]], *, prepared: Path, degraded: Path, out: Path, p, source: str,
+                  revision: str | None, device: str, params_hash: str, shape: tuple, variants: int) -> dict:
+    """Read, check and encode one shard of ids into ``out/shard-<k>.safetensors`` (unless an earlier run
+    wrote exactly these pairs); return its manifest row, skips and whether it was reused."""
+    k, ids = shard
+    skipped, chunk = [], []
     for item_id in ids:
-        bar.update(1)
         try:
-            hq, lq, digest = _read_pair(prepared, degraded, item_id)
-            if shape is not None and hq.shape != shape:
+            hq, lqs, digest = _read_pair(prepared, degraded, item_id, variants)
+            if hq.shape != shape:
                 raise InputError(f"{layout.image_path(prepared, layout.HQ, item_id)}: size {hq.shape[:2]} "
                                  f"differs from the cache's {shape[:2]}; one crop_size per cache")
         except (InputError, MissingInputError) as exc:
             log.warning("skip %s", exc)
             skipped.append({"id": item_id, "reason": str(exc)})
             continue
-        shape = hq.shape
-        chunk.append((item_id, hq, lq, digest))
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
+        chunk.append((item_id, hq, lqs, digest))
+    if not chunk:
+        return {"row": None, "skipped": skipped, "reused": False}
+    chunk_ids = [c[0] for c in chunk]
+    sources = hashlib.sha256("".join(c[3] for c in chunk).encode()).hexdigest()
+    path = out / f"shard-{k:05d}.safetensors"
+    reused = path.exists() and _shard_ok(path, chunk_ids, params_hash, sources)
+    if not reused:
+        vae = _load_vae(source, revision, p.dtype, device)
+        weight = next(vae.parameters())
+        hq_lat, lq_lat = [], [[] for _ in range(variants)]
+        for b in range(0, len(chunk), p.batch_size):
+            part = chunk[b:b + p.batch_size]
+            hq_lat.append(encode_latents(vae, _to_model([c[1] for c in part], weight.device, weight.dtype)).cpu())
+            for v in range(variants):
+                lq_lat[v].append(encode_latents(vae, _to_model([c[2][v] for c in part], weight.device,
+                                                               weight.dtype)).cpu())
+        tensors = {lq_key(v): torch.cat(lq_lat[v]).contiguous() for v in range(variants)}
+        tensors["hq"] = torch.cat(hq_lat).contiguous()
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=_meta(chunk_ids, params_hash, sources))
+    row = {"file": path.name, "count": len(chunk), "sha256": file_sha256(path), "sources_sha256": sources}
+    return {"row": row, "skipped": skipped, "reused": reused}
+
+
+def _cache_shape(prepared: Path, degraded: Path, ids: list[str], variants: int) -> tuple | None:
+    """The image shape of the first readable pair: every pair of the cache must have it."""
+    for item_id in ids:
+        try:
+            return _read_pair(prepared, degraded, item_id, variants)[0].shape
+        except (InputError, MissingInputError):
+            continue
+    return None
 
 
 def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, device: str = "auto",
-                 backbone_dir="data/models/backbone") -> dict:
-    """Encode every pair listed in ``degraded_dir/index.json``; return the manifest.
+                 backbone_dir="data/models/backbone", parallel: ParallelParams | None = None) -> dict:
+    """Encode every pair listed in ``degraded_dir/index.json`` (each degradation variant); return the manifest.
 
-    ``encode`` and ``backbone`` are ``config.EncodeParams`` and ``config.BackboneParams``.
+    ``encode``, ``backbone`` and ``parallel`` are ``config.EncodeParams``, ``BackboneParams`` and
+    ``ParallelParams``. Shard ``k`` holds the readable pairs of the ``k``-th ``shard_size`` ids
+    of the index, whoever encodes it, so the cache is the same for any number of workers.
     """
-    from consissr.models.backbone import load_vae, resolve_source
+    from diffusers import AutoencoderKL
+
+    from consissr.models.backbone import resolve_source
 
     prepared, degraded, out = Path(prepared_dir), Path(degraded_dir), Path(out_dir)
+    parallel = parallel or ParallelParams()
     index_path = degraded / layout.INDEX
     ids = layout.read_ids(degraded, written_by="degrade")
+    variants = layout.read_variants(degraded)
     p = encode
-    device = resolve_device(device)
-    dtype = _DTYPES[p.dtype]
     source = resolve_source(backbone.pretrained, backbone_dir)
-    vae = load_vae(source, revision=backbone.revision, torch_dtype=dtype).to(device).eval()
+    vae_config = AutoencoderKL.load_config(source, subfolder="vae", revision=backbone.revision)
     params_hash = section_hash(backbone, encode)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest is the commit record: gone until done
     for leftover in out.glob(".shard-*"):  # temp files of a run that was killed mid-write
         leftover.unlink()
+    shape = _cache_shape(prepared, degraded, ids, variants)
+    if shape is None:
+        raise InputError(f"encode: none of the {len(ids)} pairs listed in {index_path} could be read")
 
-    # one shard at a time: read and check its pairs, reuse it if an earlier run wrote exactly
-    # these pairs with these params, else encode and write it (memory: one shard of pixels)
-    skipped: list[dict] = []
-    shards, reused, count, image_shape = [], 0, 0, None
-    bar = tqdm(total=len(ids), desc="encode", unit="pair")
-    for chunk in _shard_chunks(prepared, degraded, ids, p.shard_size, skipped, bar):
-        chunk_ids = [c[0] for c in chunk]
-        image_shape = image_shape or list(chunk[0][1].shape)
-        sources = hashlib.sha256("".join(c[3] for c in chunk).encode()).hexdigest()
-        path = out / f"shard-{len(shards):05d}.safetensors"
-        if path.exists() and _shard_ok(path, chunk_ids, params_hash, sources):
-            reused += 1
-        else:
-            lq_lat, hq_lat = [], []
-            for b in range(0, len(chunk), p.batch_size):
-                part = chunk[b:b + p.batch_size]
-                hq_lat.append(encode_latents(vae, _to_model([c[1] for c in part], device, dtype)).cpu())
-                lq_lat.append(encode_latents(vae, _to_model([c[2] for c in part], device, dtype)).cpu())
-            tensors = {"lq": torch.cat(lq_lat).contiguous(), "hq": torch.cat(hq_lat).contiguous()}
-            with atomic_path(path) as tmp:
-                save_file(tensors, str(tmp), metadata=_meta(chunk_ids, params_hash, sources))
-        shards.append({"file": path.name, "count": len(chunk), "sha256": file_sha256(path),
-                       "sources_sha256": sources})
-        count += len(chunk)
-    bar.close()
+    # shard by shard (memory: one shard of pixels per worker): read and check its pairs, reuse it if
+    # an earlier run wrote exactly these pairs with these params, else encode and write it
+    fn = functools.partial(_encode_shard, prepared=prepared, degraded=degraded, out=out, p=p, source=source,
+                           revision=backbone.revision, device=device, params_hash=params_hash, shape=shape,
+                           variants=variants)
+    try:
+        recs = run_shards(fn, list(enumerate(split(ids, p.shard_size))), parallel, desc="encode")
+    finally:
+        _VAE.clear()
+    shards = [r["row"] for r in recs if r["row"] is not None]
+    skipped = [s for r in recs for s in r["skipped"]]
+    reused = sum(r["reused"] for r in recs)
+    count = sum(s["count"] for s in shards)
     if not shards:
         raise InputError(f"encode: none of the {len(ids)} pairs listed in {index_path} could be read")
-    for stale in sorted(out.glob("shard-*.safetensors"))[len(shards):]:
-        stale.unlink()
+    keep = {s["file"] for s in shards}
+    for stale in out.glob("shard-*.safetensors"):
+        if stale.name not in keep:
+            stale.unlink()
 
     with safe_open(str(out / shards[0]["file"]), framework="pt") as f:
         latent_shape = list(f.get_slice("hq").get_shape()[1:])
     manifest = {
-        "count": count, "latent_shape": latent_shape, "image_shape": image_shape,
-        "dtype": p.dtype, "scaling_factor": float(vae.config.scaling_factor), "backbone": source,
+        "count": count, "latent_shape": latent_shape, "image_shape": list(shape),
+        "dtype": p.dtype, "scaling_factor": float(vae_config["scaling_factor"]), "backbone": source,
         "params_hash": params_hash, "shards": shards, "skipped": len(skipped),
     }
+    if variants > 1:  # K = 1 keeps the earlier manifest bytes
+        manifest["variants"] = variants
     write_json(out / layout.REPORT, {"encoded": count, "shards_reused": reused, "skipped": skipped})
     write_json(out / MANIFEST, manifest)
-    log.info("encode: %d pairs in %d shards (%d reused), latent %s, %d skipped",
-             count, len(shards), reused, latent_shape, len(skipped))
+    log.info("encode: %d pairs x %d variants in %d shards (%d reused), latent %s, %d skipped",
+             count, variants, len(shards), reused, latent_shape, len(skipped))
     return manifest
 
 
 class LatentPairDataset(Dataset):
-    """Streams (LQ latent, HQ latent, id) from the shards a finished ``encode`` wrote."""
+    """Streams (LQ latent, HQ latent, id) from the shards a finished ``encode`` wrote.
+
+    Item ``i`` holds degradation variant 0; ``item(i, variant)`` any of the ``variants`` cached.
+    """
 
     def __init__(self, root: str | Path, *, verify: bool = False):
         self.root = Path(root)
@@ -179,6 +236,7 @@ class LatentPairDataset(Dataset):
         if not manifest_path.is_file():
             raise MissingInputError(f"{manifest_path}: missing: the latent cache is incomplete; rerun `consissr encode`")
         self.manifest = json.loads(manifest_path.read_text())
+        self.variants = int(self.manifest.get("variants", 1))
         self._index: list[tuple[int, int]] = []
         self.ids: list[str] = []
         for s, shard in enumerate(self.manifest["shards"]):
@@ -199,9 +257,14 @@ class LatentPairDataset(Dataset):
         return self._handles[s]
 
     def __getitem__(self, i: int) -> dict:
+        return self.item(i)
+
+    def item(self, i: int, variant: int = 0) -> dict:
+        if not 0 <= variant < self.variants:
+            raise IndexError(f"variant {variant} of a cache with {self.variants} degradation variants")
         s, row = self._index[i]
         f = self._shard(s)
-        return {"lq": f.get_slice("lq")[row], "hq": f.get_slice("hq")[row], "id": self.ids[i]}
+        return {"lq": f.get_slice(lq_key(variant))[row], "hq": f.get_slice("hq")[row], "id": self.ids[i]}
 
     def __getstate__(self):
         state = self.__dict__.copy()

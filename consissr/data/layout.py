@@ -22,6 +22,7 @@ from consissr.errors import InputError, MissingInputError
 HQ = "hq"  # prepare: the HQ crops
 LQ = "lq"  # degrade: LQ at 1/scale
 LQ_UP = "lq_up"  # degrade: LQ resized back to HQ size (CLIP input, pixel ControlNet condition, encode)
+CLIP = "clip"  # prepare / degrade: train_clip's centre-crop pair set (prepare.clip_crop_size), a set of its own
 INDEX = "index.json"
 REPORT = "report.json"
 
@@ -36,8 +37,31 @@ def item_seed(base_seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{base_seed}:{key}".encode()).digest()[:4], "little")
 
 
+def variant_dir(folder: str | Path, variant: int) -> Path:
+    """Where degradation variant ``variant`` of a degraded set lives: the set's own folder for 0
+    (``lq/``, ``lq_up/``), ``v<k>/`` inside it for the others (``degrade.variants``)."""
+    return Path(folder) if variant == 0 else Path(folder) / f"v{variant}"
+
+
+def variant_seed(base_seed: int, key: str, variant: int) -> int:
+    """The seed of degradation variant ``variant`` of item ``key`` (variant 0: ``item_seed``)."""
+    return item_seed(base_seed, key if variant == 0 else f"{key}#v{variant}")
+
+
 def read_index(folder: str | Path, *, written_by: str) -> list[Any]:
     """The ``items`` list of ``folder/index.json`` (``written_by``: the stage to run when it is missing)."""
+    return _read_index_file(folder, written_by)["items"]
+
+
+def read_variants(folder: str | Path) -> int:
+    """How many degradation variants a degraded set holds (``degrade.variants``; 1 when its index names none)."""
+    variants = _read_index_file(folder, "degrade").get("variants", 1)
+    if not isinstance(variants, int) or isinstance(variants, bool) or variants < 1:
+        raise InputError(f"{Path(folder) / INDEX}: \"variants\" must be an integer >= 1, got {variants!r}")
+    return variants
+
+
+def _read_index_file(folder: str | Path, written_by: str) -> dict[str, Any]:
     path = Path(folder) / INDEX
     if not path.is_file():
         raise MissingInputError(f"{path}: missing; run the {written_by} stage first")
@@ -48,7 +72,7 @@ def read_index(folder: str | Path, *, written_by: str) -> list[Any]:
     items = index.get("items") if isinstance(index, dict) else None
     if not isinstance(items, list):
         raise InputError(f"{path}: expected {{\"items\": [...]}}")
-    return items
+    return index
 
 
 def read_ids(folder: str | Path, *, written_by: str) -> list[str]:
@@ -89,5 +113,5 @@ def write_rgb_png(path: str | Path, image: np.ndarray | torch.Tensor) -> None:
     Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(path, format="PNG")
 
 
-__all__ = ["HQ", "INDEX", "LQ", "LQ_UP", "REPORT", "image_path", "item_seed", "read_ids", "read_index",
-           "read_rgb", "read_rgb_array", "write_rgb_png"]
+__all__ = ["CLIP", "HQ", "INDEX", "LQ", "LQ_UP", "REPORT", "image_path", "item_seed", "read_ids", "read_index", "read_variants",
+           "read_rgb", "read_rgb_array", "variant_dir", "variant_seed", "write_rgb_png"]

@@ -5,7 +5,9 @@ ImageNet's ``train/<class>/*.JPEG`` works) or list files. Every file is decoded 
 ``consissr.data.images.read_image`` (via ``load_rgb``), which normalises what it can and rejects the
 rest with a reason; a bad file becomes a line in ``report.json``, never a stop. Ids and every
 recorded name are relative to their source, so moving the data changes no output byte. Crops are
-seeded per source (``layout.item_seed``); the output folder is swapped in whole.
+random (seeded per source, ``layout.item_seed``) or central (§4.1); ``prepare.clip_crop_size`` adds
+train_clip's centre crops in ``clip/``. Shards of the sources run on ``parallel``'s Dask cluster and
+write into the output folder, which is swapped in whole.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
+from consissr.config import ParallelParams
 from consissr.data import layout
 from consissr.data.images import DEFAULT_MAX_PIXELS, ImageError, read_image
+from consissr.data.parallel import run_shards, shard_size, split
 from consissr.errors import InputError, MissingInputError
 from consissr.io import atomic_dir, write_json
 
@@ -165,6 +168,31 @@ def crop_boxes(h: int, w: int, size: int, count: int, seed: int) -> list[tuple[i
     return boxes
 
 
+def center_crop(rgb: np.ndarray, size: int) -> tuple[np.ndarray, dict]:
+    """The short side resized to ``size`` (PIL bicubic; none when it already is), then the centre square.
+
+    §4.1's "central patches of size 512x512" as the authors' code cuts them (resize, centre crop),
+    so an ImageNet photo of about 500x375 is used, not skipped. Returns the crop and its record
+    (``box`` [x, y, size, size] in the resized image, ``resized`` [w, h]).
+    """
+    h, w = rgb.shape[:2]
+    scale = size / min(h, w)
+    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    if (nh, nw) != (h, w):
+        rgb = np.asarray(Image.fromarray(rgb).resize((nw, nh), Image.Resampling.BICUBIC))
+    y, x = (nh - size) // 2, (nw - size) // 2
+    return np.ascontiguousarray(rgb[y:y + size, x:x + size]), {"box": [x, y, size, size], "resized": [nw, nh]}
+
+
+def _crops(rgb: np.ndarray, p, seed: int, key: str) -> list[tuple[np.ndarray, dict]]:
+    """The training crops of one image (``prepare.crop_mode``) with their records."""
+    if p.crop_mode == "center":
+        return [center_crop(rgb, p.crop_size)]
+    h, w = rgb.shape[:2]
+    return [(rgb[y:y + p.crop_size, x:x + p.crop_size], {"box": [x, y, p.crop_size, p.crop_size]})
+            for y, x in crop_boxes(h, w, p.crop_size, p.crops_per_image, layout.item_seed(seed, key))]
+
+
 # ---------------------------------------------------------------------------------------------
 # stage
 # ---------------------------------------------------------------------------------------------
@@ -172,56 +200,82 @@ class ContaminationError(InputError):
     pass
 
 
-def prepare(p, *, out_dir: str | Path, seed: int) -> dict:
-    """Write ``out_dir/hq/<id>.png`` crops, ``index.json`` and ``report.json``.
+def _prepare_shard(sources: list[SourceImage], *, p, seed: int, guard: dict[str, str], out_dir: Path) -> dict:
+    """Crop one shard of the sources into ``out_dir`` (hq/, clip/hq/); return its records."""
+    rec: dict = {"seen": 0, "used": 0, "items": [], "clip_items": [], "normalised": [], "skipped": []}
+    min_side = max(p.crop_size, p.clip_crop_size or 0)
+    for src in sources:
+        rec["seen"] += 1
+        where = src.path or src.label  # logs name the file; outputs record only the relative label
+        try:
+            rgb, notes = src.load(max_pixels=p.max_image_pixels, min_side=min_side)
+        except ImageError as exc:
+            log.warning("skip %s", exc)
+            rec["skipped"].append({"source": src.source, "path": src.label, "reason": exc.reason})
+            continue
+        digest = content_hash(rgb)
+        if digest in guard:
+            raise ContaminationError(f"training image {where} has the same pixels as evaluation image {guard[digest]}")
+        h, w = rgb.shape[:2]
+        if p.crop_mode == "random" and min(h, w) < p.crop_size:
+            reason = f"smaller than the crop: {w}x{h} < prepare.crop_size {p.crop_size}"
+            log.warning("skip %s: %s", where, reason)
+            rec["skipped"].append({"source": src.source, "path": src.label, "reason": reason})
+            continue
+        if notes:
+            rec["normalised"].append({"source": src.source, "path": src.label, "how": notes})
+            log.info("normalised %s: %s", where, "; ".join(notes))
+        rec["used"] += 1
+        for k, (crop, where_cut) in enumerate(_crops(rgb, p, seed, src.key)):
+            item_id = f"{src.key}_c{k}"
+            layout.write_rgb_png(layout.image_path(out_dir, layout.HQ, item_id), crop)
+            rec["items"].append({"id": item_id, "source": src.label, **where_cut, "source_sha256": digest,
+                                 "sha256": content_hash(crop)})
+        if p.clip_crop_size:
+            crop, where_cut = center_crop(rgb, p.clip_crop_size)
+            layout.write_rgb_png(layout.image_path(out_dir / layout.CLIP, layout.HQ, src.key), crop)
+            rec["clip_items"].append({"id": src.key, "source": src.label, **where_cut, "source_sha256": digest,
+                                      "sha256": content_hash(crop)})
+    return rec
 
-    ``p`` is ``config.PrepareParams``. Raises ``ContaminationError`` when a training image
-    equals an evaluation image, and ``InputError`` when no input could be used.
+
+def prepare(p, *, out_dir: str | Path, seed: int, parallel: ParallelParams | None = None) -> dict:
+    """Write ``out_dir/hq/<id>.png`` crops, ``index.json`` and ``report.json`` (and ``clip/`` when asked).
+
+    ``p`` is ``config.PrepareParams``; the sources are cut in shards on ``parallel``'s cluster.
+    Raises ``ContaminationError`` when a training image equals an evaluation image, and
+    ``InputError`` when no input could be used.
     """
     out_dir = Path(out_dir)
+    parallel = parallel or ParallelParams()
     guard = eval_hashes(p.eval_dirs, p.extensions, max_pixels=p.max_image_pixels)
-    items, skipped, normalised, duplicates = [], [], [], []
-    seen_files = used = 0
+    duplicates: list = []
+    sources = iter_sources(p.sources, p.extensions, duplicates)
     with atomic_dir(out_dir) as tmp:
         (tmp / layout.HQ).mkdir()
-        for src in tqdm(iter_sources(p.sources, p.extensions, duplicates), desc="prepare", unit="img"):
-            seen_files += 1
-            where = src.path or src.label  # logs name the file; outputs record only the relative label
-            try:
-                rgb, notes = src.load(max_pixels=p.max_image_pixels, min_side=p.crop_size)
-            except ImageError as exc:
-                log.warning("skip %s", exc)
-                skipped.append({"source": src.source, "path": src.label, "reason": exc.reason})
-                continue
-            digest = content_hash(rgb)
-            if digest in guard:
-                raise ContaminationError(
-                    f"training image {where} has the same pixels as evaluation image {guard[digest]}")
-            h, w = rgb.shape[:2]
-            if min(h, w) < p.crop_size:
-                reason = f"smaller than the crop: {w}x{h} < prepare.crop_size {p.crop_size}"
-                log.warning("skip %s: %s", where, reason)
-                skipped.append({"source": src.source, "path": src.label, "reason": reason})
-                continue
-            if notes:
-                normalised.append({"source": src.source, "path": src.label, "how": notes})
-                log.info("normalised %s: %s", where, "; ".join(notes))
-            used += 1
-            for k, (y, x) in enumerate(crop_boxes(h, w, p.crop_size, p.crops_per_image,
-                                                    layout.item_seed(seed, src.key))):
-                crop = rgb[y:y + p.crop_size, x:x + p.crop_size]
-                item_id = f"{src.key}_c{k}"
-                layout.write_rgb_png(layout.image_path(tmp, layout.HQ, item_id), crop)
-                items.append({"id": item_id, "source": src.label, "box": [x, y, p.crop_size, p.crop_size],
-                              "source_sha256": digest, "sha256": content_hash(crop)})
-        report = {"files_seen": seen_files, "images_used": used,
-                  "crops_written": len(items), "normalised": normalised, "skipped": skipped,
-                  "duplicates": duplicates}
+        if p.clip_crop_size:
+            (tmp / layout.CLIP / layout.HQ).mkdir(parents=True)
+        shards = split(sources, shard_size(len(sources), parallel.workers))
+        fn = partial(_prepare_shard, p=p, seed=seed, guard=guard, out_dir=tmp)
+        recs = run_shards(fn, shards, parallel, desc="prepare")
+        items = [i for r in recs for i in r["items"]]
+        skipped = [s for r in recs for s in r["skipped"]]
+        report = {"files_seen": sum(r["seen"] for r in recs), "images_used": sum(r["used"] for r in recs),
+                  "crops_written": len(items), "normalised": [n for r in recs for n in r["normalised"]],
+                  "skipped": skipped, "duplicates": duplicates}
         if not items:
             raise InputError(
-                f"prepare: none of the {seen_files} input files in {list(p.sources)} could be used"
+                f"prepare: none of the {report['files_seen']} input files in {list(p.sources)} could be used"
                 + (f" (first problem: {skipped[0]['path']}: {skipped[0]['reason']})" if skipped else ""))
-        write_json(tmp / layout.INDEX, {"crop_size": p.crop_size, "count": len(items), "items": items})
+        index = {"crop_size": p.crop_size, "count": len(items), "items": items}
+        if p.crop_mode != "random":  # the random default's index keeps its earlier bytes
+            index = {"crop_size": p.crop_size, "crop_mode": p.crop_mode, "count": len(items), "items": items}
+        write_json(tmp / layout.INDEX, index)
+        if p.clip_crop_size:
+            clip_items = [i for r in recs for i in r["clip_items"]]
+            write_json(tmp / layout.CLIP / layout.INDEX, {"crop_size": p.clip_crop_size, "crop_mode": "center",
+                                                   "count": len(clip_items), "items": clip_items})
+            report["clip_crops_written"] = len(clip_items)
         write_json(tmp / layout.REPORT, report)
     log.info("prepare: %d crops from %d images, %d skipped", len(items), report["images_used"], len(skipped))
     return report

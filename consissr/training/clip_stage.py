@@ -4,8 +4,9 @@
 
 The student E' (a copy of the CLIP image tower) sees the degraded image, the frozen teacher E
 the clean one; only the student trains (paper §4.1: Adam β = (0.9, 0.99), lr 1e-5, batch 8 per
-GPU, 100K iterations). Writes ``robust_clip.safetensors`` + ``config.json``, ``train_log.json``
-and ``checkpoints/`` into ``data/models/robust_clip/``.
+GPU, 100K iterations), on the ``clip/`` pair set when ``prepare.clip_crop_size`` made one.
+Writes ``robust_clip.safetensors`` + ``config.json``, ``train_log.json`` and ``checkpoints/`` into
+``data/models/robust_clip/``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from consissr import tracking
 from consissr.config import ClipParams, TrainClipParams
+from consissr.data import layout
 from consissr.data.pairs import PairedImageDataset
 from consissr.models.robust_clip import CONFIG_NAME, WEIGHTS_NAME, RobustCLIP
 from consissr.training import loop
@@ -56,7 +58,11 @@ def train_clip(
     prepared_dir, degraded_dir, out_dir = Path(prepared_dir), Path(degraded_dir), Path(out_dir)
     settings = loop_settings(train, seed=seed, device=device)
 
-    # 1. data: LQ (degraded/lq_up or lq) and HQ (prepared/hq) pixel pairs
+    # 1. data: LQ (degraded/lq_up or lq) and HQ (prepared/hq) pixel pairs; §4.1's own 224² centre
+    #    crops (prepare.clip_crop_size: prepared/clip, degraded/clip) when prepared
+    if (degraded_dir / layout.CLIP / layout.INDEX).is_file():
+        prepared_dir, degraded_dir = prepared_dir / layout.CLIP, degraded_dir / layout.CLIP
+        log.info("train_clip: the centre-crop pair set %s", degraded_dir)
     dataset = PairedImageDataset(prepared_dir, degraded_dir, lq_source=train.lq_source)
 
     # 2. teacher E and student E' (= E at the start); seeded, so a random tower is the same on

@@ -144,14 +144,18 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 class StreamBatchSampler(Sampler[list[int]]):
     """Endless per-rank micro-batches from the stream of per-epoch permutations.
 
-    Starts at ``cursor`` (samples already drawn from the stream by all ranks together).
+    Starts at ``cursor`` (samples already drawn from the stream by all ranks together). With
+    ``epoch_indexed`` the index of item ``i`` in epoch ``e`` is ``e·n + i`` (a dataset that draws
+    per epoch, e.g. a degradation variant, reads both from it).
     """
 
-    def __init__(self, n: int, *, seed: int, cursor: int, batch_size: int, rank: int, world: int) -> None:
+    def __init__(self, n: int, *, seed: int, cursor: int, batch_size: int, rank: int, world: int,
+                 epoch_indexed: bool = False) -> None:
         if n < 1:
             raise ValueError("the training dataset is empty")
         self.n, self.seed, self.cursor = n, seed, cursor
         self.batch_size, self.rank, self.world = batch_size, rank, world
+        self.epoch_indexed = epoch_indexed
 
     def __iter__(self) -> Iterator[list[int]]:
         cursor = self.cursor
@@ -162,7 +166,7 @@ class StreamBatchSampler(Sampler[list[int]]):
                 if pos // self.n != epoch:
                     epoch = pos // self.n
                     perm = epoch_permutation(self.n, self.seed, epoch)
-                indices.append(int(perm[pos % self.n]))
+                indices.append(int(perm[pos % self.n]) + (epoch * self.n if self.epoch_indexed else 0))
             cursor += self.batch_size * self.world
             yield indices
 
@@ -302,7 +306,7 @@ def train(
     # 4. data: this rank's slice of the seeded stream, from the saved position
     global_micro = micro * world
     sampler = StreamBatchSampler(len(dataset), seed=settings.seed, cursor=cursor, batch_size=micro,
-                                 rank=rank, world=world)
+                                 rank=rank, world=world, epoch_indexed=getattr(dataset, "epoch_indexed", False))
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=settings.num_workers, collate_fn=collate_fn,
                         pin_memory=accelerator.device.type == "cuda",
                         generator=torch.Generator().manual_seed(settings.seed))  # keeps the global RNG untouched

@@ -48,32 +48,45 @@ LQ_PIXELS = layout.LQ_UP  # the LQ image at HQ size (CLIP input, pixel condition
 # --------------------------------------------------------------------------------------------
 # data: cached latents + robust CLIP embeddings + prompt rows, by id
 # --------------------------------------------------------------------------------------------
+def draw_variant(seed: int, epoch: int, i: int, variants: int) -> int:
+    """The degradation variant sample ``i`` sees in epoch ``epoch`` (the paper degrades anew at each visit)."""
+    return int(np.random.default_rng([seed, epoch, i]).integers(variants)) if variants > 1 else 0
+
+
 class SdsrDataset(Dataset):
     """The latent cache with each item's robust CLIP embedding and prompt row attached.
 
     Item ``i``: ``{"lq", "hq", "id"}`` of ``LatentPairDataset`` + ``image_embeds`` (D,) +
     ``prompt`` (a row of the prompt table) [+ ``lq_pixels`` (3, H, W) in [0, 1] when
-    ``lq_pixel_dir`` is given]. Depends only on ``i``.
+    ``lq_pixel_dir`` is given]. Depends only on ``i``. With K > 1 degradation variants
+    (``image_embeds`` (K, N, D)) the loop passes ``epoch·N + i`` (``epoch_indexed``) and the item
+    is variant ``draw_variant(seed, epoch, i, K)``: LQ latent, embedding and pixels alike.
     """
 
     def __init__(self, latents: LatentPairDataset, image_embeds: torch.Tensor, prompt_rows: torch.Tensor,
-                 lq_pixel_dir: Path | None = None) -> None:
-        if not len(latents) == len(image_embeds) == len(prompt_rows):
-            raise ValueError(f"{len(latents)} latent pairs, {len(image_embeds)} image embeddings and "
-                             f"{len(prompt_rows)} prompts")
-        self.latents, self.image_embeds, self.prompt_rows = latents, image_embeds, prompt_rows
-        self.lq_pixel_dir = lq_pixel_dir
+                 lq_pixel_dir: Path | None = None, *, seed: int = 0) -> None:
+        variants = getattr(latents, "variants", 1)
+        self.image_embeds = image_embeds if image_embeds.dim() == 3 else image_embeds.unsqueeze(0)
+        if not len(latents) == self.image_embeds.shape[1] == len(prompt_rows) or len(self.image_embeds) != variants:
+            raise ValueError(f"{len(latents)} latent pairs x {variants} variants, {tuple(image_embeds.shape[:-1])} "
+                             f"image embeddings and {len(prompt_rows)} prompts")
+        self.latents, self.prompt_rows = latents, prompt_rows
+        self.lq_pixel_dir, self.seed, self.variants = lq_pixel_dir, seed, variants
+        self.epoch_indexed = variants > 1
         self.ids = latents.ids
 
     def __len__(self) -> int:
         return len(self.latents)
 
-    def __getitem__(self, i: int) -> dict:
-        item = dict(self.latents[i])
-        item["image_embeds"] = self.image_embeds[i]
+    def __getitem__(self, index: int) -> dict:
+        epoch, i = divmod(index, len(self.latents))
+        variant = draw_variant(self.seed, epoch, i, self.variants)
+        item = dict(self.latents.item(i, variant) if self.variants > 1 else self.latents[i])
+        item["image_embeds"] = self.image_embeds[variant, i]
         item["prompt"] = self.prompt_rows[i]
         if self.lq_pixel_dir is not None:
-            item["lq_pixels"] = layout.read_rgb(self.lq_pixel_dir / f"{item['id']}.png")
+            folder = layout.variant_dir(self.lq_pixel_dir.parent, variant) / self.lq_pixel_dir.name
+            item["lq_pixels"] = layout.read_rgb(folder / f"{item['id']}.png")
         return item
 
 
@@ -174,7 +187,7 @@ def train_sdsr(
     Resumes from ``out_dir/checkpoints`` when a matching checkpoint is there. Under
     ``accelerate launch`` / ``torchrun`` every process runs this; only the main one writes
     ``out_dir`` and talks to MLflow. Returns the loop's ``TrainResult``: ``.model`` is the
-    ``TalaObjective`` (``.model.net`` the ConsisSRNet); ``.extra`` holds ``image_embeds`` (N, D)
+    ``TalaObjective`` (``.model.net`` the ConsisSRNet); ``.extra`` holds ``image_embeds`` (N, D; (K, N, D) with K variants)
     and ``ids`` (the robust CLIP embeddings used, by latent-cache order), ``prompts`` (the
     prompt table), ``backbone``, ``robust_clip`` (the frozen parts) and ``mlflow_run_id``.
     """
@@ -202,12 +215,16 @@ def train_sdsr(
     clip.requires_grad_(False)
     lq_dir = degraded_dir / LQ_PIXELS
     image_embeds = robust_clip_embeddings(clip, lq_dir, ids, device=work)
+    if latents.variants > 1:  # degrade.variants: an embedding of every cached degradation, (K, N, D)
+        image_embeds = torch.stack([image_embeds] + [
+            robust_clip_embeddings(clip, layout.variant_dir(degraded_dir, v) / LQ_PIXELS, ids, device=work)
+            for v in range(1, latents.variants)])
     clip.to("cpu")
     texts, prompt_rows, missing = prompt_table(train, ids)
     prompt_embeds = encode_prompts(bb.tokenizer, bb.text_encoder, texts, device=work)
     bb.text_encoder.to("cpu")
     pixel = model.controlnet_conditioning == "pixel"
-    dataset = SdsrDataset(latents, image_embeds, prompt_rows, lq_dir if pixel else None)
+    dataset = SdsrDataset(latents, image_embeds, prompt_rows, lq_dir if pixel else None, seed=seed)
 
     # 3. the net: frozen UNet + ControlNet + HPA + self-attention additions; seeded, so the new
     #    layers start the same on every rank and on resume (frozen weights are never checkpointed)
@@ -253,4 +270,4 @@ def train_sdsr(
     return result
 
 
-__all__ = ["SdsrDataset", "decode_latents", "make_sample_fn", "robust_clip_embeddings", "save_final", "train_sdsr"]
+__all__ = ["SdsrDataset", "decode_latents", "draw_variant", "make_sample_fn", "robust_clip_embeddings", "save_final", "train_sdsr"]

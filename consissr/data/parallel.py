@@ -1,0 +1,91 @@
+"""Shards of a data stage's item list, run on a Dask cluster (``dask.distributed``).
+
+``parallel.workers`` 1 runs the shards in this process, in order; N > 1 starts a ``LocalCluster``
+of N processes with one thread each; ``parallel.scheduler_address`` sends them to a running
+scheduler instead (Kubernetes, SLURM: the workers need this package and the same file paths).
+A shard function writes its outputs itself and returns a small record; results come back in
+shard order, so the merged index is the same for any number of workers. Every shard runs with one
+torch / OpenCV thread: float results (VAE convolutions) depend on the thread count.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from tqdm import tqdm
+
+from consissr.config import ParallelParams
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def split(items: Sequence[T], size: int) -> list[list[T]]:
+    """``items`` in consecutive chunks of ``size`` (the last one shorter)."""
+    return [list(items[i:i + size]) for i in range(0, len(items), size)]
+
+
+def shard_size(n: int, workers: int, *, per_worker: int = 4, cap: int = 256) -> int:
+    """Items per shard: about ``per_worker`` shards per worker (load balance), at most ``cap`` items each."""
+    return max(1, min(cap, math.ceil(n / (max(workers, 1) * per_worker))))
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch and OpenCV on one thread (what a Dask worker of this module runs with), restored on exit."""
+    import cv2
+    import torch
+
+    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        cv2.setNumThreads(cv_threads)
+
+
+def _run_one(fn: Callable[[Any], Any], shard: Any) -> Any:
+    with one_thread():
+        return fn(shard)
+
+
+def run_shards(fn: Callable[[Any], T], shards: Sequence[Any], parallel: ParallelParams, *, desc: str) -> list[T]:
+    """``[fn(s) for s in shards]``, on the cluster ``parallel`` names; an exception in a shard is raised here.
+
+    ``fn`` must be picklable (a module-level function or a ``functools.partial`` of one).
+    """
+    bar = tqdm(total=len(shards), desc=f"{desc} (shards)", unit="shard")
+    if parallel.scheduler_address is None and parallel.workers == 1:
+        out = []
+        for shard in shards:
+            out.append(_run_one(fn, shard))
+            bar.update(1)
+        bar.close()
+        return out
+
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    with contextlib.ExitStack() as stack:
+        if parallel.scheduler_address is not None:
+            client = stack.enter_context(Client(parallel.scheduler_address))
+        else:
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=parallel.workers, threads_per_worker=1, processes=True, dashboard_address=None))
+            client = stack.enter_context(Client(cluster))
+        log.info("%s: %d shards on %s", desc, len(shards), client)
+        futures = client.map(_run_one, [fn] * len(shards), shards, pure=False)
+        for _ in as_completed(futures):
+            bar.update(1)
+        out = client.gather(futures)  # raises the first failed shard's exception
+    bar.close()
+    return out
+
+
+__all__ = ["one_thread", "run_shards", "shard_size", "split"]
