@@ -13,11 +13,17 @@
 5. pyiqa's MANIQA first builds timm's ``vit_base_patch8_224`` with ImageNet weights (a hub
    download), then overwrites every one of them with a strict load of the MANIQA checkpoint:
    ``pyiqa_weights_dir`` builds that ViT without the download.
+6. basicsr's and realesrgan's degradations draw from Python's global ``random``, which a Dask
+   worker's event-loop thread also draws from (comm retry jitter) while a task runs: under
+   ``thread_private_random`` this thread's module-level ``random.*`` calls use its own seeded
+   ``random.Random`` (same sequence as ``random.seed``), other threads the global one.
 """
 
 from __future__ import annotations
 
+import random
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -80,6 +86,33 @@ def pyiqa_weights_dir(hub_dir: str | Path) -> Iterator[None]:
         torch.hub._hub_dir, download_util.DEFAULT_CACHE_DIR, timm.create_model = saved
 
 
+_RANDOM_DRAWS = ("random", "uniform", "choice", "choices", "randint", "randrange", "sample", "shuffle", "gauss",
+                 "normalvariate", "getrandbits", "randbytes", "triangular", "betavariate", "expovariate")
+
+
+@contextmanager
+def thread_private_random(seed: int) -> Iterator[None]:
+    """Module-level ``random.*`` draws of the calling thread come from ``random.Random(seed)`` (item 6).
+
+    Not re-entrant across threads: one seeded block at a time per process (Dask workers here run
+    one thread each).
+    """
+    private, owner = random.Random(seed), threading.get_ident()
+    saved = {name: getattr(random, name) for name in _RANDOM_DRAWS}
+
+    def dispatch(name):
+        mine, theirs = getattr(private, name), saved[name]
+        return lambda *args, **kwargs: (mine if threading.get_ident() == owner else theirs)(*args, **kwargs)
+
+    for name in _RANDOM_DRAWS:
+        setattr(random, name, dispatch(name))
+    try:
+        yield
+    finally:
+        for name, original in saved.items():
+            setattr(random, name, original)
+
+
 __all__ = [
     "ContiguousDiffJPEG",
     "DiffJPEG",
@@ -95,4 +128,5 @@ __all__ = [
     "random_add_gaussian_noise_pt",
     "random_add_poisson_noise_pt",
     "random_mixed_kernels",
+    "thread_private_random",
 ]

@@ -34,6 +34,7 @@ from consissr.compat import (
     random_add_gaussian_noise_pt,
     random_add_poisson_noise_pt,
     random_mixed_kernels,
+    thread_private_random,
 )
 from consissr.config import DegradationOrder, DegradeParams, ParallelParams
 from consissr.data import layout
@@ -53,13 +54,16 @@ _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # an id is used as a file
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Seed python ``random``, numpy and torch's global RNGs (the ones Real-ESRGAN's code draws
-    from), and restore their previous states on exit so callers' streams are left untouched."""
+    from), and restore their previous states on exit so callers' streams are left untouched.
+    This thread's ``random.*`` draws come from a private generator seeded alike, so another thread
+    (a Dask worker's event loop) cannot shift them (``compat.thread_private_random``)."""
     states = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     try:
-        yield
+        with thread_private_random(seed):
+            yield
     finally:
         random.setstate(states[0])
         np.random.set_state(states[1])
