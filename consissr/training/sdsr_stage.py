@@ -49,8 +49,12 @@ LQ_PIXELS = layout.LQ_UP  # the LQ image at HQ size (CLIP input, pixel condition
 # data: cached latents + robust CLIP embeddings + prompt rows, by id
 # --------------------------------------------------------------------------------------------
 def draw_variant(seed: int, epoch: int, i: int, variants: int) -> int:
-    """The degradation variant sample ``i`` sees in epoch ``epoch`` (the paper degrades anew at each visit)."""
-    return int(np.random.default_rng([seed, epoch, i]).integers(variants)) if variants > 1 else 0
+    """The degradation variant sample ``i`` sees in epoch ``epoch``: each run of K epochs visits its K
+    variants in a seeded random order (the paper degrades anew at every visit; a cache holds K)."""
+    if variants == 1:
+        return 0
+    order = np.random.default_rng([seed, i, epoch // variants]).permutation(variants)
+    return int(order[epoch % variants])
 
 
 class SdsrDataset(Dataset):
