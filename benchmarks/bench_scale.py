@@ -103,7 +103,8 @@ def run_size(n: int, workers: int, src: Path, work: Path, backbone: Path) -> dic
                              backbone=p.backbone, device="cpu", backbone_dir=backbone, parallel=parallel)
             seconds = time.perf_counter() - t
             peaks = worker_peaks(client)
-        rec = {"seconds": round(seconds, 2), "images_per_s": round(n / seconds, 3), "cluster_start_s": round(start_s, 1),
+        rec = {"seconds": round(seconds, 2), "images_per_s": round(n / seconds, 3),
+               "cluster_start_s": round(start_s, 1),
                "worker_peak_rss_mib": [round(m) for m in peaks],
                "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
         record["stages"][stage] = rec

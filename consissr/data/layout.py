@@ -113,5 +113,6 @@ def write_rgb_png(path: str | Path, image: np.ndarray | torch.Tensor) -> None:
     Image.fromarray(np.ascontiguousarray(image), mode="RGB").save(path, format="PNG")
 
 
-__all__ = ["CLIP", "HQ", "INDEX", "LQ", "LQ_UP", "REPORT", "image_path", "item_seed", "read_ids", "read_index", "read_variants",
+__all__ = ["CLIP", "HQ", "INDEX", "LQ", "LQ_UP", "REPORT", "image_path", "item_seed", "read_ids", "read_index",
+           "read_variants",
            "read_rgb", "read_rgb_array", "variant_dir", "variant_seed", "write_rgb_png"]

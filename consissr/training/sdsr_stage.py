@@ -191,7 +191,8 @@ def train_sdsr(
     Resumes from ``out_dir/checkpoints`` when a matching checkpoint is there. Under
     ``accelerate launch`` / ``torchrun`` every process runs this; only the main one writes
     ``out_dir`` and talks to MLflow. Returns the loop's ``TrainResult``: ``.model`` is the
-    ``TalaObjective`` (``.model.net`` the ConsisSRNet); ``.extra`` holds ``image_embeds`` (N, D; (K, N, D) with K variants)
+    ``TalaObjective`` (``.model.net`` the ConsisSRNet); ``.extra`` holds ``image_embeds`` (N, D), or
+    (K, N, D) with K degradation variants
     and ``ids`` (the robust CLIP embeddings used, by latent-cache order), ``prompts`` (the
     prompt table), ``backbone``, ``robust_clip`` (the frozen parts) and ``mlflow_run_id``.
     """
@@ -274,4 +275,5 @@ def train_sdsr(
     return result
 
 
-__all__ = ["SdsrDataset", "decode_latents", "draw_variant", "make_sample_fn", "robust_clip_embeddings", "save_final", "train_sdsr"]
+__all__ = ["SdsrDataset", "decode_latents", "draw_variant", "make_sample_fn", "robust_clip_embeddings", "save_final",
+           "train_sdsr"]
