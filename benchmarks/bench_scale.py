@@ -121,6 +121,34 @@ def run_size(n: int, workers: int, src: Path, work: Path, backbone: Path) -> dic
     return record
 
 
+def cpu_probe(n: int, src: Path, work: Path, backbone: Path) -> dict:
+    """CPU seconds per image of each stage, in this process on one thread (``parallel.workers: 1``):
+    what a worker spends, whatever else shares the machine."""
+    p = params_from_dict({
+        "prepare": {"sources": [str(src)], "crop_size": 512, "crops_per_image": 1, "crop_mode": "center",
+                    "extensions": [".jpg"]},
+        "encode": {"batch_size": 8, "shard_size": 64}})
+    out = work / "probe"
+    shutil.rmtree(out, ignore_errors=True)
+    steps = {
+        "prepare": lambda: prepare(p.prepare, out_dir=out / "prepared", seed=0),
+        "degrade": lambda: degrade_folder(out / "prepared", out / "degraded", p.degrade, seed=0),
+        "encode": lambda: encode_pairs(out / "prepared", out / "degraded", out / "latents", encode=p.encode,
+                                       backbone=p.backbone, device="cpu", backbone_dir=backbone),
+    }
+    record = {"images": n}
+    for stage in STAGES:
+        steps[stage]()  # warm-up (imports, the VAE load) on the same images
+        shutil.rmtree(out / "latents", ignore_errors=True)  # else encode reuses the warm-up's shards
+        cpu, wall = time.process_time(), time.perf_counter()
+        steps[stage]()
+        record[stage] = {"cpu_s_per_image": round((time.process_time() - cpu) / n, 3),
+                         "wall_s_per_image": round((time.perf_counter() - wall) / n, 3)}
+        print(f"probe {stage}: {record[stage]}", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return record
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000])
@@ -130,6 +158,7 @@ def main() -> None:
     ap.add_argument("--backbone", type=Path, default=REPO / "data" / "models" / "backbone")
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
+    ap.add_argument("--cpu-probe", type=int, default=0, help="only the CPU-seconds probe on this many images")
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_scale_"))
@@ -138,6 +167,11 @@ def main() -> None:
     t = time.perf_counter()
     make_sources(work / "all", total, photos)
     print(f"{total} source JPEGs from {len(photos)} photos in {time.perf_counter() - t:.0f} s", flush=True)
+    if args.cpu_probe:
+        record = cpu_probe(args.cpu_probe, work / "all", work, args.backbone)
+        write_record(args.out, {"machine": machine(load_before), "photos": len(photos), "cpu_probe": record})
+        shutil.rmtree(work, ignore_errors=True)
+        return
     runs = []
     for n in args.sizes:
         src = work / f"src{n}"

@@ -78,7 +78,9 @@ def test_clip_pair_set_is_prepared_degraded_and_read_by_train_clip(tmp_path, mon
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_backbone):
-    """prepare → degrade (2 variants) → encode, in this process and on 2 Dask worker processes."""
+    """prepare → degrade (3 variants) → encode, in this process and on a Dask cluster of 2 worker processes."""
+    from dask.distributed import LocalCluster
+
     root = tmp_path_factory.mktemp("scale")
     src = root / "src"
     src.mkdir()
@@ -86,14 +88,19 @@ def two_runs(tmp_path_factory, tiny_backbone):
         Image.fromarray(photo(88, 100, 10 + i)).save(src / f"{i}.png")
     p = params_from_dict({"prepare": {"sources": [str(src)], "crop_size": 80, "crops_per_image": 2},
                           "degrade": {"variants": 3}, "encode": {"shard_size": 2, "batch_size": 2}})
-    runs = {}
-    for name, parallel in (("one", ParallelParams(workers=1)), ("two", ParallelParams(workers=2))):
+
+    def run(name, parallel):
         out = root / name
         prepare(p.prepare, out_dir=out / "prepared", seed=5, parallel=parallel)
         degrade_folder(out / "prepared", out / "degraded", p.degrade, seed=5, parallel=parallel)
         encode_pairs(out / "prepared", out / "degraded", out / "latents", encode=p.encode, backbone=p.backbone,
                      device="cpu", backbone_dir=tiny_backbone, parallel=parallel)
-        runs[name] = out
+        return out
+
+    runs = {"one": run("one", ParallelParams(workers=1))}
+    # one cluster for the three stages (a start costs seconds), reached as a remote scheduler is
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        runs["two"] = run("two", ParallelParams(workers=2, scheduler_address=cluster.scheduler_address))
     single = params_from_dict({"degrade": {"variants": 1}}).degrade
     degrade_folder(runs["one"] / "prepared", root / "k1", single, seed=5)
     return runs, root / "k1"
@@ -137,3 +144,20 @@ def test_variants_differ_their_first_is_the_single_degradation_and_all_are_drawn
             drawn[i].add(v)
     assert all(drawn[i] == {0, 1, 2} for i in range(n)), dict(drawn)
     assert not torch.equal(latents.item(0, 0)["lq"], latents.item(0, 1)["lq"])
+
+
+def _where(x):
+    import os
+
+    return x, os.getpid(), torch.get_num_threads()
+
+
+def test_run_shards_on_a_local_cluster_keeps_shard_order_one_thread_each():
+    import os
+
+    from consissr.data.parallel import run_shards
+
+    out = run_shards(_where, list(range(6)), ParallelParams(workers=2), desc="test")
+    assert [x for x, _, _ in out] == list(range(6))
+    assert {threads for _, _, threads in out} == {1} and os.getpid() not in {pid for _, pid, _ in out}
+    assert run_shards(_where, [7], ParallelParams(workers=1), desc="test")[0][1] == os.getpid()  # in-process
