@@ -97,7 +97,7 @@ def data_hash(path: str | os.PathLike) -> str | None:
     ``manifest.json`` or ``index.json`` (which list every file with its checksum / id), or of
     the file itself. None when there is nothing to hash.
     """
-    path = Path(path).resolve()
+    path = Path(os.path.abspath(path))  # not resolve(): a symlinked output is looked up where it is linked
     for folder in path.parents:
         lock = folder / "dvc.lock"
         if lock.is_file():
@@ -107,7 +107,7 @@ def data_hash(path: str | os.PathLike) -> str | None:
                 break
             for stage in stages.values():
                 for out in stage.get("outs", []) or []:
-                    if (folder / out.get("path", "")).resolve() == path and out.get("md5"):
+                    if (folder / out.get("path", "")).resolve() == path.resolve() and out.get("md5"):
                         return f"md5:{out['md5']}"
             break
     if path.is_dir():
