@@ -6,7 +6,7 @@ failures pass), ``promote`` calls what ``consissr promote`` runs (MLflow registr
 returns its decision), anything else is a dvc.yaml stage. GPU stages hold one slot of the global concurrency limit ``gpu`` so two trainings never
 share a GPU. One MLflow run spans the flow; each stage's run nests under it (``MLFLOW_PARENT_RUN_ID``).
 A failing stage fails the flow naming the stage; what earlier stages built stays in the workspace,
-the DVC cache and dvc.lock. Returns the outputs (path -> DVC hash) and the metrics.
+the DVC cache and dvc.lock. Returns the outputs (path -> DVC hash), the metrics and the promote decision.
 """
 
 from __future__ import annotations
