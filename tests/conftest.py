@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -59,6 +60,21 @@ def chromium() -> str:
     if not CHROMIUM.exists():
         pytest.skip(f"{CHROMIUM} is absent and `apt-get install -y chromium` could not install it (root + apt needed)")
     return str(CHROMIUM)
+
+
+@contextmanager
+def chromium_page(timeout_ms: int = 180_000):
+    """A page of headless Chromium (playwright driving Debian's chromium); closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(timeout_ms)
+            yield page
+        finally:
+            browser.close()
 
 
 def free_port() -> int:

@@ -6,7 +6,7 @@ import subprocess
 import urllib.parse
 
 import pytest
-from conftest import CHROMIUM_FLAGS, chromium, free_port, venv_bin, wait_for_http
+from conftest import chromium_page, free_port, venv_bin, wait_for_http
 
 pytestmark = pytest.mark.slow
 
@@ -37,38 +37,31 @@ def mlflow_server(tmp_path, monkeypatch):
 
 def test_both_runs_and_their_gamma_in_runs_table_and_compare_view(mlflow_server):
     from mlflow import MlflowClient
-    from playwright.sync_api import sync_playwright
 
     url, uri = mlflow_server
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("consissr")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 2
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(180_000)
-            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs")
-            page.get_by_text("2 matching runs").wait_for()
-            page.get_by_text("train_sdsr", exact=True).nth(1).wait_for()  # both rows rendered
-            table = page.inner_text("body")
-            assert table.count("train_sdsr") >= 2
-            # gamma in the runs table: its search box over params.`train_sdsr.gamma` finds one run per value
-            for gamma in ("5.0", "10.0"):
-                query = urllib.parse.quote(f"params.`train_sdsr.gamma` = '{gamma}'")
-                page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs?searchFilter={query}")
-                page.get_by_text("1 matching run").wait_for()  # not "2 matching runs": the filter applied
-                assert page.inner_text("body").count("train_sdsr") == 1
+    with chromium_page() as page:
+        page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs")
+        page.get_by_text("2 matching runs").wait_for()
+        page.get_by_text("train_sdsr", exact=True).nth(1).wait_for()  # both rows rendered
+        table = page.inner_text("body")
+        assert table.count("train_sdsr") >= 2
+        # gamma in the runs table: its search box over params.`train_sdsr.gamma` finds one run per value
+        for gamma in ("5.0", "10.0"):
+            query = urllib.parse.quote(f"params.`train_sdsr.gamma` = '{gamma}'")
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs?searchFilter={query}")
+            page.get_by_text("1 matching run").wait_for()  # not "2 matching runs": the filter applied
+            assert page.inner_text("body").count("train_sdsr") == 1
 
-            ids = ",".join(f'"{r.info.run_id}"' for r in runs)
-            page.goto(f'{url}/#/compare-runs?runs=[{ids}]&experiments=["{exp.experiment_id}"]')
-            page.get_by_text("Comparing 2 Runs").wait_for()
-            page.get_by_text("Run details").wait_for()
-            compare = page.inner_text("body")
-            for run in runs:
-                assert run.info.run_id in compare
-            row = [line for line in compare.splitlines() if line.startswith("train_sdsr.gamma\t")]
-            assert row and sorted(row[0].split("\t")[1:]) == ["10.0", "5.0"], compare[-3000:]
-        finally:
-            browser.close()
+        ids = ",".join(f'"{r.info.run_id}"' for r in runs)
+        page.goto(f'{url}/#/compare-runs?runs=[{ids}]&experiments=["{exp.experiment_id}"]')
+        page.get_by_text("Comparing 2 Runs").wait_for()
+        page.get_by_text("Run details").wait_for()
+        compare = page.inner_text("body")
+        for run in runs:
+            assert run.info.run_id in compare
+        row = [line for line in compare.splitlines() if line.startswith("train_sdsr.gamma\t")]
+        assert row and sorted(row[0].split("\t")[1:]) == ["10.0", "5.0"], compare[-3000:]

@@ -11,7 +11,7 @@ import subprocess
 import urllib.request
 
 import pytest
-from conftest import CHROMIUM_FLAGS, REPO, chromium, copy_tracked_files, venv_bin
+from conftest import REPO, chromium_page, copy_tracked_files, venv_bin
 
 pytestmark = pytest.mark.slow
 
@@ -40,8 +40,6 @@ def prefect(env: dict, cwd, *args: str, timeout: float = 300) -> str:
 
 
 def test_readme_walkthrough_runs_retrain_and_the_ui_shows_it_completed_with_its_tasks(prefect_server, tmp_path):
-    from playwright.sync_api import sync_playwright
-
     readme = (REPO / "README.md").read_text()
     for command in [SERVER, *POOLS, DEPLOY, RUN, WORKER, "export PREFECT_API_URL=http://127.0.0.1:4200/api"]:
         assert command in readme, f"README no longer shows {command!r}"
@@ -73,23 +71,17 @@ def test_readme_walkthrough_runs_retrain_and_the_ui_shows_it_completed_with_its_
     assert sorted((t["name"], t["state"]["type"]) for t in tasks) == [("pull", "COMPLETED"), ("push", "COMPLETED")]
 
     ui = env["PREFECT_API_URL"].removesuffix("/api")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(180_000)
-            page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
-            page.get_by_text(run["name"]).first.wait_for()
-            page.get_by_text("Task Runs", exact=True).wait_for()
-            header = page.inner_text("body").split("Task Runs")[0]
-            # the run's header: its name, the flow, the deployment, the pool, the state
-            for text in (run["name"], "retrain", "embedded-cpu", "cpu", "Completed", "2 Task runs"):
-                assert text in header, header[-2000:]
-            page.get_by_text("Task Runs", exact=True).click()
-            page.get_by_text("(2 Completed)").wait_for()
-            listing = page.inner_text("body").split("(2 Completed)")[1]
-            rows = [line for line in listing.splitlines() if line.strip()]
-            for name in ("pull", "push"):  # each task run's name, followed by its state
-                assert name in rows and rows[rows.index(name) + 1] == "Completed", rows[:20]
-        finally:
-            browser.close()
+    with chromium_page() as page:
+        page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+        page.get_by_text(run["name"]).first.wait_for()
+        page.get_by_text("Task Runs", exact=True).wait_for()
+        header = page.inner_text("body").split("Task Runs")[0]
+        # the run's header: its name, the flow, the deployment, the pool, the state
+        for text in (run["name"], "retrain", "embedded-cpu", "cpu", "Completed", "2 Task runs"):
+            assert text in header, header[-2000:]
+        page.get_by_text("Task Runs", exact=True).click()
+        page.get_by_text("(2 Completed)").wait_for()
+        listing = page.inner_text("body").split("(2 Completed)")[1]
+        rows = [line for line in listing.splitlines() if line.strip()]
+        for name in ("pull", "push"):  # each task run's name, followed by its state
+            assert name in rows and rows[rows.index(name) + 1] == "Completed", rows[:20]
