@@ -205,7 +205,13 @@ class ModelParams:
     # paper: 512 / 8 = 64): the grid
     # the positional tables are stored on before bilinear resizing to other sizes
     pos_embed_grid: int = 32
-    num_image_tokens: int = 4  # N robust-CLIP image tokens per prompt (IP-Adapter: 4; authors' code: 1)
+    num_image_tokens: int = 4  # ip_adapter only: N robust-CLIP image tokens per prompt (IP-Adapter: 4)
+    # HPA image tokens (§3.3): clip_embedding = the robust CLIP embedding itself, one token, read by each
+    # cross-attention's own frozen to_k/to_v (needs CLIP width == UNet cross-attention width: ViT-H-14 and
+    # SD 2.1 are both 1024); ip_adapter = IP-Adapter's Linear + LayerNorm projection (Table 3 "+ IP-Adapter")
+    image_tokens: Literal["clip_embedding", "ip_adapter"] = "clip_embedding"
+    # positional embedding + transposed attention in the ControlNet's self-attention too (the authors' code)
+    controlnet_self_attention: bool = False
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "hpa_scale")

@@ -63,14 +63,16 @@ def count_parameters(net: ConsisSRNet) -> dict[str, dict[str, int]]:
             pos.append(addition.pos_embed)
         if addition.transposed is not None:
             transposed += list(addition.transposed.parameters())
+    image_proj = net.image_proj.parameters() if net.image_proj is not None else ()
     return {
         "unet": _count(net.unet.parameters()),
         "pos_embed": _count(pos),
         "transposed_attention": _count(transposed),
         "controlnet": _count(net.controlnet.parameters()),
+        "controlnet_self_attention": _count(net.self_attention_controlnet.parameters()),
         "hpa_unet": _count(net.hpa_unet.parameters()),
         "hpa_controlnet": _count(net.hpa_controlnet.parameters()),
-        "image_projection": _count(net.image_proj.parameters()),
+        "image_projection": _count(image_proj),
     }
 
 
@@ -135,9 +137,10 @@ _ROWS = [
     ("pos_embed", "  + positional embeddings"),
     ("transposed_attention", "  + transposed attention"),
     ("controlnet", "ControlNet"),
+    ("controlnet_self_attention", "  + pos. embedding / transposed attn."),
     ("hpa_unet", "HPA output layers, UNet"),
     ("hpa_controlnet", "HPA output layers, ControlNet"),
-    ("image_projection", "HPA image projection"),
+    ("image_projection", "HPA image projection (ip_adapter)"),
     ("robust_clip", "Robust CLIP student (own stage)"),
 ]
 
