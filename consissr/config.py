@@ -258,6 +258,17 @@ class TrainClipParams:
 
 
 @dataclass(frozen=True)
+class EmbedClipParams:
+    """Stage embed_clip: the robust CLIP student's LQ embeddings, sharded beside the latents (train_sdsr reads them)."""
+
+    batch_size: int = 32  # images per forward of the student tower
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # tower compute and storage (ImageNet, bf16: 2.6 GB)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "batch_size")
+
+
+@dataclass(frozen=True)
 class TrainSdsrParams:
     """Diffusion training with TALA, Algorithm 1 (paper §4.1: batch 8, lr 5e-5, 200K it, γ=10)."""
 
@@ -415,6 +426,7 @@ class Params:
     model: ModelParams = ModelParams()
     clip: ClipParams = ClipParams()
     train_clip: TrainClipParams = TrainClipParams()
+    embed_clip: EmbedClipParams = EmbedClipParams()
     train_sdsr: TrainSdsrParams = TrainSdsrParams()
     gan: GanParams = GanParams()
     train_gan: TrainGanParams = TrainGanParams()
@@ -441,6 +453,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "vae_ceiling": ("base.device", "backbone"),
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
+    "embed_clip": ("base.device", "embed_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),
     "train_gan": ("base.seed", "base.device", "degrade.scale", "gan", "train_gan"),
     "evaluate": ("base.seed", "base.device", "degrade", "inference", "evaluate"),
