@@ -164,7 +164,6 @@ def train_step(objective, profile: Profile, device: torch.device, *, steps: int,
             results[key] = {"oom": True, "error": str(exc).splitlines()[0]}
         for part in (net.unet, net.controlnet):
             part.disable_gradient_checkpointing()
-    del model, optimizer, accelerator
     net.requires_grad_(False).eval()
     return {"batch": profile.batch, "crop": profile.out_size, "latent": side, "mixed_precision": train.mixed_precision,
             "max_grad_norm": train.max_grad_norm, "trainable_parameters": sum(p.numel() for p in params), **results}

@@ -117,7 +117,7 @@ _ROWS = [
     ("pos_embed", "  + positional embeddings"),
     ("transposed_attention", "  + transposed attention"),
     ("controlnet", "ControlNet"),
-    ("controlnet_self_attention", "  + pos. embedding / transposed attn."),
+    ("controlnet_self_attention", "  + pos. emb. / transposed attn."),
     ("hpa_unet", "HPA output layers, UNet"),
     ("hpa_controlnet", "HPA output layers, ControlNet"),
     ("image_projection", "HPA image projection (ip_adapter)"),
