@@ -119,11 +119,11 @@ def train_step(objective, profile: Profile, device: torch.device, *, steps: int,
     train = profile.params.train_sdsr
     settings = loop_settings(train, seed=0, device=str(device))
     accelerator = loop._new_accelerator(settings)
-    net, vae = objective.net, 2 ** (len(profile.vae["block_out_channels"]) - 1)
+    net, factor = objective.net, 2 ** (len(profile.vae["block_out_channels"]) - 1)  # the VAE's downsampling
     params = apply_trainable_policy(net)
     optimizer = torch.optim.Adam(params, lr=train.lr, betas=tuple(train.betas))
     model, optimizer = accelerator.prepare(objective.train(), optimizer)
-    side, channels = profile.out_size // vae, net.unet.config.in_channels
+    side, channels = profile.out_size // factor, net.unet.config.in_channels
     g = torch.Generator().manual_seed(0)
     batch = {"hq": torch.randn(profile.batch, channels, side, side, generator=g),
              "lq": torch.randn(profile.batch, channels, side, side, generator=g),
