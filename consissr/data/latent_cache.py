@@ -230,11 +230,13 @@ class LatentPairDataset(Dataset):
     Item ``i`` holds degradation variant 0; ``item(i, variant)`` any of the ``variants`` cached.
     """
 
+    written_by = "encode"  # the stage that writes this cache (named when its manifest is missing)
+
     def __init__(self, root: str | Path, *, verify: bool = False):
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
         if not manifest_path.is_file():
-            raise MissingInputError(f"{manifest_path}: missing: the latent cache is incomplete; rerun `consissr encode`")
+            raise MissingInputError(f"{manifest_path}: missing: the cache is incomplete; rerun `consissr {self.written_by}`")
         self.manifest = json.loads(manifest_path.read_text())
         self.variants = int(self.manifest.get("variants", 1))
         self._index: list[tuple[int, int]] = []
