@@ -95,7 +95,10 @@ class SdsrDataset(Dataset):
         epoch, i = divmod(index, len(self.latents))
         variant = draw_variant(self.seed, epoch, i, self.variants)
         item = dict(self.latents.item(i, variant) if self.variants > 1 else self.latents[i])
-        item["image_embeds"] = self.image_embeds.item(i, variant) if self._cached else self.image_embeds[variant, i]
+        if self._cached:  # one row read from its shard (``[i]``: variant 0, as the latents above)
+            item["image_embeds"] = self.image_embeds.item(i, variant) if self.variants > 1 else self.image_embeds[i]
+        else:
+            item["image_embeds"] = self.image_embeds[variant, i]
         item["prompt"] = self.prompt_rows[i]
         if self.lq_pixel_dir is not None:
             folder = layout.variant_dir(self.lq_pixel_dir.parent, variant) / self.lq_pixel_dir.name
