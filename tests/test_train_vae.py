@@ -94,6 +94,52 @@ def test_psnr_y_is_the_bt601_luma_psnr():
     assert ours == pytest.approx(_psnr_y_reference(a, b), abs=0.01)
 
 
+def test_colour_errors_see_a_colour_shift_that_luma_psnr_hides():
+    """The washed-out-colour bug of issue 13: PSNR(Y) stayed ~25 dB while the held-out photo's
+    colours were lost. colour_errors reports PSNR(RGB) (checked against scikit-image) and the
+    per-channel mean shift; a shift that keeps the luma (Y weights 0.299/0.587/0.114) shows there only."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    rng = np.random.default_rng(1)
+    a = rng.uniform(0.2, 0.8, (3, 24, 32)).astype(np.float32)
+    b = a + np.array([0.1, -0.0509, 0.0]).reshape(3, 1, 1).astype(np.float32)  # ΔY = 0.0299 - 0.0299 ≈ 0
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    rep = vae_stage.colour_errors([(tb, ta)])
+    ref = peak_signal_noise_ratio(*(np.round(np.clip(x, 0, 1) * 255).astype(np.uint8) for x in (a, b)))
+    assert rep["psnr_rgb"] == pytest.approx(ref, abs=0.01)
+    assert rep["psnr_y"] > rep["psnr_rgb"] + 10  # luma nearly untouched, colour clearly off
+    assert rep["channel_mean_error"] == pytest.approx([0.1, 0.0509, 0.0], abs=2e-3)
+
+
+class _IdentityVae(torch.nn.Module):
+    """encode/decode as the identity, in the diffusers call shapes: what reconstruct's [0, 1] <-> [-1, 1]
+    mapping must return unchanged (the training crops are in [-1, 1] as well)."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("C", (), {"block_out_channels": (1, 1, 1)})()
+
+    def encode(self, x):
+        return type("E", (), {"latent_dist": type("D", (), {"mode": lambda _: x})()})()
+
+    def decode(self, z):
+        return type("O", (), {"sample": z})()
+
+
+def test_training_crops_and_reconstruction_use_the_same_value_range():
+    photo = torch.rand(3, 40, 44)
+    crops = vae_stage.random_crops([photo], 6, 16, torch.Generator().manual_seed(0))
+    assert crops.min() >= -1 and crops.max() <= 1 and crops.min() < -0.9 and crops.max() > 0.9
+    # every crop, mapped back to [0, 1], is a flipped/rotated window of the photo
+    windows = photo.unfold(1, 16, 1).unfold(2, 16, 1).permute(1, 2, 0, 3, 4).reshape(-1, 3, 16, 16)
+    for crop in (crops + 1) / 2:
+        variants = [torch.rot90(c, k, dims=(-2, -1)) for c in (crop, crop.flip(-1)) for k in range(4)]
+        assert min(float((windows - v).abs().amax((1, 2, 3)).min()) for v in variants) < 1e-6
+    image = torch.rand(3, 17, 22)  # cropped to the factor 4: 16 x 20
+    assert torch.allclose(vae_stage.reconstruct(_IdentityVae(), image), image[:, :16, :20], atol=1e-6)
+
+
 def test_stage_saves_a_loadable_vae_with_scaling_factor_from_its_latents(short_run):
     from diffusers import AutoencoderKL
 
