@@ -236,14 +236,11 @@ class RobustCLIP(nn.Module):
         ``image_size``, clamp to [0, 1] as PIL's uint8 output does, then (x - mean) / std.
         Computed in float32 whatever the input dtype.
         """
-        if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"expected (B, 3, H, W) images in [0, 1], got shape {tuple(images.shape)}")
         return self._finish(self._resize(images, self.resized_size(*images.shape[-2:])))
 
     def resized_size(self, height: int, width: int) -> list[int]:
         """(h, w) that ``preprocess`` resizes a height × width image to, before the centre crop."""
-        size_cfg = self.preprocess_cfg["size"]
-        target = tuple(size_cfg) if isinstance(size_cfg, (list, tuple)) else (size_cfg, size_cfg)
+        target = self._target
         mode = self.preprocess_cfg["resize_mode"]
         if mode == "squash":
             return list(target)
@@ -271,6 +268,11 @@ class RobustCLIP(nn.Module):
                           for r0 in range(0, height, strip)], dim=2)
         return self._finish(self._resize(band, size))
 
+    @property
+    def _target(self) -> tuple[int, int]:
+        size = self.preprocess_cfg["size"]
+        return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
     def _resize(self, images: torch.Tensor, size: list[int]) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ValueError(f"expected (B, 3, H, W) images in [0, 1], got shape {tuple(images.shape)}")
@@ -282,9 +284,7 @@ class RobustCLIP(nn.Module):
 
     def _finish(self, x: torch.Tensor) -> torch.Tensor:
         """Clamp to [0, 1] as PIL's uint8 output does, centre-crop/pad, normalise."""
-        size_cfg = self.preprocess_cfg["size"]
-        target = tuple(size_cfg) if isinstance(size_cfg, (list, tuple)) else (size_cfg, size_cfg)
-        x = _center_crop_or_pad(x.clamp(0.0, 1.0), target, fill=self.preprocess_cfg.get("fill_color", 0) / 255.0)
+        x = _center_crop_or_pad(x.clamp(0.0, 1.0), self._target, fill=self.preprocess_cfg.get("fill_color", 0) / 255.0)
         return (x - self.pixel_mean.float()) / self.pixel_std.float()
 
     def teacher_embeds(self, hq: torch.Tensor) -> torch.Tensor:
