@@ -118,13 +118,15 @@ def memory_child(size: int, gan_dir: str, seed: int, steps: int) -> dict:
             "steps": steps, "tile_size": pipe.defaults.tile_size, "tile_overlap": pipe.defaults.tile_overlap}
 
 
-def memory(sizes: list[int], gan_dir: Path, seed: int, steps: int) -> list[dict]:
+def memory(sizes: list[int], gan_dir: Path, seed: int, steps: int, threads: int) -> list[dict]:
     rows = []
     for size in sizes:
         out = subprocess.run([sys.executable, __file__, "--memory-child", str(size), "--gan-dir", str(gan_dir),
-                              "--seed", str(seed), "--memory-steps", str(steps)], check=True, capture_output=True, text=True,
+                              "--seed", str(seed), "--memory-steps", str(steps), "--threads", str(threads)],
+                             check=True, capture_output=True, text=True,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"memory {size}²: peak RSS Δ {rows[-1]['peak_delta_mib']:.1f} MiB", file=sys.stderr, flush=True)
     return rows
 
 
@@ -164,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe, dirs = build_pipeline(Path(tmp) / "gan")
             fast = speed(pipe, args.size, args.repeats, args.seed, not args.no_warmup, args.tile_size)
             del pipe
-        mem = memory(args.sizes, dirs["gan"], args.seed, args.memory_steps)
+        mem = memory(args.sizes, dirs["gan"], args.seed, args.memory_steps, args.threads)
     first = mem[0]["peak_delta_mib"]
     record = {"speed": fast, "memory": mem, "memory_ratio": mem[1]["peak_delta_mib"] / first,
               "memory_pixel_ratio": (args.sizes[1] / args.sizes[0]) ** 2,
