@@ -280,7 +280,9 @@ def _promote_args(p):
 def run_promote(args) -> int:
     from consissr.promote import promote
 
-    promote(args.config, model_dir=args.model_dir, profile=os.environ.get("CONSISSR_PROFILE"))
+    decision = promote(args.config, model_dir=args.model_dir, profile=os.environ.get("CONSISSR_PROFILE"))
+    print(f"version {decision.version}: {'promoted' if decision.promote else 'kept the champion'} "
+          f"({'; '.join(decision.reasons)})")
     return 0
 
 
@@ -333,6 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in TOOLS:
             return runner(args)
         params = load_params(args.params, _parse_overrides(args.set))
+        # the MLflow runs' `profile` tag (tracking.start_run); the Prefect flow sets it itself
+        os.environ.setdefault("CONSISSR_PROFILE", "embedded" if params.backbone.pretrained == "embedded" else "paper")
         runner(params, args)
     except (ConsisSRError, FileNotFoundError) as exc:  # what the user can fix: one line, no traceback
         print(f"consissr {args.command}: error: {exc}", file=sys.stderr)
