@@ -13,7 +13,10 @@ with ``consissr.models.gan.save_gan`` (the timing of a trained one is the same).
   count ×4), each in a fresh subprocess: peak resident set size (VmHWM) during the call minus the
   RSS before it; the peak is reset to the current RSS first through ``/proc/self/clear_refs``
   (Linux). torch's CPU tensors live outside Python's allocator, so tracemalloc would not see them.
-  The Δ includes the returned float32 image (``output_mib``, recorded beside it).
+  The child first upscales one image of the smallest size (its tile-sized buffers are then in the
+  process's heap, as in a server that has handled one request), so the Δ is what a larger image
+  adds. Each size runs ``--memory-repeats`` times (glibc's heap makes one run noisy): the median
+  counts. The Δ includes the returned float32 image (``output_mib``, recorded beside it).
 Prints a table and writes ``benchmarks/results/inference.json`` (``--memory-only``: only the
 memory runs, written to ``benchmarks/results/inference_memory.json``).
 """
@@ -102,9 +105,10 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def memory_child(size: int, gan_dir: str, seed: int, steps: int) -> dict:
+def memory_child(size: int, gan_dir: str, seed: int, steps: int, warmup: int) -> dict:
     pipe, _ = build_pipeline(Path(gan_dir))
-    pipe(test_image(32), mode="ganemb", preset="rec", num_inference_steps=2, seed=seed, output_type="np")  # warm-up
+    pipe(test_image(warmup, seed + 1), mode="ganemb", preset="rec", num_inference_steps=1, seed=seed,
+         output_type="np")  # warm-up: the per-tile buffers of the smallest size
     lq = test_image(size)
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     before = _status_kib("VmRSS")
@@ -118,15 +122,22 @@ def memory_child(size: int, gan_dir: str, seed: int, steps: int) -> dict:
             "steps": steps, "tile_size": pipe.defaults.tile_size, "tile_overlap": pipe.defaults.tile_overlap}
 
 
-def memory(sizes: list[int], gan_dir: Path, seed: int, steps: int, threads: int) -> list[dict]:
+def memory(sizes: list[int], gan_dir: Path, seed: int, steps: int, threads: int, repeats: int) -> list[dict]:
     rows = []
     for size in sizes:
-        out = subprocess.run([sys.executable, __file__, "--memory-child", str(size), "--gan-dir", str(gan_dir),
-                              "--seed", str(seed), "--memory-steps", str(steps), "--threads", str(threads)],
-                             check=True, capture_output=True, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"memory {size}²: peak RSS Δ {rows[-1]['peak_delta_mib']:.1f} MiB", file=sys.stderr, flush=True)
+        runs = []
+        for _ in range(repeats):
+            out = subprocess.run([sys.executable, __file__, "--memory-child", str(size), "--gan-dir", str(gan_dir),
+                                  "--seed", str(seed), "--memory-steps", str(steps), "--threads", str(threads),
+                                  "--memory-warmup", str(min(sizes))],
+                                 check=True, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": str(ROOT)})
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"memory {size}²: peak RSS Δ {runs[-1]['peak_delta_mib']:.1f} MiB", file=sys.stderr, flush=True)
+        deltas = [r["peak_delta_mib"] for r in runs]
+        rows.append({**runs[0], "peak_delta_mib": statistics.median(deltas), "peak_delta_runs_mib": deltas,
+                     "peak_rss_mib": statistics.median(r["peak_rss_mib"] for r in runs),
+                     "seconds": statistics.median(r["seconds"] for r in runs)})
     return rows
 
 
@@ -144,12 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-steps", type=int, default=10, help="GANEmb steps of the memory runs (peak is per step)")
     parser.add_argument("--out", type=Path, help="default: benchmarks/results/inference.json "
                         "(inference_memory.json with --memory-only)")
+    parser.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per size (median counts)")
     parser.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--memory-warmup", type=int, default=32, help=argparse.SUPPRESS)
     parser.add_argument("--gan-dir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
-        print(json.dumps(memory_child(args.memory_child, str(args.gan_dir), args.seed, args.memory_steps)))
+        print(json.dumps(memory_child(args.memory_child, str(args.gan_dir), args.seed, args.memory_steps,
+                                       args.memory_warmup)))
         return 0
 
     if len(args.sizes) < 2:
@@ -166,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
             pipe, dirs = build_pipeline(Path(tmp) / "gan")
             fast = speed(pipe, args.size, args.repeats, args.seed, not args.no_warmup, args.tile_size)
             del pipe
-        mem = memory(args.sizes, dirs["gan"], args.seed, args.memory_steps, args.threads)
+        mem = memory(args.sizes, dirs["gan"], args.seed, args.memory_steps, args.threads, args.memory_repeats)
     first = mem[0]["peak_delta_mib"]
     record = {"speed": fast, "memory": mem, "memory_ratio": mem[1]["peak_delta_mib"] / first,
               "memory_pixel_ratio": (args.sizes[1] / args.sizes[0]) ** 2,
