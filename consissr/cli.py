@@ -311,6 +311,37 @@ def _parse_overrides(items: list[str]) -> dict:
     return out
 
 
+# stages whose code opens no MLflow run of its own (the training and evaluate stages do): every
+# stage is a run (README, section 3), with its params, its inputs' hashes and its report's counts
+TRACKED_HERE = ("backbone", "prepare", "degrade", "encode", "embed-clip")
+REPORTS = ("report.json", "manifest.json")
+
+
+def _run_tracked(command: str, runner: Callable, params: Params, args) -> None:
+    from consissr import tracking
+    from consissr.config import STAGE_PARAMS
+
+    stage = command.replace("-", "_")
+    sections = {}
+    for dotted in STAGE_PARAMS[stage]:
+        node = params
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        sections[dotted] = node
+    inputs = {k: v for k, v in vars(args).items() if isinstance(v, Path) and k not in ("out", "params")}
+    with tracking.start_run(stage, params=sections, inputs=inputs) as run:
+        runner(params, args)
+        for name in REPORTS:
+            report = Path(args.out) / name
+            if report.is_file():
+                counts = yaml.safe_load(report.read_text())  # JSON is YAML
+                run.log_metrics({k: float(v) for k, v in counts.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=0)
+                run.log_metrics({f"{k}_count": float(len(v)) for k, v in counts.items()  # lists of records, not shapes
+                                 if isinstance(v, list) and not all(isinstance(x, (int, float)) for x in v)}, step=0)
+                run.log_artifact(report)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="consissr", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -337,7 +368,10 @@ def main(argv: list[str] | None = None) -> int:
         params = load_params(args.params, _parse_overrides(args.set))
         # the MLflow runs' `profile` tag (tracking.start_run); the Prefect flow sets it itself
         os.environ.setdefault("CONSISSR_PROFILE", "embedded" if params.backbone.pretrained == "embedded" else "paper")
-        runner(params, args)
+        if args.command in TRACKED_HERE:
+            _run_tracked(args.command, runner, params, args)
+        else:
+            runner(params, args)
     except (ConsisSRError, FileNotFoundError) as exc:  # what the user can fix: one line, no traceback
         print(f"consissr {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -18,7 +18,7 @@ def main(repo: str, stages: str) -> None:
         tasks = [t for t in client.read_task_runs() if t.flow_run_id == flow_run_id]
     out = {"state": state.type.value, "message": state.message or "", "flow_run_id": str(flow_run_id),
            "task_states": {t.name: t.state.type.value for t in tasks},
-           "task_run_counts": {t.name: t.run_count for t in tasks}, "parent_runs": []}
+           "task_run_counts": {t.name: t.run_count for t in tasks}, "parent_runs": [], "nested_runs": []}
     if state.is_completed():
         out["result"] = state.result()
     mlflow = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
@@ -26,6 +26,7 @@ def main(repo: str, stages: str) -> None:
     if exp is not None:
         runs = mlflow.search_runs([exp.experiment_id])
         out["parent_runs"] = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags)
+        out["nested_runs"] = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags)
     print("RESULT " + json.dumps(out, default=str))
 
 

@@ -49,8 +49,9 @@ def test_retrain_completes_then_a_failing_stage_fails_the_flow_naming_it(tmp_pat
     assert set(outputs) == {"data/models/backbone", "data/prepared"} and all(outputs.values())
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert outputs["data/prepared"] == lock["prepare"]["outs"][0]["md5"]
-    # the stages' MLflow runs nest under the flow's run (prepare logs none: check the parent exists)
+    # every stage's MLflow run nests under the flow's run
     assert out["parent_runs"] == ["retrain"]
+    assert out["nested_runs"] == ["backbone", "prepare", "train_vae"]
 
     # prepare changes (it reruns), then degrade fails (its command reads a folder that is not there)
     set_params(repo / "params.yaml", {"prepare.crops_per_image": 2})

@@ -54,15 +54,15 @@ def test_an_explicit_parent_wins_and_no_parent_means_a_top_level_run(store, monk
 
 
 @pytest.mark.parametrize("params_file, profile", [("params.yaml", "embedded"), ("configs/paper.yaml", "paper")])
-def test_the_cli_sets_the_profile_of_the_stage_runs_from_its_params(params_file, profile, monkeypatch):
+def test_the_cli_sets_the_profile_of_the_stage_runs_from_its_params(params_file, profile, store, monkeypatch, tmp_path):
     monkeypatch.delenv("CONSISSR_PROFILE", raising=False)
     seen = []
     monkeypatch.setattr(cli, "run_prepare", lambda params, args: seen.append(cli.os.environ["CONSISSR_PROFILE"]))
-    assert cli.main(["prepare", "--params", str(REPO / params_file)]) == 0
+    assert cli.main(["prepare", "--params", str(REPO / params_file), "--out", str(tmp_path / "p")]) == 0
     assert seen == [profile]
     # the flow's own value stands (it passes its `profile` parameter down)
     monkeypatch.setenv("CONSISSR_PROFILE", "flow-given")
-    cli.main(["prepare", "--params", str(REPO / params_file)])
+    cli.main(["prepare", "--params", str(REPO / params_file), "--out", str(tmp_path / "p")])
     assert seen[-1] == "flow-given"
 
 
@@ -83,3 +83,18 @@ def test_consissr_promote_under_a_parent_nests_and_prints_the_decision(store, tm
                              filter_string="attributes.run_name = 'promote'")
     assert len(runs) == 1 and runs[0].data.tags["mlflow.parentRunId"] == parent.run_id
     assert runs[0].data.tags["input.metrics.embedded.hash"].startswith("sha256:")  # no dvc.lock here: the file
+
+
+def test_a_data_stage_command_is_a_run_with_its_params_and_report(store, tmp_path):
+    """prepare's code logs nothing itself: the CLI's run holds its params, its counts and report.json."""
+    out = tmp_path / "prepared"
+    assert cli.main(["prepare", "--params", str(REPO / "params.yaml"), "--set", "prepare.crops_per_image=1",
+                     "--out", str(out)]) == 0
+    runs = store.search_runs([store.get_experiment_by_name("consissr").experiment_id],
+                             filter_string="attributes.run_name = 'prepare'")
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    run = runs[0]
+    written = len(json.loads((out / "index.json").read_text())["items"])
+    assert written > 0 and run.data.metrics["crops_written"] == written
+    assert run.data.params["prepare.crops_per_image"] == "1" and run.data.tags["profile"] == "embedded"
+    assert [a.path for a in store.list_artifacts(run.info.run_id)] == ["report.json"]
