@@ -1,5 +1,7 @@
 """`dvc repro evaluate` on the embedded default in a temporary copy, then `dvc metrics diff` after a param change."""
 
+import csv
+import io
 import json
 import os
 import re
@@ -77,3 +79,17 @@ def test_dvc_repro_evaluate_then_metrics_diff(tmp_path):
     changed = json.JSONDecoder().raw_decode(diff)[0]["metrics/embedded.json"]
     assert changed["methods.full.settings.steps"] == {"old": 2, "new": 3, "diff": 1}
     assert "methods.full.psnr.mean" in changed and "methods.bicubic.psnr.mean" not in changed
+
+    # Table 4 as DVC experiments (the README's commands): the TALA knobs rerun train_sdsr and evaluate only
+    _run(tmp_path, "git", "commit", "-qam", "full_steps 3", env=env)
+    for overrides in (["train_sdsr.gamma=5"], ["train_sdsr.gamma=10", "train_sdsr.tala=false"]):
+        ran = _run(tmp_path, dvc, "exp", "run", *[a for o in overrides for a in ("-S", o)], env=env)
+        assert set(re.findall(r"Running stage '(\w+)'", ran)) == {"train_sdsr", "evaluate"}, ran[-2000:]
+    shown = _run(tmp_path, dvc, "exp", "show", "--csv", env=env)
+    rows = list(csv.DictReader(io.StringIO(shown[shown.index("Experiment,"):])))
+    psnr = next(c for c in rows[0] if c.endswith("methods.full.psnr.mean"))
+    assert {(r["train_sdsr.gamma"], r["train_sdsr.tala"]) for r in rows if r["Experiment"]} == \
+        {("5", "True"), ("10", "False")}, rows
+    commit = [r for r in rows if r["typ"] == "baseline" and r["rev"] != "workspace"]
+    assert [(r["train_sdsr.gamma"], r["train_sdsr.tala"]) for r in commit] == [("10.0", "True")], rows
+    assert all(r[psnr] for r in rows), rows  # every experiment carries its own evaluation
