@@ -9,8 +9,8 @@ import json
 
 import pytest
 
-from consissr.experiments.fidelity import BUDGETS, run_fidelity
 from consissr.errors import InputError
+from consissr.experiments.fidelity import BUDGETS, run_fidelity
 
 BUDGET = BUDGETS["test"]
 

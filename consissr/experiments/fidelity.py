@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from consissr.config import (
+    BackboneParams,
     DegradeParams,
     EncodeParams,
     EvalDatasetParams,
@@ -32,7 +33,7 @@ from consissr.config import (
     PrepareParams,
     TrainGanParams,
 )
-from consissr.errors import InputError
+from consissr.errors import InputError, ParamsError
 from consissr.io import atomic_dir, atomic_path, file_sha256, write_json
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ BUDGETS: dict[str, Budget] = {
     # ~90 minutes on 2 free cores (longer on a shared machine): the tiny backbone UNet
     "cpu": Budget("cpu", base_max_steps=4000),
     # 10 minutes on one H100: a wider UNet, bigger batch, more steps and crops
-    "cuda": Budget("cuda", train_crop=128, crops_per_image=24, test_crops_per_set=8, lr_crop=32,
+    "cuda": Budget("cuda", train_crop=128, crops_per_image=24, test_crops_per_set=8, lr_crop=48,
                    unet_channels=(64, 128, 256), batch=32, base_lr=3e-4, base_eval_every=1000,
                    base_max_steps=8000, base_max_seconds=300.0, finetune_steps=1000, train_seeds=(0, 1, 2),
                    sample_seeds=(0, 1, 2, 3), nr_metric="niqe", gan_iterations=2000, threads=0, device="cuda"),
@@ -163,7 +164,7 @@ def build_data(out: Path, budget: Budget, *, backbone_dir: Path, seed: int) -> d
             out_dir=data / "prepared", seed=seed)
     degrade_folder(data / "prepared", data / "degraded", DegradeParams(), seed=seed)
     encode_pairs(data / "prepared", data / "degraded", data / "latents", encode=EncodeParams(),
-                 backbone=_backbone_params(), device=_device(budget), backbone_dir=backbone_dir)
+                 backbone=BackboneParams(), device=_device(budget), backbone_dir=backbone_dir)
     ev = EvaluateParams(datasets=tuple(tests), lr_crop=budget.lr_crop)
     sets = [build_set(entry, ev, DegradeParams(), seed) for entry in tests]
     check_contamination(sets, data / "prepared" / "index.json")
@@ -185,14 +186,10 @@ def load_test_crops(out: Path) -> list[dict]:
     return crops
 
 
-def _backbone_params():
-    from consissr.config import BackboneParams
-
-    return BackboneParams()
-
-
 def _device(budget: Budget) -> str:
-    return budget.device if budget.device != "cuda" or torch.cuda.is_available() else "cpu"
+    if budget.device == "cuda" and not torch.cuda.is_available():
+        raise ParamsError(f"fidelity --budget {budget.name} needs a CUDA GPU; use --budget cpu here")
+    return budget.device
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,8 +579,8 @@ def _fig10(parts: Parts, out: Path, crops: list[dict], budget: Budget, seed: int
     data = out / "data"
     if not (out / "gan" / "gan_config.json").is_file():
         train_gan(data / "prepared", data / "degraded", out / "gan", gan=GanParams(),
-                  train=TrainGanParams(iterations=budget.gan_iterations, checkpoint_every=max(1, budget.gan_iterations // 4),
-                                       sample_every=0),
+                  train=TrainGanParams(iterations=budget.gan_iterations, patch_size=min(32, budget.train_crop // 4),
+                                       checkpoint_every=max(1, budget.gan_iterations // 4), sample_every=0),
                   scale=4, seed=seed, device=_device(budget))
     net = parts.net(0, out / "finetune" / arm_name(True, budget.gamma, budget.train_seeds[0]) / "net.safetensors")
     pipe = parts.pipeline(net, load_gan(out / "gan", device=str(parts.device)))
