@@ -264,13 +264,15 @@ def _fidelity_args(p):
     p.add_argument("--resume", action="store_true", help="continue the run in --out (done phases are skipped)")
     _paths(p, backbone="data/models/backbone", robust_clip="data/models/robust_clip")
     p.add_argument("--seed", type=int, default=2024, help="data seed (crops, degradations)")
+    p.add_argument("--shared-data", type=Path, default=Path("../shared/data"),
+                   help="folder with train/CBSD68, test/Set5, test/Set14 (absent: the embedded photos)")
 
 
 def run_fidelity(args) -> int:
     from consissr.experiments.fidelity import run_fidelity as run
 
     state = run(args.budget, args.out, resume=args.resume, backbone_dir=args.backbone,
-                robust_clip_dir=args.robust_clip, seed=args.seed)
+                robust_clip_dir=args.robust_clip, seed=args.seed, shared_data=args.shared_data)
     done = [k for k, v in state["phases"].items() if v.get("done")]
     print(f"consissr fidelity: phases done: {', '.join(done)}; results in {args.out}")
     return 0

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 STATE = "state.json"
 SCHEMA = "consissr.fidelity/1"
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # beside the repo, never inside
+SHARED = Path("../shared/data")  # the sample photos beside the repo, never inside (default --shared-data)
 
 
 @dataclass(frozen=True)
@@ -135,14 +135,14 @@ class BaseStop(Exception):
 # --------------------------------------------------------------------------------------------
 # data
 # --------------------------------------------------------------------------------------------
-def default_sources(budget: Budget) -> tuple[tuple[str, ...], list[EvalDatasetParams]]:
+def default_sources(budget: Budget, shared: Path = SHARED) -> tuple[tuple[str, ...], list[EvalDatasetParams]]:
     train = budget.train_sources
     if train is None:
-        cbsd = SHARED / "train" / "CBSD68"
-        train = (str(cbsd),) if cbsd.is_dir() else ("embedded",)
+        cbsd = shared / "train" / "CBSD68"
+        train = (str(cbsd.resolve()),) if cbsd.is_dir() else ("embedded",)
     names = budget.test_sets
     if names is None:
-        found = [str(SHARED / "test" / n) for n in ("Set5", "Set14") if (SHARED / "test" / n).is_dir()]
+        found = [str((shared / "test" / n).resolve()) for n in ("Set5", "Set14") if (shared / "test" / n).is_dir()]
         names = tuple(found) or ("embedded",)
     tests = [EvalDatasetParams(name="embedded", kind="embedded", count=budget.test_crops_per_set) if n == "embedded"
              else EvalDatasetParams(name=Path(n).name, kind="synthetic", hr=n, count=budget.test_crops_per_set)
@@ -150,7 +150,7 @@ def default_sources(budget: Budget) -> tuple[tuple[str, ...], list[EvalDatasetPa
     return train, tests
 
 
-def build_data(out: Path, budget: Budget, *, backbone_dir: Path, seed: int) -> dict:
+def build_data(out: Path, budget: Budget, *, backbone_dir: Path, seed: int, shared: Path = SHARED) -> dict:
     """``prepare`` → ``degrade`` → ``encode`` of the training crops, and the degraded test crops."""
     from consissr.data.degradation import degrade_folder
     from consissr.data.latent_cache import encode_pairs
@@ -158,7 +158,7 @@ def build_data(out: Path, budget: Budget, *, backbone_dir: Path, seed: int) -> d
     from consissr.evaluation.datasets import build_set
     from consissr.evaluation.stage import check_contamination, materialise
 
-    train, tests = default_sources(budget)
+    train, tests = default_sources(budget, shared)
     data = out / "data"
     prepare(PrepareParams(sources=train, crop_size=budget.train_crop, crops_per_image=budget.crops_per_image),
             out_dir=data / "prepared", seed=seed)
@@ -455,8 +455,9 @@ def summary_row(rows: list[dict], metrics) -> dict:
 def run_fidelity(budget: Budget | str, out: str | Path, *, resume: bool = False,
                  backbone_dir: str | Path = "data/models/backbone",
                  robust_clip_dir: str | Path = "data/models/robust_clip", seed: int = 2024,
-                 stop_after: str | None = None) -> dict:
-    """Run (or resume) every phase into ``out``; returns the state document. ``stop_after``: a phase
+                 shared_data: str | Path = SHARED, stop_after: str | None = None) -> dict:
+    """Run (or resume) every phase into ``out``; returns the state document. ``shared_data``: the folder
+    with train/CBSD68 and test/Set5, test/Set14 (absent: the embedded photos). ``stop_after``: a phase
     name after which to return (tests; a killed run is the same thing)."""
     from consissr import tracking
     from consissr.evaluation.metrics import MetricSuite
@@ -474,12 +475,12 @@ def run_fidelity(budget: Budget | str, out: str | Path, *, resume: bool = False,
     with tracking.start_run("fidelity", params={"fidelity": budget, "base.seed": seed}, inputs=inputs,
                             tags={"budget": budget.name, "out": str(out)}) as run:
         _phases(budget, out, state, run, backbone_dir=backbone_dir, robust_clip_dir=robust_clip_dir, seed=seed,
-                stop_after=stop_after, suites=lambda names: MetricSuite(names, crop_border=4))
+                shared=Path(shared_data), stop_after=stop_after, suites=lambda names: MetricSuite(names, crop_border=4))
     return state.data
 
 
 def _phases(budget: Budget, out: Path, state: RunState, run, *, backbone_dir: Path, robust_clip_dir: Path,
-            seed: int, stop_after: str | None, suites) -> None:
+            seed: int, shared: Path, stop_after: str | None, suites) -> None:
     t0 = time.monotonic()
 
     def finish(phase: str) -> bool:
@@ -488,7 +489,7 @@ def _phases(budget: Budget, out: Path, state: RunState, run, *, backbone_dir: Pa
 
     # 1. data
     if not state.done("data"):
-        state.set("data", build_data(out, budget, backbone_dir=backbone_dir, seed=seed))
+        state.set("data", build_data(out, budget, backbone_dir=backbone_dir, seed=seed, shared=shared))
     if finish("data"):
         return
     parts = Parts(out, budget, backbone_dir=backbone_dir, robust_clip_dir=robust_clip_dir)
