@@ -1,18 +1,62 @@
-"""Issue 12's experiment (consissr/experiments/fidelity.py) on its ``test`` budget: every phase on a few
-embedded crops, a tiny random backbone and a tiny robust CLIP. One run, stopped after ``data`` and
-resumed, serves every test: the resume rule is read from the recorded state, not from timings."""
+"""Issue 12's experiment (consissr/experiments/fidelity.py). Fast: the run-state rules and the Fig. 8
+statistics on hand-made scores. Slow (one end-to-end run of the ``test`` budget, a few minutes on 2
+cores): every phase on a few embedded crops, a tiny random backbone and a tiny robust CLIP; the run is
+stopped after ``data`` and resumed, and the resume rule is read from the recorded state, not timings."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from consissr.errors import InputError
-from consissr.experiments.fidelity import BUDGETS, run_fidelity
+from consissr.experiments.fidelity import BUDGETS, RunState, curves, run_fidelity
 
 BUDGET = BUDGETS["test"]
+
+
+# --------------------------------------------------------------------------------------------
+# fast
+# --------------------------------------------------------------------------------------------
+def test_run_state_refuses_to_overwrite_and_to_mix_budgets(tmp_path):
+    state = RunState(tmp_path, BUDGET, resume=False)
+    state.set("data", {"done": True})
+    with pytest.raises(InputError, match="--resume"):
+        RunState(tmp_path, BUDGET, resume=False)
+    with pytest.raises(InputError, match="same --budget"):
+        RunState(tmp_path, BUDGETS["cpu"], resume=True)
+    again = RunState(tmp_path, BUDGET, resume=True)
+    assert again.done("data") == {"done": True, "invocation": 1} and again.data["invocations"] == 2
+    assert again.done("base") is None
+
+
+def _rows(psnr_by_t: list[list[float]]) -> list[dict]:
+    """One sample per column: x̂0 PSNR at t = 3, 2, 1 (rows of ``psnr_by_t``); SSIM = PSNR / 100."""
+    return [{"x0": [{"t": t, "psnr": col[i], "ssim": col[i] / 100} for i, t in enumerate((3, 2, 1))]}
+            for col in zip(*psnr_by_t)]
+
+
+def test_fig8_statistics_pool_seeds_and_pair_the_arms():
+    per_model = {"tala-s0": _rows([[10, 12], [20, 21], [30, 30]]), "tala-s1": _rows([[11, 13], [20, 22], [31, 29]]),
+                 "ddpm-s0": _rows([[9, 10], [20, 21], [30, 31]]), "ddpm-s1": _rows([[10, 10], [19, 22], [30, 30]])}
+    doc = curves(per_model, {"tala": ["tala-s0", "tala-s1"], "ddpm": ["ddpm-s0", "ddpm-s1"]})
+    tala_t3 = np.array([10, 12, 11, 13.0])
+    half = stats.t.ppf(0.975, 3) * tala_t3.std(ddof=1) / 2
+    first = doc["arms"]["tala"]["psnr"][0]
+    assert doc["arms"]["tala"]["t"] == [3, 2, 1] and first["n"] == 4
+    assert math.isclose(first["mean"], 11.5) and math.isclose(first["ci95"], half)
+    assert math.isclose(doc["arms"]["ddpm"]["ssim"][2]["mean"], 0.3025)
+    diff_t3 = doc["paired_difference"]["psnr"][0]  # (10-9, 12-10, 11-10, 13-10): paired by seed and sample
+    assert diff_t3["n"] == 4 and math.isclose(diff_t3["mean"], 1.75)
+
+
+# --------------------------------------------------------------------------------------------
+# slow: one end-to-end run of the test budget
+# --------------------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +76,7 @@ def run(tiny_backbone, tmp_path_factory):
     mp.undo()
 
 
+@pytest.mark.slow
 def test_resume_skips_the_finished_phase(run):
     first, final = run["first"], run["final"]
     assert list(first["phases"]) == ["data"] and first["invocations"] == 1
@@ -43,6 +88,7 @@ def test_resume_skips_the_finished_phase(run):
         assert final["phases"][phase]["done"], phase
 
 
+@pytest.mark.slow
 def test_a_finished_run_resumes_to_nothing_and_refuses_without_resume(run):
     again = run_fidelity(BUDGET, run["out"], resume=True, **run["kw"])
     assert again["invocations"] == 3
@@ -53,6 +99,7 @@ def test_a_finished_run_resumes_to_nothing_and_refuses_without_resume(run):
         run_fidelity(dataclasses.replace(BUDGET, finetune_steps=3), run["out"], resume=True, **run["kw"])
 
 
+@pytest.mark.slow
 def test_fig8_curves_have_a_point_per_step_and_intervals(run):
     doc = json.loads((run["out"] / "fig8.json").read_text())
     crops = run["final"]["phases"]["data"]["test_sets"]
@@ -71,6 +118,7 @@ def test_fig8_curves_have_a_point_per_step_and_intervals(run):
     assert base["curve"] and base["bicubic_psnr"] > 0 and base["stop_reason"] in ("max_steps", "beat_bicubic")
 
 
+@pytest.mark.slow
 def test_table4_and_fig10(run):
     table = json.loads((run["out"] / "table4.json").read_text())["rows"]
     assert set(table) == {"ddpm", "tala-g10", "tala-g5", "bicubic"}
@@ -82,6 +130,7 @@ def test_table4_and_fig10(run):
     assert all(r["psnr"] is not None and r["no_reference"] is not None for r in fig10)
 
 
+@pytest.mark.slow
 def test_the_arms_differ_only_in_the_tala_switch(run):
     from consissr.training.checkpoint import diff, latest_checkpoint, read_meta
 
