@@ -110,9 +110,9 @@ def test_fig8_curves_have_a_point_per_step_and_intervals(run):
         assert curve["t"] == sorted(curve["t"], reverse=True) and curve["t"][0] == 1000 and curve["t"][-1] == 1
         for key in ("psnr", "ssim"):
             assert len(curve[key]) == BUDGET.sample_steps
-            for stats in curve[key]:
-                assert stats["n"] == (n if curve is not doc["paired_difference"] else n // 2)
-                assert stats["ci95"] is not None and stats["ci95"] >= 0
+            for entry in curve[key]:
+                assert entry["n"] == (n if curve is not doc["paired_difference"] else n // 2)
+                assert entry["ci95"] is not None and entry["ci95"] >= 0
     assert (run["out"] / "fig8.png").stat().st_size > 1000
     base = run["final"]["phases"]["base"]
     assert base["curve"] and base["bicubic_psnr"] > 0 and base["stop_reason"] in ("max_steps", "beat_bicubic")
