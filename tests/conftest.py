@@ -31,6 +31,25 @@ def copy_tracked_files(dest: Path) -> Path:
     return dest
 
 
+# end-to-end copies need working stages, not good models: the VAE trains 10 steps instead of 500
+SHORT_TRAINING = {"train_vae.steps": 10}
+
+
+def set_params(params_path: Path, values: dict) -> None:
+    """Set dotted keys (``"train_vae.steps": 10``) in a copy's params.yaml (its comments are dropped)."""
+    import yaml
+
+    raw = yaml.safe_load(params_path.read_text())
+    for dotted, value in values.items():
+        *parents, leaf = dotted.split(".")
+        node = raw
+        for key in parents:
+            node = node[key]
+        assert leaf in node, f"{dotted} is not in {params_path}"
+        node[leaf] = value
+    params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
     """The embedded backbone, built once per test session through the `backbone` stage code."""

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, copy_tracked_files
+from conftest import REPO, SHORT_TRAINING, copy_tracked_files, set_params
 
 from consissr.config import STAGE_PARAMS, stage_param_keys
 
@@ -107,9 +107,7 @@ def ran(output):
 def test_dvc_repro_end_to_end_in_a_temporary_copy(tmp_path):
     copy_tracked_files(tmp_path)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
-    params = (tmp_path / "params.yaml").read_text()
-    assert "\n  steps: 500 " in params  # train_vae: a short run is enough here
-    (tmp_path / "params.yaml").write_text(params.replace("\n  steps: 500 ", "\n  steps: 10 "))
+    set_params(tmp_path / "params.yaml", SHORT_TRAINING)
     data_stages = {"train_vae", "backbone", "prepare", "degrade", "vae_ceiling", "encode"}
 
     first = _dvc(tmp_path, "repro", "encode", "vae_ceiling")
@@ -119,9 +117,7 @@ def test_dvc_repro_end_to_end_in_a_temporary_copy(tmp_path):
     second = _dvc(tmp_path, "repro", "encode", "vae_ceiling")
     assert ran(second) == set(), second
 
-    params = (tmp_path / "params.yaml").read_text()
-    assert "    noise_range: [1.0, 30.0]" in params
-    (tmp_path / "params.yaml").write_text(params.replace("    noise_range: [1.0, 30.0]", "    noise_range: [2.0, 30.0]"))
+    set_params(tmp_path / "params.yaml", {"degrade.first.noise_range": [2.0, 30.0]})
     third = _dvc(tmp_path, "repro", "encode", "vae_ceiling")
     assert ran(third) == {"degrade", "vae_ceiling", "encode"}, third  # the VAE does not retrain
 

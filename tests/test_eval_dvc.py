@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_tracked_files
+from conftest import SHORT_TRAINING, copy_tracked_files, set_params
 
 SMALL = {  # the embedded default made smaller still, so the whole chain runs in minutes on 2 cores
-    "train_clip.iterations": 2, "train_sdsr.iterations": 2, "train_gan.iterations": 2,
+    **SHORT_TRAINING, "train_clip.iterations": 2, "train_sdsr.iterations": 2, "train_gan.iterations": 2,
     "evaluate.lr_crop": 24, "evaluate.full_steps": 2, "evaluate.rec_steps": 2, "evaluate.gen_steps": 2,
     "evaluate.sweep_t_max": [600, 1000], "evaluate.sweep_steps": [1], "evaluate.sweep_nr_metric": "ssim",
     "evaluate.grid_images": 1,
@@ -26,13 +26,8 @@ def _run(cwd, *args, env):
 
 
 def _set(params_path, values):
+    set_params(params_path, values)
     raw = yaml.safe_load(params_path.read_text())
-    for dotted, value in values.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for key in parents:
-            node = node[key]
-        node[leaf] = value
     raw["evaluate"]["datasets"][0]["count"] = 2
     params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
 

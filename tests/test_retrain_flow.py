@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, copy_tracked_files
+from conftest import REPO, SHORT_TRAINING, copy_tracked_files, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,7 @@ def result_of(proc) -> dict:
 
 def test_retrain_completes_then_a_failing_stage_fails_the_flow_naming_it(tmp_path):
     repo = copy_repo(tmp_path / "repo")
+    set_params(repo / "params.yaml", SHORT_TRAINING)
     home = tmp_path / "prefect"
     proc = run_flow_subprocess(repo, home, "pull,backbone,prepare,push")
     out = result_of(proc)
@@ -52,9 +53,7 @@ def test_retrain_completes_then_a_failing_stage_fails_the_flow_naming_it(tmp_pat
     assert out["parent_runs"] == ["retrain"]
 
     # prepare changes (it reruns), then degrade fails (its command reads a folder that is not there)
-    params = (repo / "params.yaml").read_text()
-    assert "  crops_per_image: 4\n" in params
-    (repo / "params.yaml").write_text(params.replace("  crops_per_image: 4\n", "  crops_per_image: 2\n"))
+    set_params(repo / "params.yaml", {"prepare.crops_per_image": 2})
     dvc_yaml = (repo / "dvc.yaml").read_text()
     assert "--input data/prepared --out data/degraded" in dvc_yaml
     (repo / "dvc.yaml").write_text(dvc_yaml.replace("--input data/prepared --out data/degraded",
