@@ -111,7 +111,7 @@ def test_fig8_curves_have_a_point_per_step_and_intervals(run):
         for key in ("psnr", "ssim"):
             assert len(curve[key]) == BUDGET.sample_steps
             for entry in curve[key]:
-                assert entry["n"] == (n if curve is not doc["paired_difference"] else n // 2)
+                assert entry["n"] == n  # the paired difference: one pair per sample of an arm
                 assert entry["ci95"] is not None and entry["ci95"] >= 0
     assert (run["out"] / "fig8.png").stat().st_size > 1000
     base = run["final"]["phases"]["base"]

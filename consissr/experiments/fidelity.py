@@ -539,7 +539,8 @@ def _phases(budget: Budget, out: Path, state: RunState, run, *, backbone_dir: Pa
                                      f"mean ± 95% CI")
     for i, t in enumerate(doc["paired_difference"].get("t", [])):
         run.log_metrics({"fig8/diff_psnr": doc["paired_difference"]["psnr"][i]["mean"]}, step=t)
-    state.set("fig8", {"done": True})
+    if not state.done("fig8"):
+        state.set("fig8", {"done": True})
     if finish("fig8"):
         return
 
