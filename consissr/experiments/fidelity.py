@@ -465,6 +465,7 @@ def run_fidelity(budget: Budget | str, out: str | Path, *, resume: bool = False,
     from consissr.evaluation.metrics import MetricSuite
 
     budget = BUDGETS[budget] if isinstance(budget, str) else budget
+    _device(budget)  # the cuda budget fails here, before any work, on a machine without a GPU
     out, backbone_dir, robust_clip_dir = Path(out), Path(backbone_dir), Path(robust_clip_dir)
     for folder, stage in ((backbone_dir, "backbone"), (robust_clip_dir, "train_clip")):
         if not folder.is_dir():
