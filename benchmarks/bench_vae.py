@@ -36,11 +36,11 @@ TEST_DIR = Path("/work/shared/data/test")
 OUT = ROOT / "benchmarks" / "results" / "vae.json"
 
 
-def variant(down: int, channels: int, widths: tuple[int, ...], layers: int = 1, **train) -> dict:
-    """``down`` = log2 of the downsampling factor (len(widths) = down + 1)."""
+def variant(down: int, channels: int, widths: tuple[int, ...], layers: int = 1, groups: int = 8, **train) -> dict:
+    """``down`` = log2 of the downsampling factor (len(widths) = down + 1); ``groups``: GroupNorm groups."""
     assert len(widths) == down + 1
-    return {"vae": {"latent_channels": channels, "block_out_channels": widths, "layers_per_block": layers},
-            "train": train}
+    return {"vae": {"latent_channels": channels, "block_out_channels": widths, "layers_per_block": layers,
+                    "norm_num_groups": groups}, "train": train}
 
 
 VARIANTS = {
@@ -57,6 +57,8 @@ VARIANTS = {
     "f4c16_bs4": variant(2, 16, (16, 32, 32), batch_size=4),
     "f4c16_bs4_lr4": variant(2, 16, (16, 32, 32), batch_size=4, lr=4e-3),
     "f4c8_bs4_lr4": variant(2, 8, (16, 32, 32), batch_size=4, lr=4e-3),
+    # the colour fix (issue 13): one GroupNorm group (8 groups of 2 channels lose each crop's colour)
+    "f4c8_g1": variant(2, 8, (16, 32, 32), groups=1),
 }
 
 
@@ -102,26 +104,31 @@ def bicubic_psnr(images: list[torch.Tensor], seed: int) -> float:
     return vae_stage.mean_psnr_y(pairs)
 
 
-def run_variant(name: str, spec: dict, photos, images, *, seconds: float, eval_every: float, seed: int) -> dict:
+def run_variant(name: str, spec: dict, photos, images, *, seconds: float, eval_every: float, seed: int,
+                steps: int = 0, eval_steps: int = 0) -> dict:
+    """Train ``spec`` for ``steps`` (0: as many as ``seconds`` of CPU allow; the cosine ends there),
+    measuring every ``eval_steps`` steps (0: every ``eval_every`` CPU seconds)."""
     base = TrainVaeParams()
     train = {"batch_size": base.batch_size, "crop_size": base.crop_size, "lr": base.lr, "kl_weight": base.kl_weight,
              "schedule": "cosine"}
     train.update(spec["train"])
     vae = build_vae(spec["vae"], seed)
-    curve = [{"seconds": 0.0, "step": 0, "psnr_y": vae_stage.reconstruction_psnr(vae, images)}]
-    # the cosine needs a step count: estimate it from a few timed steps
-    probe = time.process_time()
-    vae_stage.train_autoencoder(build_vae(spec["vae"], seed), photos, steps=5, batch_size=train["batch_size"],
-                                crop_size=train["crop_size"], lr=train["lr"], kl_weight=train["kl_weight"], seed=seed)
-    steps = int(seconds / ((time.process_time() - probe) / 5))
+    curve = [{"seconds": 0.0, "step": 0, **vae_stage.colour_errors(vae_stage.reconstruction_pairs(vae, images))}]
+    if not steps:  # the cosine needs a step count: estimate it from a few timed steps
+        probe = time.process_time()
+        vae_stage.train_autoencoder(build_vae(spec["vae"], seed), photos, steps=5, batch_size=train["batch_size"],
+                                    crop_size=train["crop_size"], lr=train["lr"], kl_weight=train["kl_weight"],
+                                    seed=seed)
+        steps = int(seconds / ((time.process_time() - probe) / 5))
     next_eval = [eval_every]
 
     def on_step(step: int, elapsed: float, parts: dict) -> None:
-        if elapsed >= next_eval[0] or step == steps:
-            curve.append({"seconds": round(elapsed, 1), "step": step,
-                          "psnr_y": vae_stage.reconstruction_psnr(vae, images), "loss": parts["loss"]})
+        if (eval_steps and step % eval_steps == 0) or (not eval_steps and elapsed >= next_eval[0]) or step == steps:
+            curve.append({"seconds": round(elapsed, 1), "step": step, "loss": parts["loss"],
+                          **vae_stage.colour_errors(vae_stage.reconstruction_pairs(vae, images))})
             next_eval[0] += eval_every
-            print(f"{name}: {elapsed:6.1f} s step {step:5d} PSNR(Y) {curve[-1]['psnr_y']:.2f} dB", flush=True)
+            print(f"{name}: {elapsed:6.1f} s step {step:5d} PSNR(Y) {curve[-1]['psnr_y']:.2f} dB "
+                  f"PSNR(RGB) {curve[-1]['psnr_rgb']:.2f} dB", flush=True)
 
     vae_stage.train_autoencoder(vae, photos, steps=steps, seed=seed, on_step=on_step, clock=time.process_time,
                                 **train)
@@ -154,6 +161,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["f4c8_const", "f4c8"], choices=sorted(VARIANTS))
     ap.add_argument("--seconds", type=float, default=150.0)
+    ap.add_argument("--steps", type=int, default=0, help="a fixed step count instead of --seconds")
+    ap.add_argument("--eval-steps", type=int, default=0, help="measure every N steps instead of --eval-every")
     ap.add_argument("--eval-every", type=float, default=30.0)
     ap.add_argument("--eval-size", type=int, default=192)
     ap.add_argument("--threads", type=int, default=1)
@@ -176,14 +185,17 @@ def main() -> None:
         stage = json.loads((args.evaluate / vae_stage.METRICS_NAME).read_text())
         log = args.evaluate / vae_stage.TRAIN_LOG
         record["stage_output"] = {"path": str(args.evaluate), "steps": stage["steps"],
-                                  "psnr_y": vae_stage.reconstruction_psnr(vae, images), "stage_metrics": stage,
+                                  **vae_stage.colour_errors(vae_stage.reconstruction_pairs(vae, images)),
+                                  "stage_metrics": stage,
                                   "train_log": json.loads(log.read_text()) if log.is_file() else None}
-        print(f"{args.evaluate}: PSNR(Y) {record['stage_output']['psnr_y']:.2f} dB")
+        print(f"{args.evaluate}: PSNR(Y) {record['stage_output']['psnr_y']:.2f} dB, "
+              f"PSNR(RGB) {record['stage_output']['psnr_rgb']:.2f} dB")
         args.out.write_text(json.dumps(record, indent=2) + "\n")
         return
     for name in args.variants:
         record["variants"][name] = run_variant(name, VARIANTS[name], train_photos, images, seconds=args.seconds,
-                                               eval_every=args.eval_every, seed=args.seed)
+                                               eval_every=args.eval_every, seed=args.seed, steps=args.steps,
+                                               eval_steps=args.eval_steps)
         record["variants"][name]["machine"] = machine(load_before)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(record, indent=2) + "\n")

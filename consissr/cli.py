@@ -122,10 +122,25 @@ def run_train_clip(params: Params, args) -> None:
                seed=params.base.seed, device=params.base.device)
 
 
+@stage("embed-clip", "write the robust CLIP student's LQ embeddings as shards beside the latents")
+def _embed_clip_args(p):
+    _paths(p, latents="data/latents", degraded="data/degraded", robust_clip="data/models/robust_clip",
+           out="data/embeddings")
+
+
+def run_embed_clip(params: Params, args) -> None:
+    from consissr.data.embedding_cache import embed_lq_images
+
+    embed_lq_images(args.latents, args.degraded, args.robust_clip, args.out, embed=params.embed_clip,
+                    device=params.base.device)
+
+
 @stage("train-sdsr", "train ConsisSR on the cached latents with TALA (Algorithm 1); resumes from checkpoints/")
 def _train_sdsr_args(p):
     _paths(p, latents="data/latents", degraded="data/degraded", backbone="data/models/backbone",
            robust_clip="data/models/robust_clip", out="data/models/consissr")
+    p.add_argument("--embeddings", type=Path, default=None,
+                   help="the embed-clip cache (read per batch); without it every LQ image is embedded up front")
 
 
 def run_train_sdsr(params: Params, args) -> None:
@@ -133,7 +148,7 @@ def run_train_sdsr(params: Params, args) -> None:
 
     train_sdsr(args.latents, args.degraded, args.out, backbone_dir=args.backbone, robust_clip_dir=args.robust_clip,
                backbone=params.backbone, model=params.model, train=params.train_sdsr, seed=params.base.seed,
-               device=params.base.device)
+               device=params.base.device, embeddings_dir=args.embeddings)
 
 
 @stage("train-gan", "fit the RRDBNet for GAN-Embedding mode with L1 (or check and record gan.pretrained)")
@@ -288,7 +303,9 @@ def _promote_args(p):
 def run_promote(args) -> int:
     from consissr.promote import promote
 
-    promote(args.config, model_dir=args.model_dir, profile=os.environ.get("CONSISSR_PROFILE"))
+    decision = promote(args.config, model_dir=args.model_dir, profile=os.environ.get("CONSISSR_PROFILE"))
+    print(f"version {decision.version}: {'promoted' if decision.promote else 'kept the champion'} "
+          f"({'; '.join(decision.reasons)})")
     return 0
 
 
@@ -341,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in TOOLS:
             return runner(args)
         params = load_params(args.params, _parse_overrides(args.set))
+        # the MLflow runs' `profile` tag (tracking.start_run); the Prefect flow sets it itself
+        os.environ.setdefault("CONSISSR_PROFILE", "embedded" if params.backbone.pretrained == "embedded" else "paper")
         runner(params, args)
     except (ConsisSRError, FileNotFoundError) as exc:  # what the user can fix: one line, no traceback
         print(f"consissr {args.command}: error: {exc}", file=sys.stderr)

@@ -205,7 +205,13 @@ class ModelParams:
     # paper: 512 / 8 = 64): the grid
     # the positional tables are stored on before bilinear resizing to other sizes
     pos_embed_grid: int = 32
-    num_image_tokens: int = 4  # N robust-CLIP image tokens per prompt (IP-Adapter: 4; authors' code: 1)
+    num_image_tokens: int = 4  # ip_adapter only: N robust-CLIP image tokens per prompt (IP-Adapter: 4)
+    # HPA image tokens (§3.3): clip_embedding = the robust CLIP embedding itself, one token, read by each
+    # cross-attention's own frozen to_k/to_v (needs CLIP width == UNet cross-attention width: ViT-H-14 and
+    # SD 2.1 are both 1024); ip_adapter = IP-Adapter's Linear + LayerNorm projection (Table 3 "+ IP-Adapter")
+    image_tokens: Literal["clip_embedding", "ip_adapter"] = "clip_embedding"
+    # positional embedding + transposed attention in the ControlNet's self-attention too (the authors' code)
+    controlnet_self_attention: bool = False
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "hpa_scale")
@@ -249,6 +255,17 @@ class TrainClipParams:
     def __post_init__(self) -> None:
         _check_training(self)
         _at_least(self, 1, "batch_size_per_device")
+
+
+@dataclass(frozen=True)
+class EmbedClipParams:
+    """Stage embed_clip: the robust CLIP student's LQ embeddings, sharded beside the latents (train_sdsr reads them)."""
+
+    batch_size: int = 32  # images per forward of the student tower
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # tower compute and storage (ImageNet, bf16: 2.6 GB)
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "batch_size")
 
 
 @dataclass(frozen=True)
@@ -409,6 +426,7 @@ class Params:
     model: ModelParams = ModelParams()
     clip: ClipParams = ClipParams()
     train_clip: TrainClipParams = TrainClipParams()
+    embed_clip: EmbedClipParams = EmbedClipParams()
     train_sdsr: TrainSdsrParams = TrainSdsrParams()
     gan: GanParams = GanParams()
     train_gan: TrainGanParams = TrainGanParams()
@@ -435,6 +453,7 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "vae_ceiling": ("base.device", "backbone"),
     "encode": ("base.device", "backbone", "encode"),
     "train_clip": ("base.seed", "base.device", "clip", "train_clip"),
+    "embed_clip": ("base.device", "embed_clip"),
     "train_sdsr": ("base.seed", "base.device", "backbone", "model", "train_sdsr"),
     "train_gan": ("base.seed", "base.device", "degrade.scale", "gan", "train_gan"),
     "evaluate": ("base.seed", "base.device", "degrade", "inference", "evaluate"),

@@ -41,6 +41,9 @@ class Rule:
 class Decision:
     promote: bool
     reasons: tuple[str, ...]
+    version: str | None = None  # the registered version (set by :func:`promote`)
+    previous: str | None = None  # the champion's version before the decision (None: no champion yet)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # the new version's, per dataset
 
 
 def load_rules(config: str | os.PathLike) -> tuple[dict[str, Any], list[Rule]]:
@@ -90,18 +93,30 @@ def decide(rules: Sequence[Rule], new: Mapping[str, float], champion: Mapping[st
 
 
 def promote(config: str | os.PathLike, *, model_dir: str | os.PathLike | None = None, profile: str | None = None,
-            root: Path = Path(".")) -> Decision:
-    """Log + register the pipeline (``model_dir`` or one assembled from the stage outputs); apply the rule."""
+            root: str | os.PathLike = ".", uri: str | None = None, parent_run_id: str | None = None) -> Decision:
+    """Log + register the pipeline (``model_dir`` or one assembled from the stage outputs); apply the rule.
+
+    ``root``: the project (metrics files, ``data/models``, git commit); ``uri``: the MLflow store (default
+    :func:`tracking.tracking_uri`); ``parent_run_id``: nest the run (the Prefect flow's run).
+    The ``consissr promote`` command and the flow's ``promote`` task both call this.
+    """
+    from consissr.inference.pipeline import STAGE_DIRS
+
+    root = Path(root)
     section, rules = load_rules(config)
     name, alias = section.get("model_name", "consissr"), section.get("alias", "champion")
     new = read_metrics(rules, root)
-    with tracking.start_run("promote", params={"promote": section}, tags={"profile": profile}) as run, \
+    stage_dirs = {k: root / v for k, v in STAGE_DIRS.items()}
+    inputs = ({"pipeline": Path(model_dir)} if model_dir is not None else dict(stage_dirs)) | {
+        f"metrics.{r.dataset}": root / r.file for r in rules}
+    with tracking.start_run("promote", params={"promote": section}, inputs=inputs, tags={"profile": profile} if profile else None,
+                            uri=uri, parent_run_id=parent_run_id, root=root) as run, \
             tempfile.TemporaryDirectory() as tmp:
         if model_dir is None:
             from consissr.inference.pipeline import load_pipeline
 
             model_dir = Path(tmp) / "pipeline"
-            load_pipeline(None, device="cpu").save_pretrained(model_dir)
+            load_pipeline(None, device="cpu", stage_dirs=stage_dirs).save_pretrained(model_dir)
         version = tracking.log_pipeline_model(run, model_dir, name)
         if version is None:  # not the main process
             return Decision(False, ("not the main process",))
@@ -109,7 +124,8 @@ def promote(config: str | os.PathLike, *, model_dir: str | os.PathLike | None = 
         current = tracking.alias_version(run.tracking_uri, name, alias)
         champion = None if current is None else {k[len("metric."):]: float(v) for k, v in current[1].items()
                                                  if k.startswith("metric.")}
-        decision = decide(rules, new, champion)
+        decision = dataclasses.replace(decide(rules, new, champion), version=version,
+                                       previous=current[0] if current else None, metrics=dict(new))
         if decision.promote:
             tracking.set_alias(run.tracking_uri, name, alias, version)
         summary = (f"version {version} {'becomes' if decision.promote else 'does not become'} {name}@{alias}"

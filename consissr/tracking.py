@@ -97,7 +97,7 @@ def data_hash(path: str | os.PathLike) -> str | None:
     ``manifest.json`` or ``index.json`` (which list every file with its checksum / id), or of
     the file itself. None when there is nothing to hash.
     """
-    path = Path(path).resolve()
+    path = Path(os.path.abspath(path))  # not resolve(): a symlinked output is looked up where it is linked
     for folder in path.parents:
         lock = folder / "dvc.lock"
         if lock.is_file():
@@ -107,7 +107,7 @@ def data_hash(path: str | os.PathLike) -> str | None:
                 break
             for stage in stages.values():
                 for out in stage.get("outs", []) or []:
-                    if (folder / out.get("path", "")).resolve() == path and out.get("md5"):
+                    if (folder / out.get("path", "")).resolve() == path.resolve() and out.get("md5"):
                         return f"md5:{out['md5']}"
             break
     if path.is_dir():
@@ -272,6 +272,8 @@ def start_run(
     experiment: str | None = None,
     uri: str | None = None,
     enabled: bool | None = None,
+    parent_run_id: str | None = None,
+    root: str | os.PathLike | None = None,
 ) -> Iterator[NullRun]:
     """Open an MLflow run for one stage; yield a :class:`Run` (or :class:`NullRun`).
 
@@ -285,9 +287,13 @@ def start_run(
         experiment: experiment name (default ``MLFLOW_EXPERIMENT_NAME``, else ``consissr``).
         uri: tracking URI (default :func:`tracking_uri`).
         enabled: log at all (default: only on the main process).
+        parent_run_id: nest the run under this one (tag ``mlflow.parentRunId``); default
+            ``MLFLOW_PARENT_RUN_ID`` (set by the Prefect flow for its ``dvc repro`` subprocesses).
+        root: the repository whose git commit is tagged (default: :func:`repo_root` of cwd).
 
+    Tags ``profile`` from ``CONSISSR_PROFILE`` (the flow's parameter; the CLI sets it from params).
     The run ends FINISHED, or FAILED when the body raises (KILLED on KeyboardInterrupt); the
-    exception propagates. ``MLFLOW_PARENT_RUN_ID`` (e.g. from a Prefect flow's run) nests it.
+    exception propagates.
     """
     if enabled is None:
         enabled = is_main_process()
@@ -305,20 +311,22 @@ def start_run(
                      else client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment)))
 
     all_tags: dict[str, Any] = {"stage": stage}
-    commit = git_commit()
+    commit = git_commit(Path(root) if root is not None else None)
     if commit is not None:
         all_tags.update({"mlflow.source.git.commit": commit[0], "git_commit": commit[0],
                          "git_dirty": str(commit[1]).lower()})
     for name, path in (inputs or {}).items():
         all_tags[f"input.{name}.path"] = str(path)
         all_tags[f"input.{name}.hash"] = data_hash(path) or "missing"
-    if os.environ.get("MLFLOW_PARENT_RUN_ID"):
-        all_tags["mlflow.parentRunId"] = os.environ["MLFLOW_PARENT_RUN_ID"]
-    if os.environ.get("CONSISSR_PROFILE"):  # set by the Prefect flow (embedded | paper)
+    parent_run_id = parent_run_id or os.environ.get("MLFLOW_PARENT_RUN_ID")
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    if os.environ.get("CONSISSR_PROFILE"):  # embedded | paper: the flow's parameter, else the CLI's params
         all_tags["profile"] = os.environ["CONSISSR_PROFILE"]
     all_tags.update(tags or {})
 
-    created = client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=stage)
+    created = client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items() if v is not None},
+                                run_name=stage)
     run = Run(client, created.info.run_id, uri)
     log.info("mlflow: run %s in experiment %r at %s", run.run_id, experiment, uri)
     status = "FAILED"
@@ -339,6 +347,11 @@ def start_run(
 # --------------------------------------------------------------------------------------------
 # model registry
 # --------------------------------------------------------------------------------------------
+# the pipeline's knobs that ``predict(..., params=...)`` passes on (None: the saved pipeline's default)
+PREDICT_PARAMS = {"mode": "string", "preset": "string", "num_inference_steps": "long", "t_max": "long",
+                  "seed": "long", "guidance_scale": "double", "prompt": "string", "color_fix": "string"}
+
+
 def _pipeline_model():
     """The pyfunc wrapper class, built lazily (mlflow imports only when a model is logged)."""
     import mlflow.pyfunc
@@ -354,12 +367,20 @@ def _pipeline_model():
         def predict(self, context, model_input, params=None):
             import numpy as np
 
-            params = dict(params or {})
+            knobs = {k: v for k, v in (params or {}).items() if v is not None}
             images = [model_input] if isinstance(model_input, np.ndarray) and model_input.ndim == 3 else model_input
-            return [self.pipe(np.asarray(img, dtype=np.float32), output_type="np", **params).images[0]
+            return [self.pipe(np.asarray(img, dtype=np.float32), output_type="np", **knobs).images[0]
                     for img in images]
 
     return ConsisSRPyfunc()
+
+
+def _predict_signature():
+    """A params-only signature: MLflow passes ``predict``'s params through only when they are declared."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ParamSchema, ParamSpec
+
+    return ModelSignature(params=ParamSchema([ParamSpec(k, t, None) for k, t in PREDICT_PARAMS.items()]))
 
 
 def log_pipeline_model(run: NullRun, pipeline_dir: str | os.PathLike, model_name: str) -> str | None:
@@ -373,7 +394,8 @@ def log_pipeline_model(run: NullRun, pipeline_dir: str | os.PathLike, model_name
     with mlflow.start_run(run_id=run.run_id):
         info = mlflow.pyfunc.log_model(name="pipeline", python_model=_pipeline_model(),
                                        artifacts={"pipeline": str(pipeline_dir)},
-                                       pip_requirements=["consissr"], registered_model_name=model_name)
+                                       pip_requirements=["consissr"], registered_model_name=model_name,
+                                       signature=_predict_signature())
     return str(info.registered_model_version)
 
 

@@ -2,15 +2,16 @@
 
 Steps are named in ``configs/retrain.yaml`` (or the ``stages`` parameter): ``pull`` / ``push`` sync the DVC
 cache with the default remote (a logged skip when none is configured; the only retried steps, as their
-failures pass), ``promote`` runs ``consissr promote`` (MLflow registry, champion rule), anything else is a
-dvc.yaml stage. GPU stages hold one slot of the global concurrency limit ``gpu`` so two trainings never
+failures pass), ``promote`` calls what ``consissr promote`` runs (MLflow registry, champion rule; the flow
+returns its decision), anything else is a dvc.yaml stage. GPU stages hold one slot of the global concurrency limit ``gpu`` so two trainings never
 share a GPU. One MLflow run spans the flow; each stage's run nests under it (``MLFLOW_PARENT_RUN_ID``).
 A failing stage fails the flow naming the stage; what earlier stages built stays in the workspace,
-the DVC cache and dvc.lock. Returns the outputs (path -> DVC hash) and the metrics.
+the DVC cache and dvc.lock. Returns the outputs (path -> DVC hash), the metrics and the promote decision.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -92,9 +93,16 @@ def dvc_repro(stage: str, repo: str, env: dict[str, str], gpu: bool, gpu_limit: 
 
 
 @task(name="promote", task_run_name="promote")
-def promote(repo: str, env: dict[str, str]) -> str:
-    """``consissr promote``: log the pipeline as an MLflow model, register it, move ``champion`` by the rule."""
-    return _run([_bin("consissr"), "promote", "--params", "params.yaml"], Path(repo), env, "promote")
+def promote(repo: str, config: str, uri: str, parent_run_id: str | None, profile: str) -> dict[str, Any]:
+    """What ``consissr promote`` runs (:func:`consissr.promote.promote`): log the pipeline as an MLflow model,
+    register a version, move ``champion`` by the rule; returns the decision. No retries: it is deterministic."""
+    from consissr.promote import promote as promote_pipeline
+
+    decision = promote_pipeline(config, root=repo, uri=uri, parent_run_id=parent_run_id, profile=profile)
+    get_run_logger().info("promote: version %s %s (champion was %s): %s", decision.version,
+                          "promoted" if decision.promote else "not promoted", decision.previous or "none",
+                          "; ".join(decision.reasons))
+    return dataclasses.asdict(decision)
 
 
 def collect(repo: Path, env: dict[str, str], stages: list[str]) -> dict[str, Any]:
@@ -125,34 +133,41 @@ def _stage_env(repo: Path, parent_run_id: str | None, profile: str, num_gpus: in
 
 @flow(name="retrain", log_prints=True)
 def retrain(stages: list[str] | None = None, repo: str = ".", gpu_stages: list[str] | None = None,
-            num_gpus: int | None = None, profile: str = "embedded", track: bool = True) -> dict[str, Any]:
-    """Run ``stages`` in order (default: configs/retrain.yaml); returns {"outputs", "metrics", "steps"}.
+            num_gpus: int | None = None, profile: str = "embedded", track: bool = True,
+            config: str | None = None) -> dict[str, Any]:
+    """Run ``stages`` in order (default: the config's); returns {"outputs", "metrics", "steps", "promote"}.
 
     ``num_gpus``: processes per training stage (default ``CONSISSR_NUM_GPUS`` of the job variables, else 1).
     ``track``: one MLflow run for the flow, the stages' runs nested under it.
+    ``config``: the flow settings (default ``<repo>/configs/retrain.yaml``, else this checkout's).
+    ``promote`` in the result: the decision of the promote step (None when it did not run).
     """
     from consissr import tracking
 
-    config = load_config()
-    stages = list(stages if stages is not None else config["stages"])
-    gpu = set(gpu_stages if gpu_stages is not None else config["gpu_stages"])
-    num_gpus = int(num_gpus if num_gpus is not None else os.environ.get("CONSISSR_NUM_GPUS", "1"))
     root = Path(repo).resolve()
+    config_path = Path(config) if config else (root / "configs" / "retrain.yaml")
+    if not config_path.is_file() and not config:
+        config_path = CONFIG
+    settings = load_config(config_path)
+    stages = list(stages if stages is not None else settings["stages"])
+    gpu = set(gpu_stages if gpu_stages is not None else settings["gpu_stages"])
+    num_gpus = int(num_gpus if num_gpus is not None else os.environ.get("CONSISSR_NUM_GPUS", "1"))
     logger = get_run_logger()
     steps: dict[str, str] = {}
+    decision: dict[str, Any] | None = None
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}"
     with tracking.start_run("retrain", params={"stages": stages, "gpu_stages": sorted(gpu), "num_gpus": num_gpus},
-                            tags={"profile": profile, "prefect.flow_run_id": flow_run.get_id()},
-                            uri=os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{root / 'mlflow.db'}",
-                            enabled=track) as parent:
+                            tags={"profile": profile, "prefect.flow_run_id": flow_run.get_id()}, uri=uri,
+                            enabled=track, root=root) as parent:
         env = _stage_env(root, parent.run_id, profile, num_gpus)
         for step in stages:
             if step in SYNC_STEPS:
                 steps[step] = dvc_sync(step, str(root), env)
             elif step == "promote":
-                promote(str(root), env)
-                steps[step] = "done"
+                decision = promote(str(root), str(config_path), env["MLFLOW_TRACKING_URI"], parent.run_id, profile)
+                steps[step] = "promoted" if decision["promote"] else "kept"
             else:
-                dvc_repro(step, str(root), env, step in gpu, config.get("gpu_limit", "gpu"))
+                dvc_repro(step, str(root), env, step in gpu, settings.get("gpu_limit", "gpu"))
                 steps[step] = "done"
             logger.info("step %s: %s", step, steps[step])
         result = collect(root, env, stages)
@@ -161,6 +176,7 @@ def retrain(stages: list[str] | None = None, repo: str = ".", gpu_stages: list[s
                     if _is_number(v)}
             parent.log_metrics(flat, step=0)
     result["steps"] = steps
+    result["promote"] = decision
     return result
 
 

@@ -1,6 +1,12 @@
 import os
 import shutil
+import signal
+import socket
 import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -56,3 +62,83 @@ def tiny_backbone(tmp_path_factory) -> Path:
     from consissr.models.backbone import build_tiny_backbone
 
     return build_tiny_backbone(tmp_path_factory.mktemp("backbone") / "backbone", seed=0)
+
+
+# --------------------------------------------------------------------------------------------
+# browser tests and local servers (test_browser_mlflow.py, test_browser_prefect.py, test_promote_flow.py)
+# --------------------------------------------------------------------------------------------
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run"]
+
+
+def chromium() -> str:
+    """Debian's chromium, installed with apt when missing; a skip naming why when it cannot be had."""
+    if not CHROMIUM.exists() and shutil.which("apt-get") and os.geteuid() == 0:
+        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=600)
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is absent and `apt-get install -y chromium` could not install it (root + apt needed)")
+    return str(CHROMIUM)
+
+
+@contextmanager
+def chromium_page(timeout_ms: int = 180_000):
+    """A page of headless Chromium (playwright driving Debian's chromium); closed on exit."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(timeout_ms)
+            yield page
+        finally:
+            browser.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 240) -> None:
+    """Poll ``url`` until it answers; fail with the server's log when it exits or the time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, f"{url} did not answer in {timeout} s\n" + log.read_text()[-3000:]
+            time.sleep(0.5)
+
+
+def venv_bin(name: str) -> str:
+    return str(Path(sys.executable).parent / name)
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory):
+    """The README's `prefect server start --host 127.0.0.1` on a free port, with its own PREFECT_HOME.
+
+    Yields the environment that points the prefect CLI, workers and flows at it (``PREFECT_API_URL``);
+    ``PREFECT_UI_API_URL`` tells the UI where its API is (it assumes port 4200 otherwise).
+    """
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL=api, PREFECT_UI_API_URL=api,
+               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_LOGGING_LEVEL="INFO", PYTHONPATH=str(REPO),
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    log_path = home / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([venv_bin("prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            wait_for_http(f"{api}/health", proc, log_path)
+            yield env
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)  # its own process group: the server and its services
+            proc.wait(30)

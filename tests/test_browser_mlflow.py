@@ -1,32 +1,14 @@
 """MLflow's UI in headless Chromium: two train_sdsr runs that differ in gamma, in the runs table and compare view."""
 
 import os
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.parse
-import urllib.request
-from pathlib import Path
 
 import pytest
+from conftest import chromium_page, free_port, venv_bin, wait_for_http
 
 pytestmark = pytest.mark.slow
-
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run"]
-
-
-def chromium() -> str:
-    """Debian's chromium, installed with apt when missing; a skip naming why when it cannot be had."""
-    if not CHROMIUM.exists() and shutil.which("apt-get") and os.geteuid() == 0:
-        subprocess.run(["apt-get", "install", "-y", "chromium"], capture_output=True, timeout=600)
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is absent and `apt-get install -y chromium` could not install it (root + apt needed)")
-    return str(CHROMIUM)
 
 
 @pytest.fixture
@@ -39,21 +21,13 @@ def mlflow_server(tmp_path, monkeypatch):
     for gamma in (5.0, 10.0):  # what the train_sdsr stage logs, without training
         with tracking.start_run("train_sdsr", params={"train_sdsr": {"gamma": gamma, "tala": True}}) as run:
             run.log_metrics({"loss": 1.0 / gamma}, step=0)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1",
-                             "--port", str(port), "--backend-store-uri", uri, "--workers", "1"],
+    proc = subprocess.Popen([venv_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                             "--backend-store-uri", uri, "--workers", "1"],
                             start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
-        for _ in range(180):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-                time.sleep(1)
+        wait_for_http(f"http://127.0.0.1:{port}/health", proc, tmp_path / "server.log")
         yield f"http://127.0.0.1:{port}", uri
     finally:
         os.killpg(proc.pid, signal.SIGTERM)  # its own process group: the server and its workers
@@ -63,38 +37,31 @@ def mlflow_server(tmp_path, monkeypatch):
 
 def test_both_runs_and_their_gamma_in_runs_table_and_compare_view(mlflow_server):
     from mlflow import MlflowClient
-    from playwright.sync_api import sync_playwright
 
     url, uri = mlflow_server
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name("consissr")
     runs = client.search_runs([exp.experiment_id])
     assert len(runs) == 2
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium(), args=FLAGS)
-        try:
-            page = browser.new_page()
-            page.set_default_timeout(180_000)
-            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs")
-            page.get_by_text("2 matching runs").wait_for()
-            page.get_by_text("train_sdsr", exact=True).nth(1).wait_for()  # both rows rendered
-            table = page.inner_text("body")
-            assert table.count("train_sdsr") >= 2
-            # gamma in the runs table: its search box over params.`train_sdsr.gamma` finds one run per value
-            for gamma in ("5.0", "10.0"):
-                query = urllib.parse.quote(f"params.`train_sdsr.gamma` = '{gamma}'")
-                page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs?searchFilter={query}")
-                page.get_by_text("1 matching run").wait_for()  # not "2 matching runs": the filter applied
-                assert page.inner_text("body").count("train_sdsr") == 1
+    with chromium_page() as page:
+        page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs")
+        page.get_by_text("2 matching runs").wait_for()
+        page.get_by_text("train_sdsr", exact=True).nth(1).wait_for()  # both rows rendered
+        table = page.inner_text("body")
+        assert table.count("train_sdsr") >= 2
+        # gamma in the runs table: its search box over params.`train_sdsr.gamma` finds one run per value
+        for gamma in ("5.0", "10.0"):
+            query = urllib.parse.quote(f"params.`train_sdsr.gamma` = '{gamma}'")
+            page.goto(f"{url}/#/experiments/{exp.experiment_id}/runs?searchFilter={query}")
+            page.get_by_text("1 matching run").wait_for()  # not "2 matching runs": the filter applied
+            assert page.inner_text("body").count("train_sdsr") == 1
 
-            ids = ",".join(f'"{r.info.run_id}"' for r in runs)
-            page.goto(f'{url}/#/compare-runs?runs=[{ids}]&experiments=["{exp.experiment_id}"]')
-            page.get_by_text("Comparing 2 Runs").wait_for()
-            page.get_by_text("Run details").wait_for()
-            compare = page.inner_text("body")
-            for run in runs:
-                assert run.info.run_id in compare
-            row = [line for line in compare.splitlines() if line.startswith("train_sdsr.gamma\t")]
-            assert row and sorted(row[0].split("\t")[1:]) == ["10.0", "5.0"], compare[-3000:]
-        finally:
-            browser.close()
+        ids = ",".join(f'"{r.info.run_id}"' for r in runs)
+        page.goto(f'{url}/#/compare-runs?runs=[{ids}]&experiments=["{exp.experiment_id}"]')
+        page.get_by_text("Comparing 2 Runs").wait_for()
+        page.get_by_text("Run details").wait_for()
+        compare = page.inner_text("body")
+        for run in runs:
+            assert run.info.run_id in compare
+        row = [line for line in compare.splitlines() if line.startswith("train_sdsr.gamma\t")]
+        assert row and sorted(row[0].split("\t")[1:]) == ["10.0", "5.0"], compare[-3000:]

@@ -46,6 +46,8 @@ def test_unknown_section_is_named(tmp_path):
     ("degrade:\n  usm_sharpen: 1\n", "degrade.usm_sharpen"),
     ("base:\n  profile: tiny\n", "base.profile"),  # removed: nothing read it
     ("encode:\n  dtype: float64\n", "encode.dtype"),
+    ("model:\n  image_tokens: clip\n", "model.image_tokens"),
+    ("embed_clip:\n  dtype: float64\n", "embed_clip.dtype"),
     ("prepare:\n  sources: embedded\n", "prepare.sources"),
 ])
 def test_wrong_type_is_named(tmp_path, text, key):
@@ -74,6 +76,7 @@ def test_paper_config_matches_section_4_1():
     assert params.prepare.crop_size == 512
     assert params.backbone.pretrained == "stabilityai/stable-diffusion-2-1-base"
     assert (params.clip.model_name, params.clip.pretrained) == ("ViT-H-14", "laion2b_s32b_b79k")
+    assert params.model.image_tokens == "clip_embedding"  # §3.3: the embedding itself through the frozen K/V
 
 
 def test_missing_file_and_bad_yaml_name_the_file(tmp_path):
@@ -124,6 +127,7 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
     ("degrade:\n  first:\n    kernel_prob: [1.0]\n", "degrade.first.kernel_prob", "one probability per"),
     ("base:\n  device: gpu\n", "base.device", "auto, cpu, cuda"),
     ("encode:\n  shard_size: 0\n", "encode.shard_size", ">= 1"),
+    ("embed_clip:\n  batch_size: 0\n", "embed_clip.batch_size", ">= 1"),
 ])
 def test_out_of_range_and_cross_field_values_are_named(tmp_path, text, key, why):
     with pytest.raises(ParamsError, match=rf"{key}: .*{why}"):

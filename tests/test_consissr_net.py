@@ -13,14 +13,16 @@ import torch
 import torch.nn.functional as F
 
 from consissr.config import ModelParams, Params
+from consissr.errors import ParamsError
 from consissr.models.backbone import build_tiny_backbone, tiny_unet_config
 from consissr.models.consissr import ConsisSRNet, apply_trainable_policy
 from consissr.models.hpa import IMAGE_TOKENS_KWARG, HybridPromptAttnProcessor
 from consissr.models.info import SD21_BASE_UNET_CONFIG, SD21_BASE_UNET_PARAMETERS, model_info, print_model_info
-from consissr.models.self_attention import SelfAttentionAddition
+from consissr.models.self_attention import ConsisSelfAttnProcessor, SelfAttentionAddition
 
-EMBED_DIM = 64  # the tiny robust CLIP's image embedding width
-PARAMS = ModelParams(pos_embed_grid=16, num_image_tokens=4)
+EMBED_DIM = 64  # the tiny robust CLIP's image embedding width (= the tiny UNet's cross-attention width)
+PARAMS = ModelParams(pos_embed_grid=16, num_image_tokens=4, image_tokens="ip_adapter")
+PAPER_LITERAL = ModelParams(pos_embed_grid=16)  # clip_embedding tokens (the default)
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +66,11 @@ def randomize(module, seed=1, std=0.05):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("size", [(16, 16), (16, 24), (8, 8)])
-def test_fresh_net_is_the_vanilla_unet_bit_for_bit(vanilla_unet, size):
-    net = make_net(vanilla_unet)
+@pytest.mark.parametrize("size,params", [
+    ((16, 16), PARAMS), ((16, 24), PARAMS), ((8, 8), PARAMS),
+    ((16, 24), dataclasses.replace(PAPER_LITERAL, controlnet_self_attention=True))])
+def test_fresh_net_is_the_vanilla_unet_bit_for_bit(vanilla_unet, size, params):
+    net = make_net(vanilla_unet, params)
     x = inputs(height=size[0], width=size[1])
     reference = unet_out(vanilla_unet, x)
     tokens = net.image_tokens(x["image_embeds"])
@@ -191,7 +195,8 @@ def test_hpa_image_branch_changes_output_and_scales(vanilla_unet):
 
 
 def test_parameter_counts_paper_and_tiny(backbone_dir, vanilla_unet, capsys):
-    info = model_info(Params(), "paper", backbone_dir)
+    info = model_info(Params(model=dataclasses.replace(Params().model, image_tokens="ip_adapter")), "paper",
+                      backbone_dir)
     counts = info["counts"]
     # the SD 2.1-base UNet itself, built from its config on the meta device
     assert counts["unet"] == {"total": SD21_BASE_UNET_PARAMETERS, "trainable": 0}
@@ -231,3 +236,100 @@ def test_policy_freezes_the_hpa_when_its_scale_is_zero(vanilla_unet):
     assert hpa and trainable_off == trainable_on - hpa
     off(**inputs()).square().mean().backward()
     assert all(p.grad is not None for p in off.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------------------------
+# HPA image tokens: clip_embedding (the paper's) vs ip_adapter; the ControlNet additions
+# --------------------------------------------------------------------------------------------
+def _added(net: ConsisSRNet) -> dict[str, torch.Tensor]:
+    """Parameters the net adds beyond the UNet, the ControlNet and the self-attention additions."""
+    return {n: p for n, p in net.named_parameters()
+            if not n.startswith(("unet.", "controlnet.", "self_attention.", "self_attention_controlnet."))}
+
+
+def test_clip_embedding_adds_only_the_zero_initialised_output_layers(vanilla_unet):
+    net = make_net(vanilla_unet, PAPER_LITERAL)
+    added = _added(net)
+    layers = 4 + 2  # attn2 layers of the tiny UNet and of its ControlNet
+    assert sorted({n.rsplit(".", 2)[-2] for n in added}) == ["to_out_image"]
+    assert len(added) == 2 * layers and all(p.abs().max() == 0 for p in added.values())
+    assert net.image_proj is None
+    embeds = torch.randn(3, EMBED_DIM)
+    assert torch.equal(net.image_tokens(embeds), embeds[:, None, :])  # one token, the embedding itself
+    # ip_adapter adds the projection on top of the same output layers (Table 3's "+ IP-Adapter")
+    ip = _added(make_net(vanilla_unet, PARAMS))
+    assert set(ip) - set(added) == {f"image_proj.{k}" for k in ("proj.weight", "proj.bias", "norm.weight", "norm.bias")}
+    assert sum(p.numel() for n, p in ip.items() if n.startswith("image_proj.")) == 64 * 4 * 64 + 4 * 64 + 2 * 64
+    apply_trainable_policy(net)
+    assert {n for n, p in _added(net).items() if p.requires_grad} == set(added)
+
+
+@torch.no_grad()
+def test_clip_embedding_goes_through_the_layers_own_frozen_value_projection(vanilla_unet):
+    """Image branch of one attn2 = to_out(W_img(Attn(Q, to_k(e), to_v(e)))) with the layer's own to_k/to_v.
+
+    One token: the softmax over one key is 1, so the branch is W_img(to_v(e)) at every position and
+    to_k drops out; perturbing to_v changes it, perturbing to_k does not.
+    """
+    net = make_net(vanilla_unet, PAPER_LITERAL)
+    randomize(net.hpa_unet, std=0.5)
+    x = inputs()
+    tokens = net.image_tokens(x["image_embeds"])
+    assert not torch.equal(unet_out(net.unet, x, tokens), unet_out(net.unet, x))
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    attn = net.unet.get_submodule(name)
+    hidden = torch.randn(2, 64, attn.to_q.in_features)
+
+    def image_branch():
+        out = {}
+        for scale in (0.0, 1.0):
+            attn.processor.scale = scale
+            out[scale] = attn(hidden, encoder_hidden_states=x["encoder_hidden_states"], ip_hidden_states=tokens)
+        return out[1.0] - out[0.0]
+
+    def expected():  # W_img per head on to_v(e), merged, through to_out's (linear) weight
+        heads, head_dim = attn.heads, attn.inner_dim // attn.heads
+        v = attn.to_v(tokens).view(2, 1, heads, head_dim)
+        image = attn.processor.adapter(v).reshape(2, 1, heads * head_dim)
+        return (image @ attn.to_out[0].weight.T).expand(2, 64, -1)
+
+    branch = image_branch()
+    assert branch.abs().max() > 1e-4
+    torch.testing.assert_close(branch, expected(), rtol=1e-4, atol=1e-6)
+    attn.to_k.weight.add_(torch.randn_like(attn.to_k.weight))
+    torch.testing.assert_close(image_branch(), branch, rtol=1e-4, atol=1e-6)
+    attn.to_v.weight.add_(0.1 * torch.randn_like(attn.to_v.weight))
+    perturbed = image_branch()
+    assert (perturbed - branch).abs().max() > 1e-4
+    torch.testing.assert_close(perturbed, expected(), rtol=1e-4, atol=1e-6)
+
+
+def test_clip_embedding_width_mismatch_is_a_params_error(vanilla_unet):
+    with pytest.raises(ParamsError, match=r"model\.image_tokens: .*width 32\).*\(width 64\).*ip_adapter"):
+        ConsisSRNet.from_backbone(copy.deepcopy(vanilla_unet), PAPER_LITERAL, image_embed_dim=32)
+    net = ConsisSRNet.from_backbone(copy.deepcopy(vanilla_unet), PARAMS, image_embed_dim=32)  # projection: any D
+    assert net.image_tokens(torch.randn(2, 32)).shape == (2, 4, 64)
+
+
+def test_controlnet_self_attention_option(vanilla_unet, tmp_path):
+    params = dataclasses.replace(PAPER_LITERAL, controlnet_self_attention=True)
+    net = make_net(vanilla_unet, params)
+    control_attn1 = [n for n in net.controlnet.attn_processors if n.endswith("attn1.processor")]
+    assert len(control_attn1) == 2 and all(
+        isinstance(net.controlnet.attn_processors[n], ConsisSelfAttnProcessor) for n in control_attn1)
+    assert len(net.self_attention_controlnet) == 2 and len(make_net(vanilla_unet).self_attention_controlnet) == 0
+    apply_trainable_policy(net)
+    assert all(p.requires_grad for p in net.self_attention_controlnet.parameters())
+    # trained (here: randomised) ControlNet additions change the prediction and survive save/load
+    randomize(net.controlnet, std=0.05)
+    x = inputs(height=8, width=8)
+    with torch.no_grad():
+        before = net(**x)
+        randomize(net.self_attention_controlnet, std=0.5)
+        after = net(**x)
+    assert not torch.equal(before, after)
+    net.save_pretrained(tmp_path / "net")
+    loaded = ConsisSRNet.from_pretrained(tmp_path / "net", copy.deepcopy(vanilla_unet))
+    assert loaded.config["controlnet_self_attention"] and loaded.config["image_tokens"] == "clip_embedding"
+    with torch.no_grad():
+        assert torch.equal(loaded(**x), after)

@@ -52,6 +52,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
             return value
 
     import consissr.data.degradation as deg
+    import consissr.data.embedding_cache as ec
     import consissr.data.latent_cache as lc
     import consissr.data.sources as src
     import consissr.evaluation.stage as eval_stage
@@ -74,6 +75,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     monkeypatch.setattr(src, "prepare", consume)
     monkeypatch.setattr(deg, "degrade_folder", consume)
     monkeypatch.setattr(lc, "encode_pairs", consume)
+    monkeypatch.setattr(ec, "embed_lq_images", consume)
     monkeypatch.setattr(clip_stage, "train_clip", consume)
     monkeypatch.setattr(sdsr_stage, "train_sdsr", consume)
     monkeypatch.setattr(vae_stage, "train_vae", consume)
@@ -82,7 +84,7 @@ def test_stage_commands_read_only_their_declared_params(monkeypatch, tmp_path):
     monkeypatch.setattr(eval_stage, "evaluate", consume)
     args = type("Args", (), {"out": tmp_path, "input": tmp_path, "prepared": tmp_path,
                              "degraded": tmp_path, "backbone": tmp_path, "vae": tmp_path,
-                             "latents": tmp_path, "robust_clip": tmp_path, "metrics": tmp_path, "plots": tmp_path,
+                             "latents": tmp_path, "robust_clip": tmp_path, "embeddings": tmp_path, "metrics": tmp_path, "plots": tmp_path,
                              "report": tmp_path, "work": tmp_path, "pipeline": None})()
     for stage in STAGE_PARAMS:
         seen: set = set()

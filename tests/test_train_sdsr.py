@@ -27,9 +27,9 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_train_clip import make_pairs
 
-from consissr.config import BackboneParams, EncodeParams, ModelParams, TrainSdsrParams
+from consissr.config import BackboneParams, EmbedClipParams, EncodeParams, ModelParams, TrainSdsrParams
 from consissr.data.layout import read_rgb
-from consissr.errors import MissingInputError, ParamsError
+from consissr.errors import InputError, MissingInputError, ParamsError
 from consissr.models.backbone import load_backbone
 from consissr.models.consissr import (
     CONFIG_NAME,
@@ -50,12 +50,13 @@ TRAIN = TrainSdsrParams(global_batch_size=4, lr=1e-4, iterations=6, tala=True, g
 SIZE = 64  # pixels; latents 16²
 
 
-def _run(data: dict, out: Path, *, train: TrainSdsrParams = TRAIN, robust_clip: Path | None = None):
+def _run(data: dict, out: Path, *, train: TrainSdsrParams = TRAIN, robust_clip: Path | None = None,
+         embeddings: Path | None = None):
     from consissr.training.sdsr_stage import train_sdsr
 
     return train_sdsr(data["latents"], data["degraded"], out, backbone_dir=data["backbone"],
                       robust_clip_dir=robust_clip or data["robust_clip"], backbone=BACKBONE, model=MODEL,
-                      train=train, seed=SEED, device="cpu")
+                      train=train, seed=SEED, device="cpu", embeddings_dir=embeddings)
 
 
 def _lq_images(data: dict, ids: list[str]) -> torch.Tensor:
@@ -136,8 +137,8 @@ def test_only_the_training_policy_moves(trained, data):
     # the SD UNet is entirely frozen; the ControlNet and the additions train
     assert not any(p.requires_grad for p in net.unet.parameters())
     assert any(n.startswith("controlnet.") for n in moved)
-    assert {n.split(".")[0] for n in moved} >= {"controlnet", "image_proj", "hpa_unet", "hpa_controlnet",
-                                                "self_attention"}
+    # clip_embedding image tokens (the default): no image projection, the HPA output layers train
+    assert {n.split(".")[0] for n in moved} == {"controlnet", "hpa_unet", "hpa_controlnet", "self_attention"}
     assert frozen > 0
     # VAE, text encoder and robust CLIP are untouched and frozen
     backbone, clip = result.extra["backbone"], result.extra["robust_clip"]
@@ -324,6 +325,72 @@ def test_cli_resumes_a_sigkilled_run_to_the_uninterrupted_losses(trained, data, 
     assert [h["loss"] for h in log["history"]] == trained["result"].history["loss"]
     resumed, uninterrupted = load_file(out / WEIGHTS_NAME), load_file(trained["out"] / WEIGHTS_NAME)
     assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+
+
+# --------------------------------------------------------------------------------------------
+# stage embed_clip: the robust CLIP embedding cache beside the latents
+# --------------------------------------------------------------------------------------------
+def test_embed_clip_shards_equal_the_students_embeddings_and_are_reused(data, tmp_path):
+    from consissr.data.embedding_cache import ImageEmbeddingCache, embed_lq_images
+    from consissr.data.latent_cache import LatentPairDataset
+
+    out = tmp_path / "embeddings"
+    manifest = embed_lq_images(data["latents"], data["degraded"], data["robust_clip"], out,
+                               embed=EmbedClipParams(batch_size=3), device="cpu")
+    latents = LatentPairDataset(data["latents"])
+    # shard for shard beside the latents: same files, same ids
+    assert [(s["file"], s["count"]) for s in manifest["shards"]] == [
+        (s["file"], s["count"]) for s in latents.manifest["shards"]] and len(manifest["shards"]) == 2
+    cache = ImageEmbeddingCache(out, verify=True)
+    assert cache.ids == latents.ids and len(cache) == 6 and cache.embed_dim == 64
+    with torch.no_grad():
+        direct = RobustCLIP.from_pretrained(data["robust_clip"]).eval().student_embeds(_lq_images(data, latents.ids))
+    torch.testing.assert_close(torch.stack([cache[i] for i in range(len(cache))]), direct, rtol=0, atol=1e-6)
+    cache.check_matches(latents, data["robust_clip"])
+
+    # a rerun reuses every shard byte for byte; the manifest is written last
+    before = {p.name: p.read_bytes() for p in out.glob("shard-*.safetensors")}
+    embed_lq_images(data["latents"], data["degraded"], data["robust_clip"], out,
+                    embed=EmbedClipParams(batch_size=3), device="cpu")
+    assert json.loads((out / "report.json").read_text())["shards_reused"] == 2
+    assert {p.name: p.read_bytes() for p in out.glob("shard-*.safetensors")} == before
+
+    # another robust CLIP: the cache is refused, by the check and by train_sdsr
+    other = RobustCLIP.from_pretrained(data["robust_clip"])
+    with torch.no_grad():
+        next(other.student.parameters()).add_(1.0)
+    other.save_pretrained(tmp_path / "other_clip")
+    with pytest.raises(InputError, match="another robust CLIP"):
+        _run(data, tmp_path / "out", robust_clip=tmp_path / "other_clip", embeddings=out,
+             train=dataclasses.replace(TRAIN, iterations=1, sample_every=0))
+    (out / "manifest.json").unlink()
+    with pytest.raises(MissingInputError, match="rerun `consissr embed-clip`"):
+        ImageEmbeddingCache(out)
+
+
+def test_train_sdsr_reads_the_cache_per_batch_with_the_same_first_loss(trained, data, tmp_path, monkeypatch):
+    from consissr.data.embedding_cache import ImageEmbeddingCache, embed_lq_images
+
+    out = tmp_path / "embeddings"
+    embed_lq_images(data["latents"], data["degraded"], data["robust_clip"], out, embed=EmbedClipParams(),
+                    device="cpu")
+    rows: list[int] = []
+    real = ImageEmbeddingCache.__getitem__
+    monkeypatch.setattr(ImageEmbeddingCache, "__getitem__", lambda self, i: rows.append(i) or real(self, i))
+    received: list[torch.Tensor] = []
+    real_tokens = ConsisSRNet.image_tokens
+    monkeypatch.setattr(ConsisSRNet, "image_tokens",
+                        lambda self, e: received.append(e.detach().clone()) or real_tokens(self, e))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    cached = _run(data, tmp_path / "out", embeddings=out, train=dataclasses.replace(TRAIN, iterations=1, sample_every=0))
+    assert isinstance(cached.extra["image_embeds"], ImageEmbeddingCache) and cached.extra["robust_clip"] is None
+    # read lazily: the rows of the one batch, not the whole table at start-up
+    assert len(rows) == TRAIN.global_batch_size < len(cached.extra["ids"])
+    # the first batch's embeddings are those the run without the cache computed (the HPA output
+    # layers start at zero, so the first loss alone could not tell), and so is the first loss
+    assert len(received) == 1
+    torch.testing.assert_close(received[0], trained["captured"][0], rtol=0, atol=1e-6)
+    assert cached.history["loss"][0] == pytest.approx(trained["result"].history["loss"][0], rel=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -173,11 +173,13 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
 class LatentPairDataset(Dataset):
     """Streams (LQ latent, HQ latent, id) from the shards a finished ``encode`` wrote."""
 
+    written_by = "encode"  # the stage that writes this cache (named when its manifest is missing)
+
     def __init__(self, root: str | Path, *, verify: bool = False):
         self.root = Path(root)
         manifest_path = self.root / MANIFEST
         if not manifest_path.is_file():
-            raise MissingInputError(f"{manifest_path}: missing: the latent cache is incomplete; rerun `consissr encode`")
+            raise MissingInputError(f"{manifest_path}: missing: the cache is incomplete; rerun `consissr {self.written_by}`")
         self.manifest = json.loads(manifest_path.read_text())
         self._index: list[tuple[int, int]] = []
         self.ids: list[str] = []

@@ -46,11 +46,15 @@ def tiny_unet_config(latent_channels: int = 8, sample_size: int = 32) -> dict[st
 
 def tiny_vae_config() -> dict[str, Any]:
     """SD's AutoencoderKL at 4x downsampling with 8 latent channels and no attention (stage
-    ``train_vae`` trains it; ``scaling_factor`` is then set from its latents' std)."""
+    ``train_vae`` trains it; ``scaling_factor`` is then set from its latents' std).
+
+    One GroupNorm group: GroupNorm removes each group's per-image mean and scale, and with SD's
+    groups at these widths (2 channels a group at the decoder's output) a crop's colour could not
+    pass — reconstructions came back grey (issue 13; benchmarks/bench_vae.py ``f4c8_g1``)."""
     return dict(
         in_channels=3, out_channels=3, latent_channels=8, layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32), norm_num_groups=8, sample_size=128,
+        block_out_channels=(16, 32, 32), norm_num_groups=1, sample_size=128,
         mid_block_add_attention=False, scaling_factor=1.0)
 
 

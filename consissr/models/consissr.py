@@ -20,8 +20,11 @@ from torch import nn
 from consissr.errors import InputError
 from consissr.io import atomic_dir, write_json
 from consissr.models.hpa import (
+    IMAGE_TOKEN_MODES,
     IMAGE_TOKENS_KWARG,
     ImageProjection,
+    check_clip_embedding_width,
+    clip_embedding_tokens,
     install_hybrid_prompt_adapter,
     set_hpa_scale,
 )
@@ -77,10 +80,14 @@ class ConsisSRNet(nn.Module):
         controlnet: a ``ControlNetModel`` for this UNet (``build_controlnet``); processors are
             installed on it too.
         image_embed_dim: D, the robust CLIP image embedding width (ViT-H-14: 1024; tiny: 64).
-        num_image_tokens: N image tokens made from one embedding.
+        num_image_tokens: N image tokens made from one embedding (``ip_adapter`` only).
+        image_tokens: ``"clip_embedding"`` (the paper: the embedding is the one token, read by the
+            frozen K/V; needs D == the UNet's cross-attention width, else ``ParamsError``) or
+            ``"ip_adapter"`` (``ImageProjection``: N learned tokens).
         hpa_scale: run-time weight of the HPA image branch (also a property).
         pos_embed / pos_embed_grid / transposed_attention: the UNet self-attention additions
             (``self_attention.install_self_attention``).
+        controlnet_self_attention: the same additions in the ControlNet too (the authors' code).
         controlnet_conditioning: recorded in the config ("latent" or "pixel").
 
     Image tokens reach every HPA processor through the UNet's and ControlNet's normal forward as
@@ -99,27 +106,38 @@ class ConsisSRNet(nn.Module):
         pos_embed_grid: int = 64,
         transposed_attention: bool = True,
         controlnet_conditioning: str = "latent",
+        image_tokens: str = "clip_embedding",
+        controlnet_self_attention: bool = False,
     ) -> None:
         super().__init__()
+        if image_tokens not in IMAGE_TOKEN_MODES:
+            raise ValueError(f"image_tokens must be one of {list(IMAGE_TOKEN_MODES)}, got {image_tokens!r}")
         self.config = dict(
             image_embed_dim=int(image_embed_dim), num_image_tokens=int(num_image_tokens),
             hpa_scale=float(hpa_scale), pos_embed=bool(pos_embed), pos_embed_grid=int(pos_embed_grid),
-            transposed_attention=bool(transposed_attention), controlnet_conditioning=controlnet_conditioning)
+            transposed_attention=bool(transposed_attention), controlnet_conditioning=controlnet_conditioning,
+            image_tokens=image_tokens, controlnet_self_attention=bool(controlnet_self_attention))
         self.unet = unet
         self.controlnet = controlnet
         # how the saved net was trained (``training_record``); saved under "training"
         self.training_info: dict[str, Any] = {}
         # 1. hybrid prompt: image tokens in the cross-attention width, adapters in both nets
         weight = unet.conv_in.weight
-        self.image_proj = ImageProjection(
-            image_embed_dim=image_embed_dim, cross_attention_dim=unet.config.cross_attention_dim,
-            num_tokens=num_image_tokens).to(device=weight.device, dtype=weight.dtype)
+        self.image_proj: ImageProjection | None = None  # clip_embedding: no new weight (§3.3)
+        if image_tokens == "clip_embedding":
+            check_clip_embedding_width(image_embed_dim, unet.config.cross_attention_dim)
+        else:
+            self.image_proj = ImageProjection(
+                image_embed_dim=image_embed_dim, cross_attention_dim=unet.config.cross_attention_dim,
+                num_tokens=num_image_tokens).to(device=weight.device, dtype=weight.dtype)
         self.hpa_unet = install_hybrid_prompt_adapter(unet, scale=hpa_scale)
         self.hpa_controlnet = install_hybrid_prompt_adapter(controlnet, scale=hpa_scale)
-        # 2. UNet self-attention: positional embedding + transposed attention
-        self.self_attention = install_self_attention(
-            unet, pos_embed=pos_embed, pos_embed_grid=pos_embed_grid,
-            transposed_attention=transposed_attention)
+        # 2. self-attention: positional embedding + transposed attention, in the UNet (Fig. 5) and
+        #    optionally in the ControlNet (as the authors' code builds it)
+        additions = dict(pos_embed=pos_embed, pos_embed_grid=pos_embed_grid, transposed_attention=transposed_attention)
+        self.self_attention = install_self_attention(unet, **additions)
+        self.self_attention_controlnet = (
+            install_self_attention(controlnet, **additions) if controlnet_self_attention else nn.ModuleDict())
 
     # ----------------------------------------------------------------------------------------
     # construction
@@ -138,7 +156,8 @@ class ConsisSRNet(nn.Module):
             unet, controlnet, image_embed_dim=image_embed_dim, num_image_tokens=params.num_image_tokens,
             hpa_scale=params.hpa_scale, pos_embed=params.pos_embed, pos_embed_grid=params.pos_embed_grid,
             transposed_attention=params.transposed_attention,
-            controlnet_conditioning=params.controlnet_conditioning)
+            controlnet_conditioning=params.controlnet_conditioning, image_tokens=params.image_tokens,
+            controlnet_self_attention=params.controlnet_self_attention)
 
     @property
     def hpa_scale(self) -> float:
@@ -155,7 +174,9 @@ class ConsisSRNet(nn.Module):
     # forward
     # ----------------------------------------------------------------------------------------
     def image_tokens(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        """Robust CLIP embedding (B, D) → image tokens (B, N, C)."""
+        """Robust CLIP embedding (B, D) → image tokens (B, N, C): (B, 1, D) for ``clip_embedding``."""
+        if self.image_proj is None:
+            return clip_embedding_tokens(image_embeds.to(self.unet.conv_in.weight.dtype))
         return self.image_proj(image_embeds.to(self.image_proj.proj.weight.dtype))
 
     def forward(
@@ -232,6 +253,8 @@ class ConsisSRNet(nn.Module):
         if config.pop("format_version") != FORMAT_VERSION:
             raise InputError(f"{directory}: unsupported format version")
         training_info = config.pop(TRAINING_KEY, {})
+        config.setdefault("image_tokens", "ip_adapter")  # saved before the option existed
+        config.setdefault("controlnet_self_attention", False)
         unet = getattr(backbone, "unet", backbone)
         for key in ("cross_attention_dim", "block_out_channels"):
             saved, have = config.pop(key), unet.config[key]
@@ -287,8 +310,10 @@ def _controlnet_frozen_cross_attention(controlnet: nn.Module) -> set[int]:
 def apply_trainable_policy(net: ConsisSRNet) -> list[nn.Parameter]:
     """Set ``requires_grad`` for SD-SR training (paper §3.3) and return the trainable parameters.
 
-    * UNet: frozen; only the added positional tables and transposed attentions train.
-    * HPA: the zero-initialised image output layers (UNet and ControlNet) and the image projection.
+    * UNet: frozen; only the added positional tables and transposed attentions train (and the
+      ControlNet's, with ``controlnet_self_attention``).
+    * HPA: the zero-initialised image output layers (UNet and ControlNet) and, for ``ip_adapter``
+      tokens, the image projection (``clip_embedding`` has none).
     * ControlNet: everything except its cross-attention sub-layers: every transformer block's
       ``norm2`` and ``attn2`` (``to_q``, ``to_k``, ``to_v``, ``to_out``) keep the SD weights, so
       the ControlNet reads the text and image prompt with the same frozen projections as the
@@ -299,10 +324,11 @@ def apply_trainable_policy(net: ConsisSRNet) -> list[nn.Parameter]:
       forward, so they stay frozen: a trainable parameter without gradient breaks DDP.
     """
     net.requires_grad_(False)
-    hpa = (net.hpa_unet, net.hpa_controlnet, net.image_proj) if net.hpa_scale != 0 else ()
-    for module in (net.self_attention, *hpa):
+    hpa = [net.hpa_unet, net.hpa_controlnet, net.image_proj] if net.hpa_scale != 0 else []
+    for module in (net.self_attention, *[m for m in hpa if m is not None]):
         module.requires_grad_(True)
     frozen = _controlnet_frozen_cross_attention(net.controlnet)
     for parameter in net.controlnet.parameters():
         parameter.requires_grad_(id(parameter) not in frozen)
+    net.self_attention_controlnet.requires_grad_(True)
     return [p for p in net.parameters() if p.requires_grad]

@@ -3,9 +3,12 @@
     out = to_out(Attn(Q, K_txt, V_txt) + scale · W_img(Attn(Q, K_img, V_img)))
 
 with the layer's own frozen ``to_q``/``to_k``/``to_v`` for both branches. ``W_img`` (per-head
-``Linear``, zero-initialised, the authors' ``to_out_ip``) is the only new weight per layer;
-image tokens come from ``ImageProjection`` (IP-Adapter's ``Linear(D → N·C)`` + ``LayerNorm``),
-not zero-initialised, as zeroing both would leave neither a gradient. Tokens travel as
+``Linear``, zero-initialised, the authors' ``to_out_ip``) is the only new weight per layer.
+Image tokens (``image_tokens``): ``clip_embedding``, the paper's — the robust CLIP embedding
+itself as one token, read by the frozen ``to_k``/``to_v`` ("domain alignment in CLIP embeddings";
+needs D = C: ViT-H-14 and SD 2.1 are both 1024) — or ``ip_adapter`` (Table 3's "+ IP-Adapter"):
+``ImageProjection`` (IP-Adapter's ``Linear(D → N·C)`` + ``LayerNorm``), not zero-initialised, as
+zeroing both would leave neither a gradient. Tokens travel as
 ``cross_attention_kwargs={"ip_hidden_states": tokens}``. The trainable adapters live in the
 ``ModuleDict`` that ``install_hybrid_prompt_adapter`` returns, so the UNet's and ControlNet's
 own ``state_dict`` stay diffusers' format.
@@ -17,10 +20,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from consissr.errors import ParamsError
 from consissr.models.attention_ops import merge_heads, prepare_mask_and_norm, project_out, split_heads
 
 IMAGE_TOKENS_KWARG = "ip_hidden_states"
+IMAGE_TOKEN_MODES = ("clip_embedding", "ip_adapter")
 _PROCESSOR_SUFFIX = ".processor"
+
+
+def check_clip_embedding_width(image_embed_dim: int, cross_attention_dim: int) -> None:
+    """``clip_embedding`` tokens go straight into the frozen ``to_k``/``to_v``: the widths must agree."""
+    if image_embed_dim != cross_attention_dim:
+        raise ParamsError(
+            f"model.image_tokens: clip_embedding feeds the robust CLIP image embedding (width {image_embed_dim}) "
+            f"to the UNet's frozen cross-attention K/V projections (width {cross_attention_dim}); the widths "
+            f"differ: use image_tokens: ip_adapter (a learned projection) or a CLIP whose embedding width is "
+            f"{cross_attention_dim}")
+
+
+def clip_embedding_tokens(image_embeds: torch.Tensor) -> torch.Tensor:
+    """The paper's image prompt: the CLIP embedding (B, D) as one token (B, 1, D), no projection (§3.3)."""
+    return image_embeds.unsqueeze(1)
 
 
 def module_key(layer_name: str) -> str:

@@ -7,6 +7,7 @@ config and the ViT-H-14 CLIP tower; the tiny one from the saved embedded backbon
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,32 +16,11 @@ from consissr.config import ModelParams, Params
 from consissr.models.consissr import ConsisSRNet, apply_trainable_policy, read_training_record
 from consissr.models.self_attention import SelfAttentionAddition
 
-# stabilityai/stable-diffusion-2-1-base, unet/config.json (diffusers' names; "attention_head_dim"
-# there is really the number of heads per level: 320/5 = 640/10 = 1280/20 = 64 channels a head)
-SD21_BASE_UNET_CONFIG: dict[str, Any] = {
-    "_class_name": "UNet2DConditionModel",
-    "act_fn": "silu",
-    "attention_head_dim": [5, 10, 20, 20],
-    "block_out_channels": [320, 640, 1280, 1280],
-    "center_input_sample": False,
-    "cross_attention_dim": 1024,
-    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-    "downsample_padding": 1,
-    "dual_cross_attention": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "mid_block_scale_factor": 1,
-    "norm_eps": 1e-05,
-    "norm_num_groups": 32,
-    "num_class_embeds": None,
-    "only_cross_attention": False,
-    "out_channels": 4,
-    "sample_size": 64,
-    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "use_linear_projection": True,
-}
+# SD 2.1-base's component configs, copied from the hub (unet/, vae/, text_encoder/ config.json) so
+# the paper profile builds offline; diffusers' names ("attention_head_dim" there is really the
+# number of heads per level: 320/5 = 640/10 = 1280/20 = 64 channels a head)
+SD21_BASE_CONFIG_DIR = Path(__file__).parent / "sd_configs" / "stable-diffusion-2-1-base"
+SD21_BASE_UNET_CONFIG: dict[str, Any] = json.loads((SD21_BASE_CONFIG_DIR / "unet" / "config.json").read_text())
 SD21_BASE_UNET_PARAMETERS = 865_910_724  # what that config builds (the released weights' count)
 PAPER_POS_EMBED_GRID = 64  # 512² training crops, paper §4.1
 PAPER_CLIP = "ViT-H-14"  # robust CLIP tower, paper §4.1 (image embedding width 1024)
@@ -63,14 +43,16 @@ def count_parameters(net: ConsisSRNet) -> dict[str, dict[str, int]]:
             pos.append(addition.pos_embed)
         if addition.transposed is not None:
             transposed += list(addition.transposed.parameters())
+    image_proj = net.image_proj.parameters() if net.image_proj is not None else ()
     return {
         "unet": _count(net.unet.parameters()),
         "pos_embed": _count(pos),
         "transposed_attention": _count(transposed),
         "controlnet": _count(net.controlnet.parameters()),
+        "controlnet_self_attention": _count(net.self_attention_controlnet.parameters()),
         "hpa_unet": _count(net.hpa_unet.parameters()),
         "hpa_controlnet": _count(net.hpa_controlnet.parameters()),
-        "image_projection": _count(net.image_proj.parameters()),
+        "image_projection": _count(image_proj),
     }
 
 
@@ -135,9 +117,10 @@ _ROWS = [
     ("pos_embed", "  + positional embeddings"),
     ("transposed_attention", "  + transposed attention"),
     ("controlnet", "ControlNet"),
+    ("controlnet_self_attention", "  + pos. emb. / transposed attn."),
     ("hpa_unet", "HPA output layers, UNet"),
     ("hpa_controlnet", "HPA output layers, ControlNet"),
-    ("image_projection", "HPA image projection"),
+    ("image_projection", "HPA image projection (ip_adapter)"),
     ("robust_clip", "Robust CLIP student (own stage)"),
 ]
 

@@ -3,10 +3,11 @@
     L = ‖ε̂(x_t, t, c_txt, c_img, x_LQ) − ε*‖²,  x_t from x_LQ with probability (t/T)^γ   (Alg. 1, l. 2–8)
 
 Wires the parts together: the cached latents (``encode``), the robust CLIP *student* embedding
-of each LQ image (``train_clip``, Eq. 3; computed once up front, as it is frozen here), the
-prompt table (``prompts.py``), the ConsisSR net with its trainable policy, ``TalaObjective``
-(``tala.py``) on the shared loop, sample grids, and the final save into ``data/models/consissr/``.
-Scale note: every process holds the (N, D) image-embedding table (ImageNet, ViT-H: ≈ 5 GB).
+of each LQ image (``train_clip``, Eq. 3; frozen here: read per batch from the ``embed_clip``
+shards, or, without them, computed once up front — every process then holds the (N, D) table,
+≈ 5 GB for ImageNet with ViT-H), the prompt table (``prompts.py``), the ConsisSR net with its
+trainable policy, ``TalaObjective`` (``tala.py``) on the shared loop, sample grids, and the final
+save into ``data/models/consissr/``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.utils.data import Dataset, default_collate
 from consissr import tracking
 from consissr.config import BackboneParams, ModelParams, TrainSdsrParams
 from consissr.data import layout
+from consissr.data.embedding_cache import ImageEmbeddingCache, robust_clip_embeddings
 from consissr.data.latent_cache import MANIFEST, LatentPairDataset
 from consissr.errors import ParamsError
 from consissr.io import file_sha256, move_into
@@ -51,12 +53,13 @@ LQ_PIXELS = layout.LQ_UP  # the LQ image at HQ size (CLIP input, pixel condition
 class SdsrDataset(Dataset):
     """The latent cache with each item's robust CLIP embedding and prompt row attached.
 
-    Item ``i``: ``{"lq", "hq", "id"}`` of ``LatentPairDataset`` + ``image_embeds`` (D,) +
-    ``prompt`` (a row of the prompt table) [+ ``lq_pixels`` (3, H, W) in [0, 1] when
-    ``lq_pixel_dir`` is given]. Depends only on ``i``.
+    Item ``i``: ``{"lq", "hq", "id"}`` of ``LatentPairDataset`` + ``image_embeds`` (D,) (row ``i`` of
+    a tensor, or read lazily from an ``ImageEmbeddingCache``) + ``prompt`` (a row of the prompt
+    table) [+ ``lq_pixels`` (3, H, W) in [0, 1] when ``lq_pixel_dir`` is given]. Depends only on ``i``.
     """
 
-    def __init__(self, latents: LatentPairDataset, image_embeds: torch.Tensor, prompt_rows: torch.Tensor,
+    def __init__(self, latents: LatentPairDataset, image_embeds: torch.Tensor | ImageEmbeddingCache,
+                 prompt_rows: torch.Tensor,
                  lq_pixel_dir: Path | None = None) -> None:
         if not len(latents) == len(image_embeds) == len(prompt_rows):
             raise ValueError(f"{len(latents)} latent pairs, {len(image_embeds)} image embeddings and "
@@ -75,19 +78,6 @@ class SdsrDataset(Dataset):
         if self.lq_pixel_dir is not None:
             item["lq_pixels"] = layout.read_rgb(self.lq_pixel_dir / f"{item['id']}.png")
         return item
-
-
-@torch.no_grad()
-def robust_clip_embeddings(clip: RobustCLIP, lq_dir: str | os.PathLike, ids: Sequence[str], *,
-                           device: torch.device, batch_size: int = 32) -> torch.Tensor:
-    """E'(I_LQ) of ``lq_dir/<id>.png`` for every id, (N, D) float32 on CPU, in ``ids`` order."""
-    lq_dir = Path(lq_dir)
-    clip.to(device).eval()
-    out = []
-    for start in range(0, len(ids), batch_size):
-        images = torch.stack([layout.read_rgb(lq_dir / f"{i}.png") for i in ids[start:start + batch_size]])
-        out.append(clip.student_embeds(images.to(device)).float().cpu())
-    return torch.cat(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,15 +158,18 @@ def train_sdsr(
     train: TrainSdsrParams,
     seed: int,
     device: str = "auto",
+    embeddings_dir: str | os.PathLike | None = None,
 ) -> TrainResult:
     """Train the ConsisSR net with Algorithm 1 on the latent cache; save it to ``out_dir``.
 
     Resumes from ``out_dir/checkpoints`` when a matching checkpoint is there. Under
     ``accelerate launch`` / ``torchrun`` every process runs this; only the main one writes
-    ``out_dir`` and talks to MLflow. Returns the loop's ``TrainResult``: ``.model`` is the
-    ``TalaObjective`` (``.model.net`` the ConsisSRNet); ``.extra`` holds ``image_embeds`` (N, D)
-    and ``ids`` (the robust CLIP embeddings used, by latent-cache order), ``prompts`` (the
-    prompt table), ``backbone``, ``robust_clip`` (the frozen parts) and ``mlflow_run_id``.
+    ``out_dir`` and talks to MLflow. ``embeddings_dir``: the ``embed_clip`` cache (checked against
+    the latents and ``robust_clip_dir``'s weights), read per batch; ``None`` embeds every LQ image
+    up front. Returns the loop's ``TrainResult``: ``.model`` is the ``TalaObjective``
+    (``.model.net`` the ConsisSRNet); ``.extra`` holds ``image_embeds`` ((N, D), or the cache) and
+    ``ids`` (the robust CLIP embeddings used, by latent-cache order), ``prompts`` (the prompt
+    table), ``backbone``, ``robust_clip`` (the frozen parts; ``None`` with a cache) and ``mlflow_run_id``.
     """
     latents_dir, degraded_dir, out_dir = Path(latents_dir), Path(degraded_dir), Path(out_dir)
     robust_clip_dir = Path(robust_clip_dir)
@@ -194,15 +187,22 @@ def train_sdsr(
         raise ParamsError(f"backbone {bb.source}: prediction_type {prediction!r}; TALA (Algorithm 1) needs an "
                          "ε-prediction model such as stabilityai/stable-diffusion-2-1-base")
 
-    # 2. data: cached latents; robust CLIP student embeddings of the LQ images (frozen here, so
-    #    computed once); the prompt table embedded once by the frozen text encoder
+    # 2. data: cached latents; robust CLIP student embeddings of the LQ images (frozen here: the
+    #    embed_clip shards, read per batch, or computed once); the prompt table embedded once
     latents = LatentPairDataset(latents_dir)
     ids = list(latents.ids)
-    clip = RobustCLIP.from_pretrained(robust_clip_dir, device=work)
-    clip.requires_grad_(False)
     lq_dir = degraded_dir / LQ_PIXELS
-    image_embeds = robust_clip_embeddings(clip, lq_dir, ids, device=work)
-    clip.to("cpu")
+    clip = None
+    if embeddings_dir is not None:
+        image_embeds = ImageEmbeddingCache(embeddings_dir)
+        image_embeds.check_matches(latents, robust_clip_dir)
+        embed_dim = image_embeds.embed_dim
+    else:
+        clip = RobustCLIP.from_pretrained(robust_clip_dir, device=work)
+        clip.requires_grad_(False)
+        image_embeds = robust_clip_embeddings(clip, lq_dir, ids, device=work)
+        clip.to("cpu")
+        embed_dim = clip.embed_dim
     texts, prompt_rows, missing = prompt_table(train, ids)
     prompt_embeds = encode_prompts(bb.tokenizer, bb.text_encoder, texts, device=work)
     bb.text_encoder.to("cpu")
@@ -212,7 +212,7 @@ def train_sdsr(
     # 3. the net: frozen UNet + ControlNet + HPA + self-attention additions; seeded, so the new
     #    layers start the same on every rank and on resume (frozen weights are never checkpointed)
     torch.manual_seed(seed)
-    net = ConsisSRNet.from_backbone(bb, model, image_embed_dim=clip.embed_dim)
+    net = ConsisSRNet.from_backbone(bb, model, image_embed_dim=embed_dim)
     apply_trainable_policy(net)
     objective = TalaObjective(net, alphas_cumprod=alphas_cumprod, prompt_embeds=prompt_embeds,
                               gamma=train.gamma, tala=train.tala, prompt_dropout=train.prompt_dropout)
@@ -231,8 +231,10 @@ def train_sdsr(
     params = {"base.seed": seed, "base.device": device, "backbone": backbone, "model": model, "train_sdsr": train}
     inputs = {"latents": latents_dir, "degraded": degraded_dir, "backbone": Path(backbone_dir),
               "robust_clip": robust_clip_dir}
+    if embeddings_dir is not None:
+        inputs["embeddings"] = Path(embeddings_dir)
     with tracking.start_run("train_sdsr", params=params, inputs=inputs) as run:
-        run.set_tags({"dataset.pairs": len(dataset), "image_embed_dim": clip.embed_dim,
+        run.set_tags({"dataset.pairs": len(dataset), "image_embed_dim": embed_dim,
                       "prompts.unique": len(texts), "prompts.missing_captions": len(missing),
                       "backbone.source": bb.source})
         # 4. Algorithm 1 through the shared loop (checkpoints, resume, DDP, mixed precision)

@@ -53,6 +53,22 @@ def mean_psnr_y(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> float:
     return float(np.mean([psnr_y(a, b) for a, b in pairs])) if pairs else float("nan")
 
 
+def psnr_rgb(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR (dB) over the three RGB channels of two images in [0, 1] (8-bit rounded first)."""
+    a, b = (torch.round(x.float().clamp(0, 1) * 255) / 255 for x in (a, b))
+    return 10 * math.log10(1.0 / max(F.mse_loss(a, b).item(), 1e-12))
+
+
+def colour_errors(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Any]:
+    """PSNR(Y), PSNR(RGB) and the mean |per-channel mean difference| (R, G, B; in [0, 1] units) of
+    (reconstruction, original) pairs: a VAE that loses colour keeps PSNR(Y) but not the other two."""
+    if not pairs:
+        return {"psnr_y": float("nan"), "psnr_rgb": float("nan"), "channel_mean_error": [float("nan")] * 3}
+    shift = torch.stack([(a.float().mean((-2, -1)) - b.float().mean((-2, -1))).abs() for a, b in pairs]).mean(0)
+    return {"psnr_y": mean_psnr_y(pairs), "psnr_rgb": float(np.mean([psnr_rgb(a, b) for a, b in pairs])),
+            "channel_mean_error": [round(float(v), 5) for v in shift]}
+
+
 def vae_scale_factor(vae: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
@@ -68,14 +84,19 @@ def reconstruct(vae: nn.Module, image: torch.Tensor) -> torch.Tensor:
     return ((out.float().clamp(-1, 1) + 1) / 2)[0].cpu()
 
 
-def reconstruction_psnr(vae: nn.Module, images: Sequence[torch.Tensor]) -> float:
-    """Mean PSNR(Y) of ``reconstruct`` over (3, H, W) images in [0, 1]."""
+def reconstruction_pairs(vae: nn.Module, images: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(``reconstruct``, original cropped to the VAE's factor) of (3, H, W) images in [0, 1]."""
     was_training = vae.training
     vae.eval()
     f = vae_scale_factor(vae)
     pairs = [(reconstruct(vae, im), im[:, :im.shape[1] // f * f, :im.shape[2] // f * f]) for im in images]
     vae.train(was_training)
-    return mean_psnr_y(pairs)
+    return pairs
+
+
+def reconstruction_psnr(vae: nn.Module, images: Sequence[torch.Tensor]) -> float:
+    """Mean PSNR(Y) of ``reconstruct`` over (3, H, W) images in [0, 1]."""
+    return mean_psnr_y(reconstruction_pairs(vae, images))
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +352,10 @@ def train_vae(out_dir: str | Path, *, pretrained: str, sources: Sequence[str], e
             "trained": True, "steps": train.steps, "training_photos": len(photos), "holdout": list(held),
             "latent_channels": vae.config.latent_channels, "vae_scale_factor": vae_scale_factor(vae),
             "latent_std": std, "scaling_factor": 1.0 / std, "lpips": lpips_state,
-            "psnr_y": {key: reconstruction_psnr(vae, images) for key, images in evals.items()}}
+            "psnr_y": {}, "psnr_rgb": {}, "channel_mean_error": {}}
+        for key, images in evals.items():  # PSNR(RGB) and the channel means catch a VAE that loses colour
+            for name, value in colour_errors(reconstruction_pairs(vae, images)).items():
+                metrics[name][key] = value
         timing = {"train_seconds": round(seconds, 1), "threads": torch.get_num_threads(), "device": str(work)}
         grid = reconstruction_grid(vae, [im for images in evals.values() for im in images][:4] or photos[:2])
         with atomic_dir(out_dir) as tmp:
@@ -339,10 +363,12 @@ def train_vae(out_dir: str | Path, *, pretrained: str, sources: Sequence[str], e
             write_json(tmp / METRICS_NAME, metrics)
             write_json(tmp / TRAIN_LOG, timing)
             _save_png(tmp / GRID_NAME, grid)
-        log.info("train_vae: %.1f s; reconstruction PSNR(Y) %s; scaling_factor %.4f", seconds,
-                 {k: round(v, 2) for k, v in metrics["psnr_y"].items()}, 1.0 / std)
+        log.info("train_vae: %.1f s; reconstruction PSNR(Y) %s, PSNR(RGB) %s; scaling_factor %.4f", seconds,
+                 {k: round(v, 2) for k, v in metrics["psnr_y"].items()},
+                 {k: round(v, 2) for k, v in metrics["psnr_rgb"].items()}, 1.0 / std)
         run.log_metrics({"vae_train_seconds": seconds, "vae_scaling_factor": 1.0 / std,
-                         **{f"vae_psnr_y_{_metric_key(k)}": v for k, v in metrics["psnr_y"].items()}},
+                         **{f"vae_{m}_{_metric_key(k)}": v for m in ("psnr_y", "psnr_rgb")
+                            for k, v in metrics[m].items()}},
                         step=train.steps)
         run.log_image(grid, GRID_NAME)
         run.log_plot("plots/vae_loss.png", curve_steps, curve, logy=True)
@@ -383,12 +409,14 @@ def vae_ceiling(prepared_dir: str | Path, degraded_dir: str | Path, backbone_dir
     hq = [layout.read_rgb(layout.image_path(prepared_dir, layout.HQ, i)) for i in ids]
     bicubic = mean_psnr_y([(layout.read_rgb(layout.image_path(degraded_dir, layout.LQ_UP, i)), h)
                            for i, h in zip(ids, hq)])
-    ceiling = reconstruction_psnr(vae, hq)
+    rec = colour_errors(reconstruction_pairs(vae, hq))
+    ceiling = rec["psnr_y"]
     metrics = {"backbone": source, "pairs": len(hq), "ceiling_psnr_y": ceiling, "bicubic_x4_psnr_y": bicubic,
-               "ceiling_over_bicubic_db": ceiling - bicubic}
+               "ceiling_over_bicubic_db": ceiling - bicubic, "ceiling_psnr_rgb": rec["psnr_rgb"],
+               "ceiling_channel_mean_error": rec["channel_mean_error"]}
     write_json(out, metrics)
-    log.info("vae_ceiling: VAE reconstruction PSNR(Y) %.2f dB, bicubic x4 of the degraded LQ %.2f dB (%d crops)",
-             ceiling, bicubic, len(hq))
+    log.info("vae_ceiling: VAE reconstruction PSNR(Y) %.2f dB (RGB %.2f dB), bicubic x4 of the degraded LQ %.2f dB "
+             "(%d crops)", ceiling, rec["psnr_rgb"], bicubic, len(hq))
     with tracking.start_run("vae_ceiling", params={"backbone": backbone, "base.device": device},
                             inputs={"prepared": prepared_dir, "degraded": degraded_dir,
                                     "backbone": Path(backbone_dir)}) as run:
