@@ -100,6 +100,17 @@ def test_a_finished_run_resumes_to_nothing_and_refuses_without_resume(run):
 
 
 @pytest.mark.slow
+def test_resume_refuses_another_vae(run, tmp_path):
+    import shutil
+
+    other = shutil.copytree(run["kw"]["backbone_dir"], tmp_path / "backbone")
+    weights = other / "vae" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")  # any change of the file
+    with pytest.raises(InputError, match="VAE differs"):
+        run_fidelity(BUDGET, run["out"], resume=True, **dict(run["kw"], backbone_dir=other))
+
+
+@pytest.mark.slow
 def test_fig8_curves_have_a_point_per_step_and_intervals(run):
     doc = json.loads((run["out"] / "fig8.json").read_text())
     crops = run["final"]["phases"]["data"]["test_sets"]

@@ -172,7 +172,22 @@ def build_data(out: Path, budget: Budget, *, backbone_dir: Path, seed: int, shar
     check_contamination(sets, data / "prepared" / "index.json")
     with atomic_dir(data / "test") as tmp:
         ids = {s.name: materialise(s, tmp / s.name) for s in sets}
-    return {"done": True, "train_sources": list(train), "test_sets": ids}
+    return {"done": True, "train_sources": list(train), "test_sets": ids, "frozen": frozen_parts(backbone_dir)}
+
+
+def frozen_parts(backbone_dir: Path) -> dict[str, str]:
+    """Hash of the VAE the latents were encoded with (checked on every resume; the loop's own
+    fingerprint covers the robust CLIP and the latents)."""
+    return {"vae": file_sha256(backbone_dir / "vae" / "diffusion_pytorch_model.safetensors")}
+
+
+def check_frozen(recorded: dict | None, backbone_dir: Path) -> None:
+    if not recorded:
+        log.warning("fidelity: this run recorded no backbone hash; not checking that its VAE is unchanged")
+        return
+    if frozen_parts(backbone_dir)["vae"] != recorded["vae"]:
+        raise InputError(f"{backbone_dir}: its VAE differs from the one this run's latents were encoded with; "
+                         "resume with the same --backbone (or start a new run)")
 
 
 def load_test_crops(out: Path) -> list[dict]:
@@ -495,6 +510,7 @@ def _phases(budget: Budget, out: Path, state: RunState, run, *, backbone_dir: Pa
         state.set("data", build_data(out, budget, backbone_dir=backbone_dir, seed=seed, shared=shared))
     if finish("data"):
         return
+    check_frozen(state.get("data").get("frozen"), backbone_dir)
     parts = Parts(out, budget, backbone_dir=backbone_dir, robust_clip_dir=robust_clip_dir)
     crops = load_test_crops(out)
     suite, x0_suite = suites(["psnr", "ssim", budget.nr_metric]), suites(["psnr", "ssim"])
