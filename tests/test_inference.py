@@ -8,15 +8,27 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from consissr.config import InferenceParams, ModelParams
-from consissr.inference.color import adain_color_fix, color_fix, wavelet_color_fix
+from consissr.inference.color import adain_color_fix, color_fix, color_fix_rows_, wavelet_color_fix
 from consissr.inference.schedules import (
     gan_start_latent,
     set_spaced_timesteps,
     spaced_timesteps,
 )
-from consissr.inference.tiling import gaussian_weights, tile_boxes
+from consissr.inference.tiling import (
+    blend_weights,
+    gaussian_weights,
+    pad_to_multiple,
+    tile_boxes,
+    tile_starts,
+    tiled_decode_into,
+    tiled_encode,
+    upscaled_window,
+)
 
 SEED = 7
 
@@ -133,6 +145,119 @@ def test_tiles_cover_the_grid_with_positive_weights():
     assert tile_boxes(10, 12, 16, 8) == [(0, 10, 0, 12)]
     w = gaussian_weights(16, 16)
     assert w.min() > 0 and w[0, 0, 7:9, 7:9].min() == w.max()
+
+
+# --------------------------------------------------------------------------------------------
+# streamed tiling: windows, VAE tiles, colour fix and CLIP in strips; allocations stay tile-sized
+# --------------------------------------------------------------------------------------------
+class FreshAllocations(TorchDispatchMode):
+    """Bytes of every new tensor storage made while active (views and in-place results excluded).
+
+    tracemalloc does not see torch's CPU allocations, so the log comes from torch's dispatcher.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        self.sizes += [t.untyped_storage().nbytes() for t in tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen]
+        return out
+
+
+def test_blend_weights_sum_to_one_and_ramp_over_the_overlap():
+    starts = tile_starts(100, 32, 12)  # the last window flush with the end: a wider last overlap
+    weights = blend_weights(starts, 32, 100, 12)
+    total = torch.zeros(100)
+    for s, w in zip(starts, weights):
+        total[s:s + 32] += w
+    torch.testing.assert_close(total, torch.ones(100), rtol=0, atol=1e-6)
+    middle = weights[1]
+    assert middle[12:20].eq(1).all() and (middle[:12].diff() > 0).all() and (middle[-12:].diff() < 0).all()
+    assert blend_weights([0], 32, 20, 12)[0].eq(1).all()  # one window: weight 1, the ramps cancel
+
+
+def test_upscaled_window_is_the_crop_of_the_whole_upscale():
+    lq = torch.rand(1, 3, 13, 17, generator=torch.Generator().manual_seed(0))
+
+    def up(x):
+        return F.interpolate(x, size=(4 * x.shape[-2], 4 * x.shape[-1]), mode="bicubic", align_corners=False)
+
+    whole = pad_to_multiple(up(lq), 8)  # 56 × 72: the rows and columns past 52 × 68 are padding
+    for box in [(0, 56, 0, 72), (8, 24, 16, 48), (20, 56, 36, 72), (52, 56, 0, 8)]:
+        assert torch.equal(upscaled_window(lq, 4, box, 2, up), whole[..., box[0]:box[1], box[2]:box[3]]), box
+
+
+@pytest.fixture(scope="module")
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    return AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1).eval()
+
+
+def test_tiled_encode_and_decode_blend_exactly_and_allocate_per_tile(tiny_vae):
+    """A tiling-invariant stand-in for the VAE (pooling / nearest upsampling) gives the whole-image
+    result, so the blend weights sum to 1 and the padding is dropped; with the real tiny VAE the
+    largest new tensor is the same for a 4× larger image and smaller than one channel of it (the
+    old path, diffusers' tiled decode, concatenated the tiles into new image-sized tensors)."""
+    z = torch.rand(1, 4, 20, 28, generator=torch.Generator().manual_seed(1))
+    out = tiled_decode_into(torch.zeros(38, 54, 3), lambda t: t[:, :3].repeat_interleave(2, -1).repeat_interleave(2, -2),
+                            z, 8, 4, 2)
+    torch.testing.assert_close(out, z[0, :3].repeat_interleave(2, -1).repeat_interleave(2, -2)[:, :38, :54]
+                               .permute(1, 2, 0), rtol=0, atol=1e-6)
+    image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(2))
+    latent = tiled_encode(lambda x: F.avg_pool2d(x, 2), lambda b: image[..., b[0]:b[1], b[2]:b[3]], 40, 56, 16, 8, 2)
+    torch.testing.assert_close(latent, F.avg_pool2d(image, 2), rtol=0, atol=1e-6)
+
+    def decode(t):
+        return ((tiny_vae.decode(t).sample + 1) / 2).clamp(0, 1)
+
+    peaks, images = [], []
+    for side in (12, 24):  # latent side; 24 → 48 output pixels
+        log, out, latents = FreshAllocations(), torch.zeros(2 * side, 2 * side, 3), torch.randn(1, 4, side, side)
+        with torch.no_grad(), log:
+            tiled_decode_into(out, decode, latents, 8, 4, 2)
+        peaks.append(max(log.sizes))
+        images.append(out)
+    assert peaks[0] == peaks[1] < images[1].nbytes / 3, (peaks, images[1].nbytes)  # < one channel of the image
+    assert 0 <= images[1].min() and images[1].max() <= 1 + 1e-6  # a convex blend of tiles in [0, 1]
+    z16 = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(3))
+    single = tiled_decode_into(torch.zeros(32, 32, 3), decode, z16, 16, 0, 2)
+    assert torch.equal(single, decode(z16)[0].permute(1, 2, 0))  # one tile: the plain decode
+
+
+@pytest.mark.parametrize("method", ["adain", "wavelet", "none"])
+def test_color_fix_in_strips_equals_the_whole_image(method):
+    g = torch.Generator().manual_seed(0)
+    image, ref = torch.rand(1, 3, 150, 40, generator=g), torch.rand(1, 3, 150, 40, generator=g) * 0.5 + 0.2
+    whole = color_fix(image, ref, method)[0].permute(1, 2, 0)
+    for strip in (1, 20, 45, 200):
+        fixed = image[0].permute(1, 2, 0).contiguous()
+        color_fix_rows_(fixed, lambda r0, r1: ref[..., r0:r1, :], method, strip)
+        torch.testing.assert_close(fixed, whole, rtol=0, atol=1e-6)
+    peaks = []
+    for height in (150, 600):  # allocations per strip: the same for a 4× taller image
+        log, tall = FreshAllocations(), torch.rand(height, 40, 3)
+        with log:
+            color_fix_rows_(tall, lambda r0, r1: torch.rand(1, 3, r1 - r0, 40), method, 20)
+        peaks.append(max(log.sizes, default=0))
+    assert peaks[0] == peaks[1] < 600 * 40 * 3 * 4 / 2  # under half the taller image
+
+
+def test_robust_clip_preprocess_in_strips_equals_the_whole_image():
+    from consissr.models.robust_clip import RobustCLIP
+
+    clip = RobustCLIP(model_name="consissr-tiny-vit", with_teacher=False)
+    for h, w in ((300, 260), (250, 410), (230, 230)):
+        image = torch.rand(1, 3, h, w, generator=torch.Generator().manual_seed(h))
+        strips = clip.preprocess_rows(lambda r0, r1, image=image: image[..., r0:r1, :], h, w, 37)
+        assert torch.equal(strips, clip.preprocess(image)), (h, w)
 
 
 # --------------------------------------------------------------------------------------------

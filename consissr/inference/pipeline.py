@@ -25,7 +25,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput
 from PIL import Image
 
 from consissr.config import InferenceParams
-from consissr.inference.color import color_fix as apply_color_fix
+from consissr.inference.color import color_fix_rows_
 from consissr.inference.schedules import (
     FULL_STEPS,
     GANEMB_PRESETS,
@@ -35,11 +35,12 @@ from consissr.inference.schedules import (
 from consissr.inference.tiling import (
     check_tiles,
     gaussian_weights,
-    pad_to_multiple,
     size_multiple,
     tile_boxes,
+    tiled_decode_into,
+    tiled_encode,
+    upscaled_window,
     vae_scale_factor,
-    vae_tiling,
 )
 from consissr.io import atomic_dir
 from consissr.models.consissr import CONFIG_NAME as NET_CONFIG_NAME
@@ -378,72 +379,108 @@ class ConsisSRPipeline(DiffusionPipeline):
             outputs = [self._upscale(_to_tensor(img), plan, text, generator, callback_on_step_end) for img in images]
         finally:
             self.net.hpa_scale = saved_hpa
-        arrays = [o[0].permute(1, 2, 0).cpu().numpy().astype(np.float32) for o in outputs]
-        if output_type == "pil":
-            result = [Image.fromarray(np.round(a * 255).astype(np.uint8)) for a in arrays]
-        elif len({a.shape for a in arrays}) == 1:
-            result = np.stack(arrays)
+        if output_type == "pil":  # in place: no second float image
+            result = [Image.fromarray(np.round(np.multiply(a, 255, out=a), out=a).astype(np.uint8)) for a in outputs]
+        elif len(outputs) == 1:
+            result = outputs[0][None]  # a view: no copy of the image
+        elif len({a.shape for a in outputs}) == 1:
+            result = np.stack(outputs)
         else:
-            result = arrays  # different sizes cannot stack
+            result = outputs  # different sizes cannot stack
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=result) if return_dict else (result,)
 
     def _upscale(self, lq: torch.Tensor, plan: SamplingPlan, text: torch.Tensor, generator: torch.Generator,
-                 callback: Callable | None) -> torch.Tensor:
-        """One image: (1, 3, h, w) → (1, 3, s·h, s·w) in [0, 1]."""
-        device, dtype = self.unet.device, self.unet.dtype
-        h, w = lq.shape[-2:]
-        out_h, out_w = self.scale * h, self.scale * w
-        tiled = max(out_h, out_w) > plan.tile_size
-        vae_tile = plan.tile_size if tiled else None
+                 callback: Callable | None) -> np.ndarray:
+        """One image: (1, 3, h, w) → (s·h, s·w, 3) float32 in [0, 1].
 
-        # 1. Algorithm 2, l. 1: the GAN restores the LQ (GANEmb, or when it feeds the ControlNet)
-        lq_up = F.interpolate(lq, size=(out_h, out_w), mode="bicubic", align_corners=False).clamp(0.0, 1.0)
-        gan_out = None
-        if plan.mode == "ganemb":
-            gan_np = self.gan_upscale(lq[0].permute(1, 2, 0).numpy(), tile=plan.tile_size // self.scale if tiled else 0)
-            gan_out = torch.from_numpy(gan_np).permute(2, 0, 1)[None]
-            if gan_out.shape[-2:] != (out_h, out_w):
-                raise RuntimeError(f"the GAN gave {tuple(gan_out.shape[-2:])}, expected {(out_h, out_w)}")
-        control_image = gan_out if (plan.control_from_gan and gan_out is not None) else lq_up
+        Memory (issue 8, point 6): besides the input and the returned image, only latent-sized
+        tensors (the latents, the LQ condition, one ε̂ blend: each 8/(3·16) of the float32 output
+        with the embedded 4×, 8-channel VAE; 4/(3·64) with SD's) and tile-sized ones. The 4×
+        pixels that the VAE encoder, the robust CLIP and the colour fix read (bicubic LQ, GAN
+        output) are made window by window from the LQ, and the VAE decodes into the output.
+        """
+        device, dtype = self.unet.device, self.unet.dtype
+        s = self.scale
+        h, w = lq.shape[-2:]
+        out_h, out_w = s * h, s * w
+        multiple, factor = size_multiple(self.vae, self.unet), vae_scale_factor(self.vae)
+        pad_h, pad_w = out_h + -out_h % multiple, out_w + -out_w % multiple
+        tiled = max(out_h, out_w) > plan.tile_size
+        vae_tile, vae_overlap = (plan.tile_size, plan.tile_overlap) if tiled else (max(pad_h, pad_w), 0)
+        strip = max(1, plan.tile_size ** 2 // out_w)  # rows of a full-width strip: about one tile of pixels
+
+        # 1. Algorithm 2, l. 1: the 4× pixels, as windows on demand (rows past the image: the padding)
+        def bicubic(box):
+            return upscaled_window(lq, s, box, 2, lambda crop: _bicubic_up(crop, s))  # 2 LQ pixels: bicubic's reach
+
+        def gan(box):
+            return upscaled_window(lq, s, box, self.gan.tile_pad, lambda crop: self._gan_window(crop, plan, tiled))
+
+        if plan.mode == "ganemb" and self.gan is None:
+            raise RuntimeError("this pipeline has no GAN (data/models/gan missing?): run `dvc repro train_gan`")
+        control = gan if (plan.control_from_gan and plan.mode == "ganemb") else bicubic
 
         # 2. conditions: robust CLIP image prompt (whole image) and the ControlNet's LQ latent,
-        #    both from the same picture; pad to the VAE × UNet multiple
-        image_embeds = self.robust_clip.student_embeds(control_image.to(self.robust_clip.pixel_mean.device))
-        image_embeds = image_embeds.to(device, dtype)
-        multiple = size_multiple(self.vae, self.unet)
-        with vae_tiling(self.vae, vae_tile, plan.tile_overlap):
-            cond = self.encode_image(pad_to_multiple(control_image, multiple)).to(dtype)
-            z_gan = self.encode_image(pad_to_multiple(gan_out, multiple)).to(dtype) if plan.mode == "ganemb" else None
+        #    both from the same picture, padded to the VAE × UNet multiple
+        image_embeds = self.robust_clip.student_embeds_rows(lambda r0, r1: control((r0, r1, 0, out_w)), out_h, out_w,
+                                                            strip).to(device, dtype)
+        cond = tiled_encode(self.encode_image, control, pad_h, pad_w, vae_tile, vae_overlap, factor).to(dtype)
+        z_gan = None
+        if plan.mode == "ganemb":
+            z_gan = cond if control is gan else tiled_encode(self.encode_image, gan, pad_h, pad_w, vae_tile,
+                                                             vae_overlap, factor).to(dtype)
 
         # 3. the start: x_T ~ N(0, I) (full), or the GAN latent noised to t_max (Algorithm 2, l. 2–3)
         timesteps = set_spaced_timesteps(self.scheduler, plan.steps, plan.t_max)  # on the CPU: they index ᾱ
         noise = torch.randn(cond.shape, generator=generator, dtype=torch.float32).to(device, dtype)
         latents = noise if plan.mode == "full" else gan_start_latent(self.scheduler, z_gan, noise, plan.t_max)
+        del noise, z_gan
 
         # 4. the spaced reverse chain (DDPMScheduler on the respaced betas), tiled above tile_size
-        factor = vae_scale_factor(self.vae)
         boxes = tile_boxes(*latents.shape[-2:], plan.tile_size // factor, plan.tile_overlap // factor)
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 eps = self._tiled_noise_prediction(latents, t, text, cond, image_embeds, plan.guidance_scale, boxes)
                 step = self.scheduler.step(eps, t, latents, generator=generator)
                 latents = step.prev_sample
+                del eps
                 if callback is not None:  # x̂0 of this step too (Fig. 8 decodes it)
                     result = callback(self, i, t, {"latents": latents,
                                                    "pred_original_sample": step.pred_original_sample}) or {}
                     latents = result.get("latents", latents)
+                del step
                 progress.update()
+        del cond
 
-        # 5. decode, crop the padding, colour-correct against the upsampled LQ
-        with vae_tiling(self.vae, vae_tile, plan.tile_overlap):
-            image = self.decode_latents(latents)[..., :out_h, :out_w].cpu()
-        return apply_color_fix(image, lq_up, plan.color_fix)
+        # 5. decode into the output (the padding dropped), colour-correct it in place against the
+        #    bicubic-upsampled LQ
+        image = torch.zeros((out_h, out_w, 3), dtype=torch.float32)
+        tiled_decode_into(image, self.decode_latents, latents, vae_tile // factor, vae_overlap // factor, factor)
+        del latents
+        color_fix_rows_(image, lambda r0, r1: bicubic((r0, r1, 0, out_w)), plan.color_fix, strip)
+        return image.numpy()
+
+    def _gan_window(self, crop: torch.Tensor, plan: SamplingPlan, tiled: bool) -> torch.Tensor:
+        """The GAN on an LQ crop (1, 3, h, w) → (1, 3, s·h, s·w); RealESRGANer's own tiling above a tile
+        (a full-width strip for the robust CLIP when it sees the GAN output)."""
+        s, tile = self.scale, plan.tile_size // self.scale
+        out = self.gan_upscale(crop[0].permute(1, 2, 0).numpy(),
+                               tile=tile if tiled and max(crop.shape[-2:]) > tile + 2 * self.gan.tile_pad else 0)
+        if out.shape[:2] != (s * crop.shape[-2], s * crop.shape[-1]):
+            raise RuntimeError(f"the GAN gave {out.shape[:2]} for a {tuple(crop.shape[-2:])} crop, expected ×{s}")
+        return torch.from_numpy(out).permute(2, 0, 1)[None]
 
 
 # --------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------
+def _bicubic_up(crop: torch.Tensor, scale: int) -> torch.Tensor:
+    """(1, 3, h, w) → (1, 3, s·h, s·w) bicubic in [0, 1] (the colour fix's and the ControlNet's LQ)."""
+    return F.interpolate(crop, size=(scale * crop.shape[-2], scale * crop.shape[-1]), mode="bicubic",
+                         align_corners=False).clamp(0.0, 1.0)
+
+
 def _backbone_source(folder: Path) -> tuple[str, str | None]:
     """A backbone folder in SD layout, or the ``source.json`` that names the real one."""
     if (folder / "unet" / "config.json").is_file():

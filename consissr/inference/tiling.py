@@ -1,17 +1,18 @@
-"""Any image size: padding to what the VAE and UNet accept, tiles, Gaussian blending, VAE tiling.
+"""Any image size: padding to what the VAE and UNet accept, tiles, Gaussian blending, streamed VAE tiling.
 
 Latent diffusion on a large image runs the ControlNet + UNet tile by tile on overlapping latent
 windows and blends their noise predictions with Gaussian weights (σ = 0.1 × tile side, centred,
 as Tiled Diffusion / DiffBIR's ``sample_with_mixdiff`` weight them), then takes one scheduler
 step on the whole latent, so the random draws do not depend on the tiling. The VAE encodes and
-decodes tile by tile through diffusers' own ``AutoencoderKL`` tiling (linear blending).
+decodes tile by tile (linear blending, as diffusers' ``AutoencoderKL`` tiling) straight into one
+latent or into the output image, and the 4× pixels it encodes (bicubic LQ, GAN output) are made
+window by window from the LQ: memory is the image's own latents plus one tile, not the image.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -67,34 +68,96 @@ def check_tiles(tile_size: int, tile_overlap: int, multiple: int) -> None:
         raise ValueError(f"tile_overlap must be a multiple of {multiple} pixels in [0, tile_size), got {tile_overlap}")
 
 
-@contextmanager
-def vae_tiling(vae, tile_size: int | None, tile_overlap: int = 0) -> Iterator[None]:
-    """diffusers' ``AutoencoderKL`` tiling with ``tile_size`` pixel tiles (``None``: off), restored after.
+# --------------------------------------------------------------------------------------------
+# streaming: windows of 4× images made on demand, VAE encode and decode tile by tile
+# --------------------------------------------------------------------------------------------
+# diffusers' AutoencoderKL.tiled_encode/tiled_decode keep every encoded/decoded tile in a list and
+# concatenate them (plus a copy of the whole input as the argument): several image-sized buffers
+# at once. The two functions below run the same per-tile VAE calls (``vae.encode``/``vae.decode``
+# on one window, tiling off) and blend each result straight into one preallocated latent or the
+# output image, so that only the result and one tile are alive.
+Box = tuple[int, int, int, int]
 
-    Its tiles start every ``tile_sample_min_size·(1 − tile_overlap_factor)`` pixels and keep
-    ``tile_sample_min_size − blend`` of each; both must be whole latent pixels for the output to
-    be exactly scale × the latent, which ``check_tiles``' multiples guarantee (checked here too).
+
+def blend_weights(starts: list[int], length: int, size: int, overlap: int) -> list[torch.Tensor]:
+    """1-D weights of windows ``[s, s + length)`` along an axis of ``size``, summing to 1 everywhere.
+
+    Linear ramps over ``overlap`` at both ends (diffusers' blend profile), divided by their sum
+    over the windows. The 2-D weight of a tile is the product of its row and column weights, so a
+    grid of tiles sums to 1 too and blending needs no image-sized weight buffer.
     """
-    saved = (vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor)
-    try:
-        if tile_size is None:
-            vae.disable_tiling()
-        else:
-            factor = vae_scale_factor(vae)
-            vae.enable_tiling()
-            vae.tile_sample_min_size, vae.tile_latent_min_size = tile_size, tile_size // factor
-            vae.tile_overlap_factor = tile_overlap / tile_size
-            stride = tile_size - tile_overlap
-            derived = (int(tile_size * (1 - vae.tile_overlap_factor)), int(tile_size // factor * (1 - vae.tile_overlap_factor)) * factor,
-                       tile_size - int(tile_size * vae.tile_overlap_factor),
-                       (tile_size // factor - int(tile_size // factor * vae.tile_overlap_factor)) * factor)
-            if derived != (stride,) * 4:
-                raise ValueError(f"VAE tiling: tile_size={tile_size}, tile_overlap={tile_overlap} do not give whole "
-                                 f"latent strides (got {derived}, want {stride}); choose multiples of {factor}")
-        yield
-    finally:
-        vae.use_tiling, vae.tile_sample_min_size, vae.tile_latent_min_size, vae.tile_overlap_factor = saved
+    n = min(length, size)
+    i = torch.arange(n, dtype=torch.float64)
+    ramp = torch.minimum(torch.minimum((i + 1) / (overlap + 1), (n - i) / (overlap + 1)), torch.ones(()))
+    total = torch.zeros(size, dtype=torch.float64)
+    for s in starts:
+        total[s:s + n] += ramp
+    return [(ramp / total[s:s + n]).float() for s in starts]
 
 
-__all__ = ["check_tiles", "gaussian_weights", "pad_to_multiple", "size_multiple", "tile_boxes", "tile_starts",
-           "vae_scale_factor", "vae_tiling"]
+def _grid_weights(boxes: list[Box], height: int, width: int, overlap: int) -> Callable[[Box], torch.Tensor]:
+    """box → its (1, 1, h, w) blend weight, for the boxes of ``tile_boxes(height, width, ...)``."""
+    ys, xs = sorted({b[0] for b in boxes}), sorted({b[2] for b in boxes})
+    wy = dict(zip(ys, blend_weights(ys, boxes[0][1] - boxes[0][0], height, overlap)))
+    wx = dict(zip(xs, blend_weights(xs, boxes[0][3] - boxes[0][2], width, overlap)))
+    return lambda box: (wy[box[0]][:, None] * wx[box[2]][None, :])[None, None]
+
+
+def upscaled_window(lq: torch.Tensor, scale: int, box: Box, halo: int,
+                    upscale: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Window ``box`` = (y0, y1, x0, x1) of the ``scale``× image ``upscale(lq)``, from an LQ crop.
+
+    The crop reaches ``halo`` LQ pixels beyond the window (clipped at the image border); rows and
+    columns past the ``scale``× image repeat its last one (``pad_to_multiple``'s padding).
+    """
+    h, w = lq.shape[-2:]
+    y0, y1, x0, x1 = box
+    iy1, ix1 = min(y1, scale * h), min(x1, scale * w)  # the part inside the image …
+    iy0, ix0 = min(y0, iy1 - 1), min(x0, ix1 - 1)  # … at least its last row/column
+    a, b = max(0, iy0 // scale - halo), min(h, -(-iy1 // scale) + halo)
+    c, d = max(0, ix0 // scale - halo), min(w, -(-ix1 // scale) + halo)
+    up = upscale(lq[..., a:b, c:d])[..., iy0 - scale * a:iy1 - scale * a, ix0 - scale * c:ix1 - scale * c]
+    if iy1 < y1 or ix1 < x1:
+        up = F.pad(up, (0, x1 - ix1, 0, y1 - iy1), mode="replicate")
+    return up[..., y0 - iy0:, x0 - ix0:]
+
+
+def tiled_encode(encode: Callable[[torch.Tensor], torch.Tensor], window: Callable[[Box], torch.Tensor],
+                 height: int, width: int, tile: int, overlap: int, factor: int) -> torch.Tensor:
+    """Latent of a (height, width) image read window by window: each tile encoded alone, blended.
+
+    ``encode``: (1, 3, th, tw) pixels → (1, C, th/factor, tw/factor) latent. Returns float32.
+    """
+    boxes = tile_boxes(height, width, tile, overlap)
+    latent_boxes = [tuple(v // factor for v in b) for b in boxes]
+    weights = _grid_weights(latent_boxes, height // factor, width // factor, overlap // factor)
+    latent = None
+    for box, (y0, y1, x0, x1) in zip(boxes, latent_boxes):
+        z = encode(window(box)).float()
+        if latent is None:
+            latent = z.new_zeros((1, z.shape[1], height // factor, width // factor))
+        latent[..., y0:y1, x0:x1] += z * weights((y0, y1, x0, x1)).to(z.device)
+    return latent
+
+
+def tiled_decode_into(out: torch.Tensor, decode: Callable[[torch.Tensor], torch.Tensor], latents: torch.Tensor,
+                      tile: int, overlap: int, factor: int) -> torch.Tensor:
+    """Decode ``latents`` tile by tile (latent ``tile``/``overlap``) and blend into ``out`` (H, W, 3).
+
+    ``out`` must hold zeros and may be smaller than the decoded image (the padding is dropped);
+    ``decode``: (1, C, th, tw) latent → (1, 3, factor·th, factor·tw) pixels.
+    """
+    lh, lw = latents.shape[-2:]
+    boxes = tile_boxes(lh, lw, tile, overlap)
+    pixel_boxes = [tuple(v * factor for v in b) for b in boxes]
+    weights = _grid_weights(pixel_boxes, lh * factor, lw * factor, overlap * factor)
+    height, width = out.shape[:2]
+    for (ly0, ly1, lx0, lx1), box in zip(boxes, pixel_boxes):
+        y0, _, x0, _ = box
+        pixels = (decode(latents[..., ly0:ly1, lx0:lx1]).float().cpu() * weights(box))[0]
+        out[y0:y0 + pixels.shape[1], x0:x0 + pixels.shape[2]] += pixels[:, :height - y0, :width - x0].permute(1, 2, 0)
+    return out
+
+
+__all__ = ["blend_weights", "check_tiles", "gaussian_weights", "pad_to_multiple", "size_multiple", "tile_boxes",
+           "tile_starts", "tiled_decode_into", "tiled_encode", "upscaled_window", "vae_scale_factor"]

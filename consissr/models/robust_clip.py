@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -235,32 +236,55 @@ class RobustCLIP(nn.Module):
         ``image_size``, clamp to [0, 1] as PIL's uint8 output does, then (x - mean) / std.
         Computed in float32 whatever the input dtype.
         """
+        return self._finish(self._resize(images, self.resized_size(*images.shape[-2:])))
+
+    def resized_size(self, height: int, width: int) -> list[int]:
+        """(h, w) that ``preprocess`` resizes a height × width image to, before the centre crop."""
+        target = self._target
+        mode = self.preprocess_cfg["resize_mode"]
+        if mode == "squash":
+            return list(target)
+        if mode == "shortest" and target[0] == target[1]:  # torchvision's shortest-edge Resize(int)
+            short, long = sorted((height, width))
+            new_long = int(target[0] * long / short)
+            return [target[0], new_long] if height <= width else [new_long, target[0]]
+        if mode in ("shortest", "longest"):  # open_clip's ResizeKeepRatio
+            ratios = (height / target[0], width / target[1])
+            ratio = max(ratios) if mode == "longest" else min(ratios)
+            return [round(height / ratio), round(width / ratio)]
+        raise ValueError(f"unknown open_clip resize_mode {mode!r}")
+
+    def preprocess_rows(self, rows: Callable[[int, int], torch.Tensor], height: int, width: int,
+                        strip: int) -> torch.Tensor:
+        """``preprocess`` of a (1, 3, height, width) image read ``strip`` rows at a time.
+
+        ``rows(r0, r1)`` gives rows r0:r1. torch's antialiased resize is separable and resizes the
+        width first (an unchanged side is skipped), so resizing each strip's width, then the
+        stacked band's height gives the whole-image numbers (on the CPU; within rounding on CUDA)
+        with one strip and a height × new-width band in memory instead of the image.
+        """
+        size = self.resized_size(height, width)
+        band = torch.cat([self._resize(rows(r0, min(height, r0 + strip)), [min(height, r0 + strip) - r0, size[1]])
+                          for r0 in range(0, height, strip)], dim=2)
+        return self._finish(self._resize(band, size))
+
+    @property
+    def _target(self) -> tuple[int, int]:
+        size = self.preprocess_cfg["size"]
+        return tuple(size) if isinstance(size, (list, tuple)) else (size, size)
+
+    def _resize(self, images: torch.Tensor, size: list[int]) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(
-                f"expected (B, 3, H, W) images in [0, 1], got shape {tuple(images.shape)}")
-        x = images.float()
+            raise ValueError(f"expected (B, 3, H, W) images in [0, 1], got shape {tuple(images.shape)}")
+        x = images.float().to(self.pixel_mean.device)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # open_clip converts every PIL mode to RGB
-        cfg = self.preprocess_cfg
-        size_cfg = cfg["size"]
-        target = tuple(size_cfg) if isinstance(size_cfg, (list, tuple)) else (size_cfg, size_cfg)
-        interpolation = _INTERPOLATION[cfg["interpolation"]]
-        mode = cfg["resize_mode"]
-        h, w = x.shape[-2:]
-        if mode == "squash":
-            size = list(target)
-        elif mode == "shortest" and target[0] == target[1]:
-            size = [target[0]]  # torchvision's shortest-edge Resize(int), as open_clip uses
-        elif mode in ("shortest", "longest"):  # open_clip's ResizeKeepRatio
-            ratios = (h / target[0], w / target[1])
-            ratio = max(ratios) if mode == "longest" else min(ratios)
-            size = [round(h / ratio), round(w / ratio)]
-        else:
-            raise ValueError(f"unknown open_clip resize_mode {mode!r}")
-        x = TF.resize(x, size, interpolation=interpolation,
-                      antialias=interpolation != TF.InterpolationMode.NEAREST)
-        x = x.clamp(0.0, 1.0)
-        x = _center_crop_or_pad(x, target, fill=cfg.get("fill_color", 0) / 255.0)
+        interpolation = _INTERPOLATION[self.preprocess_cfg["interpolation"]]
+        return TF.resize(x, size, interpolation=interpolation, antialias=interpolation != TF.InterpolationMode.NEAREST)
+
+    def _finish(self, x: torch.Tensor) -> torch.Tensor:
+        """Clamp to [0, 1] as PIL's uint8 output does, centre-crop/pad, normalise."""
+        x = _center_crop_or_pad(x.clamp(0.0, 1.0), self._target, fill=self.preprocess_cfg.get("fill_color", 0) / 255.0)
         return (x - self.pixel_mean.float()) / self.pixel_std.float()
 
     def teacher_embeds(self, hq: torch.Tensor) -> torch.Tensor:
@@ -277,6 +301,11 @@ class RobustCLIP(nn.Module):
         embeddings themselves, and they are what conditions the diffusion model downstream.
         """
         return _encode(self.student, self.preprocess(lq))
+
+    def student_embeds_rows(self, rows: Callable[[int, int], torch.Tensor], height: int, width: int,
+                            strip: int) -> torch.Tensor:
+        """``student_embeds`` of one large image read in strips of rows (``preprocess_rows``)."""
+        return _encode(self.student, self.preprocess_rows(rows, height, width, strip))
 
     def forward(self, lq: torch.Tensor, hq: torch.Tensor) -> torch.Tensor:
         """The Robust CLIP training loss on a batch of degraded / clean images (Eq. 3)."""
