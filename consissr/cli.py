@@ -270,6 +270,29 @@ def run_demo(args) -> int:
     return 0
 
 
+@stage("fidelity", "issue 12's experiment: TALA vs DDPM (Fig. 8, Table 4) and Fig. 10, resumable",
+       registry=TOOLS)
+def _fidelity_args(p):
+    p.add_argument("--budget", choices=("cpu", "cuda", "test"), default="cpu",
+                   help="cpu: ~90 min on 2 cores; cuda: ~10 min on one H100; test: seconds, tiny")
+    p.add_argument("--out", type=Path, required=True, help="run folder (state.json, figures, checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (done phases are skipped)")
+    _paths(p, backbone="data/models/backbone", robust_clip="data/models/robust_clip")
+    p.add_argument("--seed", type=int, default=2024, help="data seed (crops, degradations)")
+    p.add_argument("--shared-data", type=Path, default=Path("../shared/data"),
+                   help="folder with train/CBSD68, test/Set5, test/Set14 (absent: the embedded photos)")
+
+
+def run_fidelity(args) -> int:
+    from consissr.experiments.fidelity import run_fidelity as run
+
+    state = run(args.budget, args.out, resume=args.resume, backbone_dir=args.backbone,
+                robust_clip_dir=args.robust_clip, seed=args.seed, shared_data=args.shared_data)
+    done = [k for k, v in state["phases"].items() if v.get("done")]
+    print(f"consissr fidelity: phases done: {', '.join(done)}; results in {args.out}")
+    return 0
+
+
 @stage("promote", "log the pipeline as an MLflow model, register a version, move the champion alias by the rule",
        registry=TOOLS)
 def _promote_args(p):

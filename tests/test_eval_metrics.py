@@ -77,10 +77,18 @@ def test_empty_weights_dir_makes_metrics_unavailable_naming_the_file(tmp_path):
     assert weight_files("lpips")[0] == "pyiqa/LPIPS_v0.1_alex-df73285e.pth"
     assert weight_files("clipiqa") == ("clip/RN50.pt",)
     assert not any(tmp_path.iterdir()), "nothing may be downloaded into the weights folder"
-    # always computed: psnr, ssim, and NIQE from basicsr's shipped parameters
-    assert set(scores) == {"psnr", "ssim", "niqe"}
+    # always computed: psnr, ssim, PIQE (no weights), and NIQE from basicsr's shipped parameters
+    assert set(scores) == {"psnr", "ssim", "niqe", "piqe"}
     assert "basicsr" in suite.info["niqe"].source
     assert "niqe_modelparameters.mat" in suite.info["niqe"].reason
+
+
+def test_piqe_needs_no_weights_and_scores_small_crops(tmp_path):
+    suite = MetricSuite(["piqe"], weights_dir=tmp_path)
+    assert suite.info["piqe"].available and not suite.info["piqe"].higher_is_better
+    _, hq = _photo_pairs()[0]
+    crop = hq[:96, :96]  # below NIQE's 192² minimum: the reason the fidelity CPU budget uses PIQE
+    assert 0 <= suite.score(crop)["piqe"] <= 100 and not any(tmp_path.iterdir())
 
 
 def test_basicsr_niqe_fallback_prefers_the_sharp_photo(tmp_path):

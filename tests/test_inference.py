@@ -430,14 +430,18 @@ def test_tiled_and_untiled_agree_on_a_small_image(pipe):
 
 
 def test_callback_sees_every_step(pipe):
-    steps = []
+    steps, seen = [], []
 
     def callback(p, i, t, kwargs):
         steps.append((i, int(t)))
+        seen.append((kwargs["latents"].clone(), kwargs["pred_original_sample"].clone()))
         return {"latents": kwargs["latents"]}
 
     pipe(_lq(16, 16), seed=SEED, num_inference_steps=3, output_type="np", callback_on_step_end=callback)
     assert steps == [(0, 999), (1, 500), (2, 0)]
+    # x̂0 (Fig. 8): at t = 0 the DDPM step returns x̂0 itself (ᾱ_prev = 1, no noise); earlier it is not x_{t-1}
+    assert torch.allclose(seen[-1][0], seen[-1][1], atol=1e-5)
+    assert not torch.allclose(seen[0][0], seen[0][1], atol=1e-2)
 
 
 def test_save_and_load_give_the_same_output(pipe, tmp_path):

@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # higher is better, as results.yaml records it (the ↑/↓ of the paper's tables)
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "lpips": False, "niqe": False, "maniqa": True,
-                    "musiq": True, "clipiqa": True}
+                    "musiq": True, "clipiqa": True, "piqe": False}  # piqe: no weights, any size ≥ 16²
 FULL_REFERENCE = ("psnr", "ssim", "lpips")
 
 
@@ -37,7 +37,7 @@ def _basename(url: str) -> str:
 def weight_files(name: str) -> tuple[str, ...]:
     """Files (relative to a torch.hub folder) that pyiqa loads for metric ``name``; read from
     pyiqa's / torchvision's own URL tables so a new pin names its own files."""
-    if name in ("psnr", "ssim"):
+    if name in ("psnr", "ssim", "piqe"):
         return ()
     if name == "lpips":
         from pyiqa.archs.lpips_arch import default_model_urls
@@ -69,7 +69,7 @@ def _pyiqa_spec(name: str, crop_border: int) -> tuple[str, dict]:
     y_channel = {"test_y_channel": True, "color_space": "ycbcr", "crop_border": crop_border}
     return {"psnr": ("psnr", y_channel), "ssim": ("ssim", y_channel), "lpips": ("lpips", {}),
             "niqe": ("niqe", {}), "maniqa": ("maniqa-pipal", {}), "musiq": ("musiq", {}),
-            "clipiqa": ("clipiqa", {})}[name]
+            "clipiqa": ("clipiqa", {}), "piqe": ("piqe", {})}[name]
 
 
 @dataclass

@@ -205,7 +205,7 @@ def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: 
                     if image_id in grid_ids:
                         (folder / method).mkdir(exist_ok=True)
                         write_rgb_png(folder / method / f"{image_id}.png", sr)
-            sweep = _sweep(s.name, folder, ids, ev, upscale, suite, seed) if s.name == sweep_name else []
+            sweep = fig10_sweep(s.name, folder, ids, ev, upscale, suite, seed) if s.name == sweep_name else []
             info = {k: v.to_dict() for k, v in suite.info.items()}
             for name, failure in suite.failures.items():
                 info[name]["failures"] = f"some images have no value, e.g. {failure}"
@@ -237,7 +237,7 @@ def yaml_load(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-def _sweep(name: str, folder: Path, ids: list[str], ev: EvaluateParams, upscale: Upscalers, suite: MetricSuite,
+def fig10_sweep(name: str, folder: Path, ids: list[str], ev: EvaluateParams, upscale: Upscalers, suite: MetricSuite,
            seed: int) -> list[dict]:
     rows = []
     for steps in ev.sweep_steps:

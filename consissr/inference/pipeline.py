@@ -353,8 +353,8 @@ class ConsisSRPipeline(DiffusionPipeline):
             tile_size, tile_overlap: output pixels; larger images run tiled (latent diffusion, VAE, GAN).
             control_from_gan: GANEmb only: ControlNet and robust CLIP see the GAN output.
             output_type: ``"pil"`` (RGB images) or ``"np"`` (float32 N×H×W×3 in [0, 1]).
-            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ...}) -> dict`` (diffusers'
-                convention; a returned ``"latents"`` replaces the current ones).
+            callback_on_step_end: ``fn(pipe, step, timestep, {"latents": ..., "pred_original_sample": x̂0})
+                -> dict`` (diffusers' convention; a returned ``"latents"`` replaces the current ones).
         """
         if output_type not in ("pil", "np"):
             raise ValueError(f"output_type must be 'pil' or 'np', got {output_type!r}")
@@ -442,11 +442,14 @@ class ConsisSRPipeline(DiffusionPipeline):
         with self.progress_bar(total=len(timesteps)) as progress:
             for i, t in enumerate(timesteps):
                 eps = self._tiled_noise_prediction(latents, t, text, cond, image_embeds, plan.guidance_scale, boxes)
-                latents = self.scheduler.step(eps, t, latents, generator=generator).prev_sample
+                step = self.scheduler.step(eps, t, latents, generator=generator)
+                latents = step.prev_sample
                 del eps
-                if callback is not None:
-                    result = callback(self, i, t, {"latents": latents}) or {}
+                if callback is not None:  # x̂0 of this step too (Fig. 8 decodes it)
+                    result = callback(self, i, t, {"latents": latents,
+                                                   "pred_original_sample": step.pred_original_sample}) or {}
                     latents = result.get("latents", latents)
+                del step
                 progress.update()
         del cond
 
