@@ -81,7 +81,11 @@ def test_readme_walkthrough_runs_retrain_and_the_ui_shows_it_completed_with_its_
             assert text in header, header[-2000:]
         page.get_by_text("Task Runs", exact=True).click()
         page.get_by_text("(2 Completed)").wait_for()
-        listing = page.inner_text("body").split("(2 Completed)")[1]
-        rows = [line for line in listing.splitlines() if line.strip()]
+        for _ in range(60):  # the count renders before the rows: wait for the rows themselves
+            listing = page.inner_text("body").split("(2 Completed)")[1]
+            rows = [line.strip() for line in listing.splitlines() if line.strip()]
+            if {"pull", "push"} <= set(rows):
+                break
+            page.wait_for_timeout(500)
         for name in ("pull", "push"):  # each task run's name, followed by its state
             assert name in rows and rows[rows.index(name) + 1] == "Completed", rows[:20]
