@@ -17,7 +17,7 @@ from typing import Callable
 
 import yaml
 
-from consissr.config import Params, load_params
+from consissr.config import Params, load_params, read_yaml
 from consissr.errors import ConsisSRError, ParamsError
 
 log = logging.getLogger("consissr")
@@ -330,7 +330,7 @@ def _parse_overrides(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep:
             raise ParamsError(f"--set {item!r}: expected key=value")
-        out[key] = yaml.safe_load(value)
+        out[key] = read_yaml(value)
     return out
 
 

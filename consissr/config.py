@@ -488,11 +488,28 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 # --------------------------------------------------------------------------------------------
 # strict loading
 # --------------------------------------------------------------------------------------------
+class Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans (only true/false), as DVC reads and writes params
+    (ruamel): `dvc exp run -S` rewrites ``mixed_precision: "no"`` unquoted, which YAML 1.1 reads as False."""
+
+
+Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """A params file's or a ``--set`` value's YAML, read as DVC reads it (YAML 1.2 booleans)."""
+    return yaml.load(text, Loader=Yaml12Loader)
+
+
 def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
     """Load and validate a params file; ``overrides`` maps dotted keys to values."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = read_yaml(path.read_text()) or {}
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found") from None
     except yaml.YAMLError as exc:

@@ -75,9 +75,14 @@ def test_readme_walkthrough_runs_retrain_and_the_ui_shows_it_completed_with_its_
         page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
         page.get_by_text(run["name"]).first.wait_for()
         page.get_by_text("Task Runs", exact=True).wait_for()
-        header = page.inner_text("body").split("Task Runs")[0]
-        # the run's header: its name, the flow, the deployment, the pool, the state
-        for text in (run["name"], "retrain", "embedded-cpu", "cpu", "Completed", "2 Task runs"):
+        # the run's header: its name, the flow, the deployment, the pool, the state (its parts load one by one)
+        expected = (run["name"], "retrain", "embedded-cpu", "cpu", "Completed", "2 Task runs")
+        for _ in range(60):
+            header = page.inner_text("body").split("Task Runs")[0]
+            if all(text in header for text in expected):
+                break
+            page.wait_for_timeout(500)
+        for text in expected:
             assert text in header, header[-2000:]
         page.get_by_text("Task Runs", exact=True).click()
         page.get_by_text("(2 Completed)").wait_for()

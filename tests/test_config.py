@@ -139,3 +139,24 @@ def test_a_section_built_in_code_is_checked_too():
 
     with pytest.raises(ParamsError, match="gamma"):
         TrainSdsrParams(gamma=-1.0)
+
+
+def test_params_rewritten_by_dvc_exp_run_set_still_load(tmp_path):
+    """`dvc exp run -S` rewrites params.yaml through DVC's YAML 1.2 writer, which drops the quotes of
+    `mixed_precision: "no"`; PyYAML's default YAML 1.1 would read the bare `no` as False."""
+    import shutil
+
+    from dvc.utils.serialize import modify_yaml
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    with modify_yaml(path) as raw:  # what `dvc exp run -S train_sdsr.gamma=5` does to the file
+        raw["train_sdsr"]["gamma"] = 5
+    assert "  mixed_precision: no " in path.read_text()
+    params = load_params(path)
+    assert params.train_clip.mixed_precision == "no" and params.train_sdsr.mixed_precision == "no"
+    assert params.train_sdsr.gamma == 5 and params.train_sdsr.tala is True
+    from consissr.cli import _parse_overrides
+
+    assert _parse_overrides(["train_sdsr.mixed_precision=no", "train_sdsr.tala=false"]) == \
+        {"train_sdsr.mixed_precision": "no", "train_sdsr.tala": False}
