@@ -322,9 +322,11 @@ def test_cli_resumes_a_sigkilled_run_to_the_uninterrupted_losses(trained, data, 
     assert main(argv) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert (log["steps"], log["resumed_from"], log["steps_run"]) == (TRAIN.iterations, 2, TRAIN.iterations - 2)
-    assert [h["loss"] for h in log["history"]] == trained["result"].history["loss"]
+    # equal up to float rounding: a loaded 2-core machine once gave 1.1251727 vs 1.1251726 at step 3 (the
+    # subprocess and this process may reduce in another order); a wrong resume differs by far more
+    assert [h["loss"] for h in log["history"]] == pytest.approx(trained["result"].history["loss"], rel=1e-5)
     resumed, uninterrupted = load_file(out / WEIGHTS_NAME), load_file(trained["out"] / WEIGHTS_NAME)
-    assert all(torch.equal(resumed[k], uninterrupted[k]) for k in uninterrupted)
+    assert all(torch.allclose(resumed[k], uninterrupted[k], rtol=1e-4, atol=1e-6) for k in uninterrupted)
 
 
 # --------------------------------------------------------------------------------------------
