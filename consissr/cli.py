@@ -342,15 +342,10 @@ REPORTS = ("report.json", "manifest.json")
 
 def _run_tracked(command: str, runner: Callable, params: Params, args) -> None:
     from consissr import tracking
-    from consissr.config import STAGE_PARAMS
+    from consissr.config import STAGE_PARAMS, section
 
     stage = command.replace("-", "_")
-    sections = {}
-    for dotted in STAGE_PARAMS[stage]:
-        node = params
-        for part in dotted.split("."):
-            node = getattr(node, part)
-        sections[dotted] = node
+    sections = {dotted: section(params, dotted) for dotted in STAGE_PARAMS[stage]}
     inputs = {k: v for k, v in vars(args).items() if isinstance(v, Path) and k not in ("out", "params")}
     with tracking.start_run(stage, params=sections, inputs=inputs) as run:
         runner(params, args)

@@ -624,13 +624,19 @@ def leaf_keys(obj: Any, prefix: str = "") -> list[str]:
     return out
 
 
+def section(params: Params, dotted: str) -> Any:
+    """The params (sub)section or leaf named by a dotted key, e.g. ``"base.seed"``."""
+    node: Any = params
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def stage_param_keys(stage: str, params: Params | None = None) -> list[str]:
     """The dotted leaf keys a stage reads (what dvc.yaml must list under ``params:``)."""
     params = params or Params()
     keys: list[str] = []
     for dotted in STAGE_PARAMS[stage]:
-        node: Any = params
-        for part in dotted.split("."):
-            node = getattr(node, part)
+        node = section(params, dotted)
         keys += leaf_keys(node, dotted + ".") if dataclasses.is_dataclass(node) else [dotted]
     return keys
