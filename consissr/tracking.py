@@ -28,6 +28,9 @@ import yaml
 from consissr.io import file_sha256
 
 log = logging.getLogger(__name__)
+# MLflow logs "Creating initial MLflow database tables..." at INFO to stderr the first time a
+# sqlite store is opened: noise before a stage's own one-line error or progress.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
 
 DB_NAME = "mlflow.db"
 ARTIFACTS_NAME = "mlartifacts"

@@ -56,6 +56,15 @@ def set_params(params_path: Path, values: dict) -> None:
     params_path.write_text(yaml.safe_dump(raw, sort_keys=False))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _mlflow_store_outside_the_checkout(tmp_path_factory):
+    """Runs that a test does not point elsewhere go to a session store, not the checkout's mlflow.db."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+    yield
+    mp.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_backbone(tmp_path_factory) -> Path:
     """The embedded backbone, built once per test session through the `backbone` stage code."""
