@@ -41,6 +41,13 @@ def copy_tracked_files(dest: Path) -> Path:
 SHORT_TRAINING = {"train_vae.steps": 10}
 
 
+@pytest.fixture(scope="session")
+def dvc_cache(tmp_path_factory) -> Path:
+    """One DVC cache for the end-to-end copies (`dvc cache dir --local`): a stage that already ran in
+    another copy with the same command, dependencies and params is restored from DVC's run cache."""
+    return tmp_path_factory.mktemp("dvc-cache")
+
+
 def set_params(params_path: Path, values: dict) -> None:
     """Set dotted keys (``"train_vae.steps": 10``) in a copy's params.yaml (its comments are dropped)."""
     import yaml

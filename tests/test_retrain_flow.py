@@ -1,13 +1,12 @@
-"""The Prefect `retrain` flow over `dvc repro <stage>` tasks, against a local (ephemeral) Prefect API."""
+"""The Prefect `retrain` flow over `dvc repro <stage>` tasks, against a local Prefect server (`prefect server start`)."""
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO, SHORT_TRAINING, copy_tracked_files, set_params
+from conftest import copy_tracked_files, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -19,13 +18,9 @@ def copy_repo(dest: Path) -> Path:
     return dest
 
 
-def run_flow_subprocess(repo: Path, home: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run the flow in a fresh interpreter (its own ephemeral Prefect server under PREFECT_HOME=home)."""
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-               PREFECT_SERVER_ANALYTICS_ENABLED="false", PREFECT_API_URL="", PREFECT_LOGGING_LEVEL="INFO",
-               PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
-    env.pop("PREFECT_API_URL")
+def run_flow_subprocess(repo: Path, server_env: dict, *args: str) -> subprocess.CompletedProcess:
+    """Run the flow in a fresh interpreter against the session's Prefect server (conftest.prefect_server)."""
+    env = dict(server_env, MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
     return subprocess.run([sys.executable, str(Path(__file__).with_name("_retrain_driver.py")), str(repo), *args],
                           env=env, capture_output=True, text=True, timeout=900)
 
@@ -36,22 +31,20 @@ def result_of(proc) -> dict:
     return yaml.safe_load(line[-1][len("RESULT "):])
 
 
-def test_retrain_completes_then_a_failing_stage_fails_the_flow_naming_it(tmp_path):
+def test_retrain_completes_then_a_failing_stage_fails_the_flow_naming_it(tmp_path, prefect_server):
     repo = copy_repo(tmp_path / "repo")
-    set_params(repo / "params.yaml", SHORT_TRAINING)
-    home = tmp_path / "prefect"
-    proc = run_flow_subprocess(repo, home, "pull,backbone,prepare,push")
+    proc = run_flow_subprocess(repo, prefect_server, "pull,prepare,push")
     out = result_of(proc)
     assert out["state"] == "COMPLETED", proc.stdout[-4000:] + proc.stderr[-4000:]
     # every step ran; no remote configured: the syncs are skips, not failures
-    assert out["result"]["steps"] == {"pull": "skipped", "backbone": "done", "prepare": "done", "push": "skipped"}
+    assert out["result"]["steps"] == {"pull": "skipped", "prepare": "done", "push": "skipped"}
     outputs = out["result"]["outputs"]
-    assert set(outputs) == {"data/models/backbone", "data/prepared"} and all(outputs.values())
+    assert set(outputs) == {"data/prepared"} and all(outputs.values())
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert outputs["data/prepared"] == lock["prepare"]["outs"][0]["md5"]
     # every stage's MLflow run nests under the flow's run
     assert out["parent_runs"] == ["retrain"]
-    assert out["nested_runs"] == ["backbone", "prepare", "train_vae"]
+    assert out["nested_runs"] == ["prepare"]
 
     # prepare changes (it reruns), then degrade fails (its command reads a folder that is not there)
     set_params(repo / "params.yaml", {"prepare.crops_per_image": 2})
@@ -60,7 +53,7 @@ def test_retrain_completes_then_a_failing_stage_fails_the_flow_naming_it(tmp_pat
     (repo / "dvc.yaml").write_text(dvc_yaml.replace("--input data/prepared --out data/degraded",
                                                     "--input data/no-such-folder --out data/degraded"))
     before = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    proc = run_flow_subprocess(repo, home, "backbone,prepare,degrade,encode")
+    proc = run_flow_subprocess(repo, prefect_server, "prepare,degrade,encode")
     out = result_of(proc)
     assert out["state"] == "FAILED"
     assert "stage 'degrade' failed" in out["message"], out

@@ -274,13 +274,14 @@ def test_saved_config_and_model_info_say_how_the_model_was_trained(trained, data
     from consissr.models.info import print_model_info
 
     saved = json.loads((trained["out"] / CONFIG_NAME).read_text())["training"]
-    assert saved == {"steps": TRAIN.iterations, "prior_pretrained": False, "backbone": str(data["backbone"])}
+    assert saved == {"steps": TRAIN.iterations, "prior_pretrained": False, "backbone": str(data["backbone"]),
+                     "tala": TRAIN.tala, "gamma": TRAIN.gamma}
     restored = ConsisSRNet.from_pretrained(trained["out"], load_backbone("embedded", embedded_dir=data["backbone"]))
     assert restored.training_info == saved
     info = print_model_info(Params(), profile="paper", model_dir=trained["out"])
     assert info["training"] == saved
     out = capsys.readouterr().out
-    assert f"trained {TRAIN.iterations} diffusion steps" in out and "untrained prior" in out
+    assert f"trained {TRAIN.iterations} diffusion steps (TALA, γ=1) on" in out and "untrained prior" in out
 
 
 _KILLED = """

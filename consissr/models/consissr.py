@@ -37,7 +37,7 @@ CONFIG_NAME = "consissr_config.json"
 WEIGHTS_NAME = "consissr_adapters.safetensors"
 CONTROLNET_SUBFOLDER = "controlnet"
 FORMAT_VERSION = 1
-TRAINING_KEY = "training"  # consissr_config.json: {"steps", "prior_pretrained", "backbone"} (training_record)
+TRAINING_KEY = "training"  # consissr_config.json: {"steps", "prior_pretrained", "backbone", "tala", "gamma"}
 
 
 
@@ -276,13 +276,14 @@ class ConsisSRNet(nn.Module):
         return net
 
 
-def training_record(steps: int, *, pretrained: str, source: str) -> dict[str, Any]:
+def training_record(steps: int, *, pretrained: str, source: str, tala: bool, gamma: float) -> dict[str, Any]:
     """The ``"training"`` entry of ``consissr_config.json``: diffusion steps trained, whether the
-    prior (the SD UNet) is pretrained — False for the embedded backbone, random by design — and
-    the backbone it was trained on."""
+    prior (the SD UNet) is pretrained — False for the embedded backbone, random by design — the
+    backbone it was trained on, and the objective (TALA with its γ, or plain DDPM: Table 4's arms)."""
     from consissr.models.backbone import EMBEDDED
 
-    return {"steps": int(steps), "prior_pretrained": pretrained != EMBEDDED, "backbone": str(source)}
+    return {"steps": int(steps), "prior_pretrained": pretrained != EMBEDDED, "backbone": str(source),
+            "tala": bool(tala), "gamma": float(gamma)}
 
 
 def read_training_record(model_dir: str | Path) -> dict[str, Any]:

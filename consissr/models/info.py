@@ -131,7 +131,9 @@ def describe_training(record: dict[str, Any]) -> str:
         return "no trained ConsisSR model saved yet (run `dvc repro train_sdsr`)"
     prior = ("pretrained prior" if record["prior_pretrained"]
              else "untrained prior (the embedded backbone's UNet is random)")
-    return f"trained {record['steps']:,d} diffusion steps on {record['backbone']}; {prior}"
+    objective = {True: f"TALA, γ={record.get('gamma'):g}", False: "DDPM (TALA off)"}.get(record.get("tala"))
+    objective = f" ({objective})" if objective else ""  # older saves do not record it
+    return f"trained {record['steps']:,d} diffusion steps{objective} on {record['backbone']}; {prior}"
 
 
 def print_model_info(params: Params, profile: str = "both", backbone_dir: str | Path = "data/models/backbone",

@@ -277,7 +277,8 @@ def train_sdsr(
         # 5. the trained parts, the training log, MLflow artifacts (main process only)
         if result.is_main_process:
             trained = result.model.net
-            trained.training_info = training_record(result.step, pretrained=backbone.pretrained, source=bb.source)
+            trained.training_info = training_record(result.step, pretrained=backbone.pretrained, source=bb.source,
+                                                    tala=train.tala, gamma=train.gamma)
             save_final(trained, out_dir)
             trained_parts = [(entry, f"consissr/{entry.name}" if entry.is_dir() else "consissr")
                              for entry in sorted(out_dir.iterdir())
