@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from consissr.compat import (
     ContiguousDiffJPEG,
+    bound_onednn_primitive_cache,
     circular_lowpass_kernel,
     filter2D,
     random_add_gaussian_noise_pt,
@@ -317,6 +318,7 @@ def _read_hq(path: Path, p: DegradeParams, min_size: int) -> torch.Tensor:
 def _degrade_shard(todo: list[tuple[Any, str | None]], *, in_dir: Path, out_dir: Path, p: DegradeParams,
                    seed: int, variants: int) -> dict[str, list]:
     """Degrade one shard of (index item, reason to skip it or None) into ``out_dir``; return its records."""
+    bound_onednn_primitive_cache()  # else the worker's memory grows with every image it degrades
     min_size = min_image_size(p)
     written: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
