@@ -295,3 +295,14 @@ def test_rerun_leaves_no_stale_outputs(tmp_path):
 def test_missing_index_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="index.json"):
         degrade_folder(tmp_path, tmp_path / "out", P, seed=1)
+
+
+def test_degrading_caps_onednn_primitive_cache_unless_the_user_set_it(prepared, tmp_path, monkeypatch):
+    # oneDNN keeps a conv primitive per input shape; the random resizes made a degrading worker grow
+    # by about 2 MiB per image without the cap (compat item 7, benchmarks/README.md)
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    degrade_folder(prepared, tmp_path / "a", P, seed=2024)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
+    degrade_folder(prepared, tmp_path / "b", P, seed=2024)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "256"
