@@ -33,6 +33,7 @@ from benchmarks.common import machine, write_record
 from consissr.config import ParallelParams, params_from_dict
 from consissr.data.degradation import degrade_folder
 from consissr.data.latent_cache import encode_pairs
+from consissr.data.parallel import local_cluster
 from consissr.data.sources import EMBEDDED_PHOTOS, _embedded_photo, prepare
 
 IMAGENET = 1_281_167  # ImageNet-1k training images
@@ -77,7 +78,7 @@ def worker_peaks(client) -> list[float]:
 
 
 def run_size(n: int, workers: int, src: Path, work: Path, backbone: Path) -> dict:
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     p = params_from_dict({
         "prepare": {"sources": [str(src)], "crop_size": 512, "crops_per_image": 1, "crop_mode": "center",
@@ -88,8 +89,7 @@ def run_size(n: int, workers: int, src: Path, work: Path, backbone: Path) -> dic
     record: dict = {"images": n, "workers": workers, "stages": {}}
     for stage in STAGES:
         t0 = time.perf_counter()  # a fresh cluster per stage: its workers' peak RSS is this stage's
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-                Client(cluster) as client:
+        with local_cluster(workers) as cluster, Client(cluster) as client:  # the stages' own cluster
             start_s = time.perf_counter() - t0
             parallel = ParallelParams(workers=workers, scheduler_address=cluster.scheduler_address)
             load = os.getloadavg()[0]

@@ -11,6 +11,7 @@ from PIL import Image
 from consissr.config import DegradeParams, ParallelParams, PrepareParams, params_from_dict
 from consissr.data.degradation import degrade_folder
 from consissr.data.latent_cache import LatentPairDataset, encode_pairs
+from consissr.data.parallel import local_cluster
 from consissr.data.sources import prepare
 from consissr.errors import ParamsError
 from consissr.training.loop import StreamBatchSampler
@@ -79,7 +80,6 @@ def test_clip_pair_set_is_prepared_degraded_and_read_by_train_clip(tmp_path, mon
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory, tiny_backbone):
     """prepare → degrade (3 variants) → encode, in this process and on a Dask cluster of 2 worker processes."""
-    from dask.distributed import LocalCluster
 
     root = tmp_path_factory.mktemp("scale")
     src = root / "src"
@@ -99,11 +99,27 @@ def two_runs(tmp_path_factory, tiny_backbone):
 
     runs = {"one": run("one", ParallelParams(workers=1))}
     # one cluster for the three stages (a start costs seconds), reached as a remote scheduler is
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with local_cluster(2) as cluster:
         runs["two"] = run("two", ParallelParams(workers=2, scheduler_address=cluster.scheduler_address))
     single = params_from_dict({"degrade": {"variants": 1}}).degrade
     degrade_folder(runs["one"] / "prepared", root / "k1", single, seed=5)
     return runs, root / "k1"
+
+
+def _malloc_trim_threshold():
+    import os
+    return os.environ.get("MALLOC_TRIM_THRESHOLD_")
+
+
+def test_the_stages_workers_run_with_glibc_default_malloc(monkeypatch):
+    # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 (distributed.yaml, nanny.pre-spawn-environ), which
+    # made degrade 32% slower (parallel.local_cluster); a plain LocalCluster's worker has it
+    from dask.distributed import Client
+
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "")  # so that monkeypatch restores the variable's absence:
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_")      # a Dask nanny also sets it in its own process
+    with local_cluster(1) as cluster, Client(cluster) as client:
+        assert list(client.run(_malloc_trim_threshold).values()) == [None]
 
 
 def test_one_and_two_workers_write_the_same_bytes(two_runs):

@@ -51,6 +51,22 @@ def one_thread() -> Iterator[None]:
         cv2.setNumThreads(cv_threads)
 
 
+def local_cluster(workers: int):
+    """A ``LocalCluster`` of ``workers`` processes with one thread each, and glibc's default malloc.
+
+    Dask's nannies set ``MALLOC_TRIM_THRESHOLD_=65536`` in their workers (to hand freed memory back
+    to the OS). Setting it also fixes glibc's mmap threshold, so every large tensor is a fresh,
+    zero-filled mmap: a worker degraded 32% slower with it (0.98 vs 0.74 s per 512² image) for
+    about 125 MiB less RSS. Unset here for the workers this module starts; a user's own
+    ``MALLOC_TRIM_THRESHOLD_`` or ``parallel.scheduler_address`` cluster keeps its setting.
+    """
+    import dask
+    from dask.distributed import LocalCluster
+
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
 def _run_one(fn: Callable[[Any], Any], shard: Any) -> Any:
     with one_thread():
         return fn(shard)
@@ -70,14 +86,13 @@ def run_shards(fn: Callable[[Any], T], shards: Sequence[Any], parallel: Parallel
         bar.close()
         return out
 
-    from dask.distributed import Client, LocalCluster, as_completed
+    from dask.distributed import Client, as_completed
 
     with contextlib.ExitStack() as stack:
         if parallel.scheduler_address is not None:
             client = stack.enter_context(Client(parallel.scheduler_address))
         else:
-            cluster = stack.enter_context(LocalCluster(
-                n_workers=parallel.workers, threads_per_worker=1, processes=True, dashboard_address=None))
+            cluster = stack.enter_context(local_cluster(parallel.workers))
             client = stack.enter_context(Client(cluster))
         log.info("%s: %d shards on %s", desc, len(shards), client)
         futures = client.map(_run_one, [fn] * len(shards), shards, pure=False)
@@ -88,4 +103,4 @@ def run_shards(fn: Callable[[Any], T], shards: Sequence[Any], parallel: Parallel
     return out
 
 
-__all__ = ["one_thread", "run_shards", "shard_size", "split"]
+__all__ = ["local_cluster", "one_thread", "run_shards", "shard_size", "split"]
