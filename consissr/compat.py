@@ -18,8 +18,8 @@
    ``thread_private_random`` this thread's module-level ``random.*`` calls use its own seeded
    ``random.Random`` (same sequence as ``random.seed``), other threads the global one.
 7. oneDNN (torch's CPU convolutions) caches one primitive per input shape, up to 1024 of them
-   (a few MiB each); the degradation's random resizes give every image new shapes, so a worker
-   that degrades 250 images grew from 0.8 to 1.5 GiB. ``bound_onednn_primitive_cache`` caps the
+   (a few MiB each); the degradation's random resizes give every image new shapes, so a process
+   that degraded 250 images grew from 0.8 to 1.5 GiB. ``bound_onednn_primitive_cache`` caps the
    cache of the process that degrades (no slower: every image's shapes are new anyway).
 """
 

@@ -300,7 +300,8 @@ def test_missing_index_is_a_clear_error(tmp_path):
 def test_degrading_caps_onednn_primitive_cache_unless_the_user_set_it(prepared, tmp_path, monkeypatch):
     # oneDNN keeps a conv primitive per input shape; the random resizes made a degrading worker grow
     # by about 2 MiB per image without the cap (compat item 7, benchmarks/README.md)
-    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "")  # so that monkeypatch restores its absence
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
     degrade_folder(prepared, tmp_path / "a", P, seed=2024)
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "16"
     monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
