@@ -55,9 +55,13 @@ from basicsr.data.degradations import (  # noqa: E402
     random_mixed_kernels,
 )
 from basicsr.metrics import calculate_niqe, calculate_psnr, calculate_ssim  # noqa: E402
+from basicsr.metrics.niqe import __file__ as _niqe_file  # noqa: E402
 from basicsr.utils import DiffJPEG, USMSharp  # noqa: E402
 from basicsr.utils.img_process_util import filter2D  # noqa: E402
 from realesrgan import RealESRGANer  # noqa: E402
+
+# the MATLAB NIQE model's parameters, shipped in basicsr's wheel (pyiqa downloads its copy)
+NIQE_PRIS_PARAMS = Path(_niqe_file).with_name("niqe_pris_params.npz")
 
 
 class ContiguousDiffJPEG(DiffJPEG):
@@ -131,6 +135,7 @@ def bound_onednn_primitive_cache() -> None:
 
 
 __all__ = [
+    "NIQE_PRIS_PARAMS",
     "ContiguousDiffJPEG",
     "DiffJPEG",
     "RRDBNet",

@@ -398,6 +398,17 @@ class EvalDatasetParams:
 
 
 @dataclass(frozen=True)
+class EvalFolderParams:
+    """Outputs made elsewhere (a published method's released results, another tool's), scored as method
+    ``method`` on dataset ``dataset``: ``path/<id><suffix>.<ext>`` is the SR image of pair ``id``."""
+
+    method: str  # its name in the tables (not one of this project's methods)
+    dataset: str  # an evaluate.datasets name
+    path: str  # the folder of SR images
+    suffix: str = ""  # between the pair's id and the extension in the SR file names
+
+
+@dataclass(frozen=True)
 class EvaluateParams:
     """Tables 1–2 and Fig. 10 (consissr/evaluation/). Methods are named as in the paper's tables."""
 
@@ -416,9 +427,27 @@ class EvaluateParams:
     sweep_dataset: str | None = None  # the dataset swept; None: the first
     sweep_nr_metric: str = "niqe"  # Fig. 10's no-reference metric beside PSNR
     metrics: tuple[str, ...] = ("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", "clipiqa")
-    crop_border: int = 4  # psnr/ssim border crop on the Y channel (BasicSR, the authors' scripts)
+    # the authors': BasicSR PSNR/SSIM, border 4, pyiqa for the rest; pyiqa: pyiqa's metrics with their
+    # defaults, border 0 (the peers' public scripts). The three keys below override one part of it.
+    protocol: Literal["authors", "pyiqa"] = "authors"
+    crop_border: int | None = None  # psnr/ssim border crop on the Y channel; None: the protocol's (4 | 0)
+    psnr_ssim: Literal["basicsr", "pyiqa"] | None = None  # basicsr: unrounded Y; pyiqa: its ssim rounds Y first
+    niqe: Literal["pyiqa", "basicsr"] | None = None  # whose NIQE code (both: the MATLAB model's parameters)
+    folders: tuple[EvalFolderParams, ...] = ()  # methods read from folders of SR images (scored, not run)
     weights_dir: str | None = None  # metric weights in torch.hub's layout (pyiqa/, checkpoints/, clip/); None: torch.hub.get_dir()
     grid_images: int = 4  # images per dataset shown as LQ | bicubic | GAN | ganemb-rec | full | HQ
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "max_images", "grid_images")
+        if self.crop_border is not None:
+            _at_least(self, 0, "crop_border")
+        names = {d.name for d in self.datasets}
+        for i, f in enumerate(self.folders):
+            if f.dataset not in names:
+                raise ParamsError(f"folders[{i}].dataset: {f.dataset!r} is not an evaluate.datasets name "
+                                  f"({', '.join(sorted(names))})")
+            if f.method in self.methods:
+                raise ParamsError(f"folders[{i}].method: {f.method!r} is also in evaluate.methods; name it apart")
 
 
 @dataclass(frozen=True)

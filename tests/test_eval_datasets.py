@@ -94,3 +94,44 @@ def test_embedded_set_uses_only_held_out_photos():
 def test_crop_below_what_degrade_can_handle_is_refused():
     with pytest.raises(ValueError, match="below the smallest size"):
         build_set(EvalDatasetParams(name="e", kind="embedded"), EvaluateParams(lr_crop=8), DegradeParams(), seed=0)
+
+
+def test_stablesr_layout_same_names_in_both_folders(tmp_path):
+    """StableSR's released RealSR/DRealSR crops: test_HR/ and test_LR/ hold identical file names, 512² and
+    128², evaluated whole (lr_crop 128 = the whole LR image)."""
+    for i, name in enumerate(["Canon_001_LR4.png", "sony_82_x1.png"]):
+        big = noise(512, 512, i)
+        save(tmp_path / "test_HR" / name, big)
+        save(tmp_path / "test_LR" / name, big[::4, ::4])
+    entry = EvalDatasetParams(name="RealSR", kind="paired", lr=str(tmp_path / "test_LR"), hr=str(tmp_path / "test_HR"))
+    s = paired_set(entry, lr_crop=128, scale=4)
+    assert [i.id for i in s.items] == ["Canon_001_LR4", "sony_82_x1"] and s.skipped == []
+    lq, hq = s.items[1].load()
+    np.testing.assert_array_equal(hq, noise(512, 512, 1))  # the whole HR crop, untouched
+    assert lq.shape == (128, 128, 3)
+
+
+def test_folder_outputs_by_id_whole_or_centre_cut(tmp_path):
+    from consissr.config import EvalFolderParams
+    from consissr.errors import InputError
+    from consissr.evaluation.datasets import folder_outputs, read_folder_output
+
+    out = tmp_path / "results"
+    save(out / "a_out.png", noise(128, 128, 1))           # the evaluated HQ size
+    full = noise(160, 192, 2)
+    save(out / "b_out.png", full)                         # x4 the whole 48x40 LR image
+    save(out / "c_out.png", noise(100, 100, 3))           # neither
+    skipped = []
+    files = folder_outputs(EvalFolderParams(method="other", dataset="real", path=str(out), suffix="_out"),
+                           ["a", "b", "c", "d"], skipped)
+    assert sorted(files) == ["a", "b", "c"]
+    assert skipped == [{"path": str(out / "d_out.*"), "method": "other", "reason": "no other output for pair d"}]
+    np.testing.assert_array_equal(read_folder_output(files["a"], (128, 128, 3), lr_crop=32, scale=4, paired=True),
+                                  noise(128, 128, 1))
+    # the same centre box as test_paired_centre_crop_protocol: LR top 4, left 8 → HR 16:144, 32:160
+    np.testing.assert_array_equal(read_folder_output(files["b"], (128, 128, 3), lr_crop=32, scale=4, paired=True),
+                                  full[16:144, 32:160])
+    with pytest.raises(InputError, match="c_out.png: size 100x100 is neither"):
+        read_folder_output(files["c"], (128, 128, 3), lr_crop=32, scale=4, paired=True)
+    with pytest.raises(InputError, match="b_out.png"):  # a synthetic set's crops are seeded: no cutting
+        read_folder_output(files["b"], (128, 128, 3), lr_crop=32, scale=4, paired=False)

@@ -89,12 +89,16 @@ def test_metrics_document_schema(tmp_path):
 
 
 def test_markdown_table_layout():
-    text = markdown_table(sample_doc(), {"Ours [T1]": {"psnr": 23.95, "niqe": 4.8323, "rank_avg": 2.0}})
+    text = markdown_table(sample_doc(), {"Ours [T1] (paper)": {"psnr": 23.95, "niqe": 4.8323, "rank_avg": 2.0},
+                                         "Bicubic (published: x)": {"psnr": 21.0, "niqe": 7.0}},
+                          beside={"bicubic": "Bicubic"})
     lines = text.splitlines()
     assert lines[2] == "| Method | PSNR↑ | NIQE↓ | MANIQA↑ | Rank(avg)↓ |"
     assert lines[4] == "| bicubic | **21.50** | 7.5000 | n/a | **1.50** |"
     assert lines[5] == "| full | 21.25 | **5.5000** | n/a | **1.50** |"
     assert lines[6] == "| *Ours [T1] (paper)* | *23.95* | *4.8323* | *n/a* | *2.00* |"
+    assert lines[7] == "| *Bicubic (published: x)* | *21.00* | *7.0000* | *n/a* | *n/a* |"
+    assert "- bicubic − Bicubic (published: x): PSNR +0.50, NIQE +0.5000" in text  # ours 21.50 / 7.5 (sample_doc)
     assert "maniqa: n/a — needs /w/pyiqa/MANIQA_PIPAL-ae6d356b.pth" in text
     doc = sample_doc()
     doc["metrics"]["niqe"]["failures"] = "some images have no value, e.g. 96x96: ..."

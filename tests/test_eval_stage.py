@@ -61,7 +61,9 @@ def test_evaluate_writes_tables_plots_grids_and_one_run(tmp_path, mlflow_uri):
     assert doc == json.loads(json.dumps(docs["embedded"]))
     assert list(doc["methods"]) == ["bicubic", "gan", "ganemb-rec", "ganemb-gen", "full"]
     assert doc["metrics"]["lpips"]["available"] is False and "lpips" not in doc["methods"]["full"]
-    assert "failures" in doc["metrics"]["niqe"]  # 96² outputs are below NIQE's two 96² blocks
+    # pyiqa's NIQE (the default protocol's) scores 96² outputs too; basicsr's needs two 96² blocks
+    assert doc["metrics"]["niqe"]["source"].startswith("pyiqa niqe") and "failures" not in doc["metrics"]["niqe"]
+    assert doc["dataset"]["protocol"] == {"name": "authors", "crop_border": 4, "psnr_ssim": "basicsr", "niqe": "pyiqa"}
     # the bicubic row is what bicubic upscaling of the written LQ scores, computed independently
     from PIL import Image
 
@@ -123,3 +125,44 @@ def test_an_evaluation_image_used_for_training_fails_the_stage(tmp_path):
     index.write_text(json.dumps({"items": [{"source": "leak.png", "source_sha256": content_hash(skimage.data.coffee())}]}))
     with pytest.raises(ContaminationError, match="skimage:coffee.*leak.png"):
         check_contamination([s], index)
+
+
+def test_a_folder_of_outputs_made_elsewhere_is_scored_beside_our_methods(tmp_path, mlflow_uri):
+    """evaluate.folders: SR images read by pair id, scored by the same suite, in the same table and grid;
+    a pair without an output, or an output of the wrong size, is a recorded skip."""
+    from PIL import Image
+
+    from consissr.config import EvalFolderParams
+    from consissr.data.layout import read_rgb_array
+
+    ev0 = EvaluateParams(datasets=(EvalDatasetParams(name="embedded", kind="embedded", count=3),), lr_crop=24,
+                         methods=("bicubic",), metrics=("psnr",), sweep_t_max=(), sweep_steps=(), grid_images=1)
+    out0 = {k: tmp_path / "first" / k for k in ("m", "p", "r", "w")}
+    evaluate(ev0, degrade=DegradeParams(), inference=InferenceParams(), seed=0, device="cpu", metrics_dir=out0["m"],
+             plots_dir=out0["p"], report_dir=out0["r"], work_dir=out0["w"], load_pipeline=lambda: pytest.fail("no"))
+    ids = sorted(p.stem for p in (out0["w"] / "embedded" / "hq").glob("*.png"))
+    # "made elsewhere": bicubic for the first pair (so it must score as our bicubic row does), the second
+    # saved under another stem (no output for it), and one of the wrong size
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for i, name in ((0, f"{ids[0]}.png"), (1, f"{ids[1]}.jpg.png")):
+        lq = read_rgb_array(out0["w"] / "embedded" / "lq" / f"{ids[i]}.png").astype(np.float32) / 255
+        Image.fromarray((np.clip(bicubic(lq, 4), 0, 1) * 255 + 0.5).astype(np.uint8)).save(elsewhere / name)
+    Image.fromarray(np.zeros((50, 50, 3), np.uint8)).save(elsewhere / f"{ids[2]}.png")
+    ev = EvaluateParams(**{**ev0.__dict__, "folders": (EvalFolderParams(method="theirs", dataset="embedded",
+                                                                        path=str(elsewhere)),)})
+    out = {k: tmp_path / "second" / k for k in ("m", "p", "r", "w")}
+    doc = evaluate(ev, degrade=DegradeParams(), inference=InferenceParams(), seed=0, device="cpu", metrics_dir=out["m"],
+                   plots_dir=out["p"], report_dir=out["r"], work_dir=out["w"],
+                   load_pipeline=lambda: pytest.fail("a folder method needs no pipeline"))["embedded"]
+    validate_metrics(doc)
+    rows = {r["id"]: r for r in doc["per_image"] if r["method"] == "theirs"}
+    ours = {r["id"]: r for r in doc["per_image"] if r["method"] == "bicubic"}
+    assert list(rows) == [ids[0]] and rows[ids[0]]["psnr"] == ours[ids[0]]["psnr"]
+    assert doc["methods"]["theirs"]["settings"] == {"folder": str(elsewhere), "suffix": ""}
+    reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in doc["dataset"]["skipped"] if s.get("method")}
+    assert reasons == {f"{ids[1]}.*": f"no theirs output for pair {ids[1]}",  # the .jpg.png has another stem
+                       f"{ids[2]}.png": "size 50x50 is neither the evaluated HQ size 96x96 nor x4 a whole LR image of the set"}
+    assert "| theirs |" in (out["r"] / "table.md").read_text()
+    grid = Image.open(next((out["r"] / "grids" / "embedded").glob("*.png")))
+    assert grid.size[0] == 4 * 96 + 3 * 2  # LQ | bicubic | theirs | HQ

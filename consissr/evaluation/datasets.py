@@ -2,9 +2,11 @@
 
 Kinds: ``synthetic`` (an HR folder, cropped and degraded by this project's Real-ESRGAN
 ``degrade`` under fixed per-crop seeds: StableSR's DIV2K-Val protocol), ``paired`` (LR and HR
-folders matched by file name, centre crops: RealSR, DrealSR), ``embedded`` (scikit-image photos
-held out of training, degraded like ``synthetic``). A file without a partner, of a size that is
-not ×scale, or smaller than the crop is skipped with the reason, never fatal.
+folders matched by file name, centre crops: RealSR, DrealSR; StableSR's released crops have the
+same names in ``test_LR/`` and ``test_HR/``), ``embedded`` (scikit-image photos held out of
+training, degraded like ``synthetic``). A file without a partner, of a size that is not ×scale, or
+smaller than the crop is skipped with the reason, never fatal. ``evaluate.folders`` adds outputs
+made elsewhere, read by pair id (``folder_outputs``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from consissr.config import DegradeParams, EvalDatasetParams, EvaluateParams
+from consissr.config import DegradeParams, EvalDatasetParams, EvalFolderParams, EvaluateParams
 from consissr.data.sources import EMBEDDED_EVAL_PHOTOS, content_hash, crop_boxes, load_rgb
 from consissr.errors import InputError, MissingInputError, ParamsError
 
@@ -131,6 +133,35 @@ def _paired_crop(lr_path: Path, hr_path: Path, lr_crop: int, scale: int) -> tupl
     top, left = centre_box(*lr.shape[:2], lr_crop)
     return (lr[top:top + lr_crop, left:left + lr_crop],
             hr[top * scale:(top + lr_crop) * scale, left * scale:(left + lr_crop) * scale])
+
+
+# --------------------------------------------------------------------------------------------
+# folders: SR images made elsewhere, matched to the pairs by id
+# --------------------------------------------------------------------------------------------
+def folder_outputs(entry: EvalFolderParams, ids: list[str], skipped: list[dict]) -> dict[str, Path]:
+    """``entry.path``'s SR image file of each pair id (``<id><suffix>.<ext>``); a pair without one is
+    recorded in ``skipped`` and left out."""
+    files = _by_stem(_image_files(Path(entry.path)), entry.suffix, skipped)
+    for image_id in ids:
+        if image_id not in files:
+            skipped.append({"path": str(Path(entry.path) / f"{image_id}{entry.suffix}.*"), "method": entry.method,
+                            "reason": f"no {entry.method} output for pair {image_id}"})
+    return {i: files[i] for i in ids if i in files}
+
+
+def read_folder_output(path: Path, hq_shape: tuple[int, ...], *, lr_crop: int, scale: int, paired: bool
+                       ) -> np.ndarray:
+    """An SR image of the evaluated HQ size; of a paired set, also the ×scale output of the whole LR
+    image, cut to the evaluated centre box. Anything else is an ``InputError`` naming the file."""
+    sr = _read(path)
+    if sr.shape == tuple(hq_shape):
+        return sr
+    h, w = sr.shape[0] // scale, sr.shape[1] // scale
+    if paired and lr_crop and sr.shape[:2] == (h * scale, w * scale) and min(h, w) >= lr_crop:
+        top, left = centre_box(h, w, lr_crop)
+        return sr[top * scale:(top + lr_crop) * scale, left * scale:(left + lr_crop) * scale]
+    raise InputError(f"{path}: size {sr.shape[1]}x{sr.shape[0]} is neither the evaluated HQ size "
+                     f"{hq_shape[1]}x{hq_shape[0]} nor x{scale} a whole LR image of the set")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,15 +1,16 @@
-"""The paper's seven metrics through pyiqa, built once per stage, with availability reporting.
+"""The paper's seven metrics through pyiqa (and BasicSR), built once per stage, with availability reporting.
 
-psnr/ssim: on the Y channel of YCbCr (BT.601) with a ``crop_border`` crop, as BasicSR's
-``calculate_psnr``/``calculate_ssim(test_y_channel=True)`` and the authors' scripts. The others
-(lpips, niqe, maniqa on PIPAL, musiq, clipiqa) need weight files: they are looked up in a folder
-with torch.hub's layout (``pyiqa/``, ``checkpoints/``, ``clip/``; pyiqa's own cache is
-``torch.hub.get_dir()``); a metric whose files are absent is reported unavailable with the paths it
-needs and never scored. NIQE falls back to the parameters shipped in basicsr.
+A ``Protocol`` fixes what the tables of different papers leave open: the PSNR/SSIM border crop,
+whose PSNR/SSIM on the BT.601 Y channel (BasicSR's on the unrounded Y, or pyiqa's, whose SSIM rounds
+Y first), and whose NIQE. The other metrics (lpips, maniqa on PIPAL, musiq, clipiqa) need weight
+files: they are looked up in a folder with torch.hub's layout (``pyiqa/``, ``checkpoints/``,
+``clip/``; pyiqa's own cache is ``torch.hub.get_dir()``); a metric whose files are absent is reported
+unavailable with the paths it needs and never scored.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -64,6 +65,35 @@ def weight_files(name: str) -> tuple[str, ...]:
     raise ParamsError(f"evaluate.metrics: unknown metric {name!r}; known: {', '.join(HIGHER_IS_BETTER)}")
 
 
+@dataclass(frozen=True)
+class Protocol:
+    """How PSNR, SSIM and NIQE are computed (``evaluate.protocol`` and its overrides)."""
+
+    name: str
+    crop_border: int  # pixels cut from each side before PSNR/SSIM
+    psnr_ssim: str  # "basicsr" (calculate_psnr/ssim, unrounded Y) | "pyiqa" (its psnr/ssim; ssim rounds Y)
+    niqe: str  # "pyiqa" | "basicsr"
+
+
+PROTOCOLS = {
+    # the authors' README: BasicSR's PSNR/SSIM on Y with border 4, pyiqa for the rest
+    "authors": Protocol("authors", crop_border=4, psnr_ssim="basicsr", niqe="pyiqa"),
+    # the peers' public evaluation scripts (e.g. OSEDiff's): pyiqa's metrics, Y channel, no border
+    "pyiqa": Protocol("pyiqa", crop_border=0, psnr_ssim="pyiqa", niqe="pyiqa"),
+}
+
+
+def resolve_protocol(name: str = "authors", *, crop_border: int | None = None, psnr_ssim: str | None = None,
+                     niqe: str | None = None) -> Protocol:
+    """A named preset with any of its three parts overridden (``None`` keeps the preset's)."""
+    if name not in PROTOCOLS:
+        raise ParamsError(f"evaluate.protocol: unknown {name!r}; known: {', '.join(PROTOCOLS)}")
+    base = PROTOCOLS[name]
+    changed = {k: v for k, v in (("crop_border", crop_border), ("psnr_ssim", psnr_ssim), ("niqe", niqe))
+               if v is not None and v != getattr(base, k)}
+    return dataclasses.replace(base, name=name + "".join(f" {k}={v}" for k, v in changed.items()), **changed)
+
+
 def _pyiqa_spec(name: str, crop_border: int) -> tuple[str, dict]:
     """pyiqa's metric name and options for one of ours."""
     y_channel = {"test_y_channel": True, "color_space": "ycbcr", "crop_border": crop_border}
@@ -94,18 +124,38 @@ def _to_tensor(img: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).unsqueeze(0).clamp_(0.0, 1.0)
 
 
-def _y_channel_ssim(crop_border: int) -> Callable:
-    """pyiqa's ``ssim`` on the unrounded BT.601 Y (float64, 0..255), as BasicSR: pyiqa's SSIM metric
-    rounds Y to integers first, which reads 0.001–0.002 lower than BasicSR and the paper's tables."""
-    from pyiqa.archs.ssim_arch import ssim
-    from pyiqa.utils.color_util import rgb2ycbcr
+def _basicsr_fidelity(name: str, crop_border: int) -> Callable:
+    """BasicSR's ``calculate_psnr``/``calculate_ssim`` on the unrounded BT.601 Y (what the paper's
+    tables and the authors' scripts use); BasicSR's Y conversion reads BGR."""
+    from consissr.compat import calculate_psnr, calculate_ssim
 
-    def score(sr: torch.Tensor, hq: torch.Tensor, img=None) -> float:
-        if crop_border:
-            sr, hq = (t[..., crop_border:-crop_border, crop_border:-crop_border] for t in (sr, hq))
-        y_sr, y_hq = (rgb2ycbcr(t.double())[:, :1] * 255.0 for t in (sr, hq))
-        return float(ssim(y_sr, y_hq, data_range=255.0).mean())
+    fn = calculate_psnr if name == "psnr" else calculate_ssim
+
+    def score(sr: torch.Tensor, hq: torch.Tensor, img=None, ref=None) -> float:
+        a, b = (np.asarray(x, np.float64) * (1.0 if x.dtype == np.uint8 else 255.0) for x in (img, ref))
+        return float(fn(a[..., ::-1], b[..., ::-1], crop_border=crop_border, input_order="HWC", test_y_channel=True))
     return score
+
+
+NIQE_PARAMS_SOURCE = "the MATLAB NIQE model's mu/cov as basicsr ships them (niqe_pris_params.npz)"
+
+
+def pyiqa_niqe_offline(device: torch.device):
+    """pyiqa's own NIQE without its download: pyiqa reads the MATLAB model's ``mu_prisparam`` and
+    ``cov_prisparam`` from ``niqe_modelparameters.mat``; basicsr's wheel ships the same numbers
+    (tests/test_eval_metrics.py), handed over here as an in-memory .mat."""
+    import io
+
+    import pyiqa
+    import scipy.io
+
+    from consissr.compat import NIQE_PRIS_PARAMS
+
+    params = np.load(NIQE_PRIS_PARAMS)
+    mat = io.BytesIO()
+    scipy.io.savemat(mat, {"mu_prisparam": params["mu_pris_param"], "cov_prisparam": params["cov_pris_param"]})
+    mat.seek(0)
+    return pyiqa.create_metric("niqe", device=device, pretrained_model_path=mat)
 
 
 def _basicsr_niqe(img: np.ndarray) -> float:
@@ -121,37 +171,44 @@ class MetricSuite:
 
     Args:
         names: metric names (``HIGHER_IS_BETTER`` keys).
+        protocol: a ``Protocol`` or a ``PROTOCOLS`` name (PSNR/SSIM code and border, NIQE code).
+        crop_border: with a protocol name, overrides its border.
         weights_dir: a torch.hub-layout folder; None: ``torch.hub.get_dir()`` (pyiqa's own cache).
-        crop_border: border cropped before psnr/ssim.
         device: torch device for the metric networks.
     """
 
-    def __init__(self, names, *, weights_dir: str | Path | None = None, crop_border: int = 4,
-                 device: str | torch.device = "cpu") -> None:
+    def __init__(self, names, *, protocol: Protocol | str = "authors", crop_border: int | None = None,
+                 weights_dir: str | Path | None = None, device: str | torch.device = "cpu") -> None:
         import pyiqa
 
         from consissr.compat import pyiqa_weights_dir
 
+        if not isinstance(protocol, Protocol):
+            protocol = resolve_protocol(protocol, crop_border=crop_border)
+        self.protocol = protocol
         self.device = torch.device(device)
         self.weights_dir = Path(weights_dir) if weights_dir else Path(torch.hub.get_dir())
         self.info: dict[str, MetricInfo] = {}
         self.failures: dict[str, str] = {}  # metric → the first per-image failure (that image has no value)
-        self._fns: dict[str, Callable[[torch.Tensor, torch.Tensor | None], float]] = {}
+        self._fns: dict[str, Callable[..., float]] = {}
+        border = protocol.crop_border
         for name in names:
             needs = weight_files(name)
             info = MetricInfo(name, HIGHER_IS_BETTER[name], name in FULL_REFERENCE, available=False)
             missing = [str(self.weights_dir / rel) for rel in needs if not (self.weights_dir / rel).is_file()]
-            pyiqa_name, options = _pyiqa_spec(name, crop_border)
-            if missing and name == "niqe":
+            pyiqa_name, options = _pyiqa_spec(name, border)
+            if name in ("psnr", "ssim") and protocol.psnr_ssim == "basicsr":
+                info.available, info.source = True, f"basicsr calculate_{name} test_y_channel=True crop_border={border}"
+                self._fns[name] = _basicsr_fidelity(name, border)
+            elif name == "niqe" and protocol.niqe == "basicsr":
                 info.available, info.source = True, "basicsr.metrics.calculate_niqe (niqe_pris_params.npz)"
-                info.reason = f"pyiqa's parameters absent: {', '.join(missing)}"
-                self._fns[name] = lambda sr, hq, img=None: _basicsr_niqe(img)
+                self._fns[name] = lambda sr, hq, img=None, ref=None: _basicsr_niqe(img)
+            elif name == "niqe" and missing:
+                info.available, info.source = True, f"pyiqa niqe with {NIQE_PARAMS_SOURCE}"
+                info.reason = f"pyiqa's own copy absent: {', '.join(missing)}"
+                self._fns[name] = self._wrap(pyiqa_niqe_offline(self.device), False)
             elif missing:
                 info.needs, info.reason = missing, "weights absent"
-            elif name == "ssim":
-                info.available = True
-                info.source = f"pyiqa.archs.ssim_arch.ssim on the unrounded YCbCr Y, crop_border={crop_border}"
-                self._fns[name] = _y_channel_ssim(crop_border)
             else:
                 try:
                     with pyiqa_weights_dir(self.weights_dir):
@@ -168,7 +225,7 @@ class MetricSuite:
             self.info[name] = info
 
     def _wrap(self, metric, full_reference: bool):
-        def score(sr: torch.Tensor, hq: torch.Tensor | None, img=None) -> float:
+        def score(sr: torch.Tensor, hq: torch.Tensor | None, img=None, ref=None) -> float:
             out = metric(sr.to(self.device), hq.to(self.device)) if full_reference else metric(sr.to(self.device))
             return float(out.detach().float().mean().cpu())
         return score
@@ -189,7 +246,7 @@ class MetricSuite:
             if self.info[name].full_reference and hq_t is None:
                 continue
             try:
-                value = fn(sr_t, hq_t, img=sr)
+                value = fn(sr_t, hq_t, img=sr, ref=hq)
             except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:  # e.g. NIQE below 2 blocks of 96²
                 self.failures.setdefault(name, f"{sr.shape[1]}x{sr.shape[0]}: {type(exc).__name__}: {exc}")
                 continue

@@ -22,6 +22,8 @@ from consissr.io import write_bytes, write_json
 SCHEMA = "consissr-evaluate-metrics/1"
 # the paper's Tables 1–4 (results.yaml of the seed document), shipped for the paper rows of the report
 PAPER_RESULTS = Path(__file__).with_name("paper_results.yaml")
+# other methods' published rows on the same test sets (StableSR's crops), with their sources
+PUBLISHED_RESULTS = Path(__file__).with_name("published_results.yaml")
 # column order and printed precision of the paper's tables
 COLUMNS = {"rank_avg": ("Rank(avg)", 2), "psnr": ("PSNR", 2), "ssim": ("SSIM", 4), "lpips": ("LPIPS", 4), "niqe": ("NIQE", 4),
            "maniqa": ("MANIQA", 4), "musiq": ("MUSIQ", 2), "clipiqa": ("CLIPIQA", 4)}
@@ -144,9 +146,11 @@ def _fmt(metric: str, value: float | None) -> str:
     return "n/a" if value is None else f"{value:.{COLUMNS.get(metric, ('', 4))[1]}f}"
 
 
-def markdown_table(doc: Mapping, paper_rows: Mapping[str, Mapping[str, float]] | None = None) -> str:
+def markdown_table(doc: Mapping, paper_rows: Mapping[str, Mapping[str, float]] | None = None,
+                   beside: Mapping[str, str] | None = None) -> str:
     """The dataset's table: a row per method, a column per metric with ↑/↓, the best of our rows in
-    bold, Rank(avg); ``paper_rows`` (name → metrics and printed rank_avg) follow, marked, unranked."""
+    bold, Rank(avg); ``paper_rows`` (label → metrics and printed rank_avg) follow, italic, unranked.
+    ``beside`` maps one of our methods to a printed row's method name: a line gives ours minus theirs."""
     metrics = [m for m in COLUMNS if m in doc["metrics"]] + [m for m in doc["metrics"] if m not in COLUMNS]
     info = doc["metrics"]
     arrow = {m: "↑" if info[m]["higher_is_better"] else "↓" for m in metrics}
@@ -173,13 +177,19 @@ def markdown_table(doc: Mapping, paper_rows: Mapping[str, Mapping[str, float]] |
         lines.append(f"| {meth} | " + " | ".join(cells) + " |")
     for name, row in (paper_rows or {}).items():
         cells = [_fmt(m, row.get(m)) for m in metrics] + [_fmt("rank_avg", row.get("rank_avg"))]
-        lines.append(f"| *{name} (paper)* | " + " | ".join(f"*{c}*" for c in cells) + " |")
+        lines.append(f"| *{name}* | " + " | ".join(f"*{c}*" for c in cells) + " |")
     unavailable = {m: info[m] for m in metrics if not info[m]["available"]}
     if unavailable:
         lines += [""] + [f"- {m}: n/a — " + (f"needs {', '.join(i['needs'])}" if i.get("needs") else i.get("reason", ""))
                          for m, i in unavailable.items()]
     notes = [f"- {m}: {info[m]['source']}" for m in metrics if info[m]["available"] and "basicsr" in info[m].get("source", "")]
     notes += [f"- {m}: {info[m]['failures']}" for m in metrics if info[m].get("failures")]
+    for ours, theirs in (beside or {}).items():
+        label = next((k for k in (paper_rows or {}) if k.startswith(f"{theirs} (published")), None)
+        if ours in means and label:
+            diffs = [f"{COLUMNS.get(m, (m,))[0]} {means[ours][m] - paper_rows[label][m]:+.{COLUMNS.get(m, ('', 4))[1]}f}"
+                     for m in metrics if means[ours][m] is not None and paper_rows[label].get(m) is not None]
+            notes.append(f"- {ours} − {label}: " + ", ".join(diffs))
     if ds.get("skipped"):
         notes.append(f"- {len(ds['skipped'])} file(s) skipped (see metrics JSON `dataset.skipped`)")
     return "\n".join(lines + notes) + "\n"
@@ -190,16 +200,22 @@ def paper_rows(results: Mapping, dataset: str) -> dict[str, dict]:
     out = {}
     for table in ("table1_full_scale", "table2_accelerated"):
         for method, row in results.get(table, {}).get(dataset, {}).items():
-            out[f"{method} [{'T1' if table.startswith('table1') else 'T2'}]"] = row
+            out[f"{method} [{'T1' if table.startswith('table1') else 'T2'}] (paper)"] = row
     return out
 
 
+def published_rows(published: Mapping, dataset: str) -> dict[str, dict]:
+    """Other methods' printed rows for ``dataset`` (published_results.yaml), labelled with their sources."""
+    return {f"{method} (published: {', '.join(row.get('source', []))})": row
+            for method, row in published.get(dataset, {}).items()}
+
+
 def write_report(path: str | Path, docs: Sequence[Mapping], paper: Mapping[str, Mapping[str, Mapping]] | None = None,
-                 *, preamble: str = "") -> Path:
-    """``reports/...md``: one table per dataset; ``paper`` maps a dataset name to its paper rows."""
+                 *, preamble: str = "", beside: Mapping[str, str] | None = None) -> Path:
+    """``reports/...md``: one table per dataset; ``paper`` maps a dataset name to its printed rows."""
     parts = ["# Evaluation", "", preamble, ""] if preamble else ["# Evaluation", ""]
     for doc in docs:
-        parts.append(markdown_table(doc, (paper or {}).get(doc["dataset"]["name"])))
+        parts.append(markdown_table(doc, (paper or {}).get(doc["dataset"]["name"]), beside))
     write_bytes(path, "\n".join(parts).encode())
     return Path(path)
 

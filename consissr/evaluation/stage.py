@@ -2,13 +2,15 @@
 
 Methods (names as in the paper's tables): ``bicubic``; ``gan`` (the Real-ESRGAN stage alone);
 ``ganemb-rec`` / ``ganemb-gen`` (GAN-Embedding, Algorithm 2, from t_max 600 / 1000 in 10
-steps, Table 2); ``full`` (sampling from noise, 50 steps, Table 1). The pipeline and the metric
-networks are loaded once; each dataset is materialised once (LQ/HQ PNGs) and every method reads
-it. Fig. 10 sweeps GANEmb's t_max × steps on one dataset. One MLflow run records it all.
+steps, Table 2); ``full`` (sampling from noise, 50 steps, Table 1); and ``evaluate.folders``:
+outputs made elsewhere, scored alike. The GAN alone, the pipeline and the metric networks are
+loaded once, when first needed; each dataset is materialised once (LQ/HQ PNGs) and every method
+reads it. Fig. 10 sweeps GANEmb's t_max × steps on one dataset. One MLflow run records it all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -20,18 +22,21 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from consissr.config import DegradeParams, EvaluateParams, InferenceParams
+from consissr.config import DegradeParams, EvalFolderParams, EvaluateParams, InferenceParams
 from consissr.data.layout import item_seed, read_rgb_array, write_rgb_png
 from consissr.data.sources import ContaminationError
-from consissr.errors import ParamsError
-from consissr.evaluation.datasets import EvalSet, build_set
-from consissr.evaluation.metrics import MetricSuite
+from consissr.errors import InputError, ParamsError
+from consissr.evaluation.datasets import EvalSet, build_set, folder_outputs, read_folder_output
+from consissr.evaluation.metrics import MetricSuite, resolve_protocol
 from consissr.evaluation.report import (
+    GRID_COLUMNS,
     PAPER_RESULTS,
+    PUBLISHED_RESULTS,
     dataset_metrics,
     fig10_rows,
     image_grid,
     paper_rows,
+    published_rows,
     write_fig10,
     write_report,
 )
@@ -69,11 +74,15 @@ def bicubic(lq: np.ndarray, scale: int) -> np.ndarray:
 
 
 class Upscalers:
-    """Runs one method on one LQ image; the pipeline is loaded on first need, once."""
+    """Runs one method on one LQ image; the pipeline (or, for ``gan`` alone, just the GAN) is loaded on
+    first need, once."""
 
-    def __init__(self, load_pipeline: Callable[[], SRPipeline], *, scale: int) -> None:
+    def __init__(self, load_pipeline: Callable[[], SRPipeline], *, scale: int,
+                 load_gan: Callable[[], Callable[[np.ndarray], np.ndarray]] | None = None) -> None:
         self._load = load_pipeline
+        self._load_gan = load_gan
         self._pipe: SRPipeline | None = None
+        self._gan: Callable[[np.ndarray], np.ndarray] | None = None
         self.scale = scale
 
     @property
@@ -88,6 +97,9 @@ class Upscalers:
         if method == "bicubic":
             return bicubic(lq, self.scale)
         if method == "gan":
+            if self._pipe is None and self._load_gan is not None:
+                self._gan = self._gan or self._load_gan()
+                return np.asarray(self._gan(lq), np.float32)
             return np.asarray(self.pipe.gan_upscale(lq), np.float32)
         out = self.pipe(lq, mode=settings["mode"], t_max=settings.get("t_max"),
                         num_inference_steps=settings["steps"], seed=seed, output_type="np")
@@ -150,24 +162,55 @@ def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, inference: Inference
     """
     from consissr import tracking
 
+    load_gan, gan_dir = None, Path(pipeline_dir) / "gan" if pipeline_dir else Path("data/models/gan")
     if load_pipeline is None:
         def load_pipeline():
             from consissr.inference.pipeline import load_pipeline as load
 
             return load(pipeline_dir, device=device, defaults=inference)
+        if (gan_dir / "gan_config.json").is_file():
+            load_gan = _gan_loader(gan_dir, device, inference.tile_size)
     params = {"base.seed": seed, "base.device": device, "degrade": degrade, "inference": inference, "evaluate": ev}
     inputs = {"pipeline": Path(pipeline_dir)} if pipeline_dir else {
         name: Path("data/models") / name for name in ("backbone", "robust_clip", "consissr", "gan")}
     with tracking.start_run("evaluate", params=params, inputs=inputs) as run:
+        if load_gan is not None:
+            run.set_tags({f"gan.{k}": v for k, v in _gan_source(gan_dir).items()})
         return _evaluate(ev, degrade=degrade, seed=seed, device=device, load_pipeline=load_pipeline,
+                         load_gan=load_gan, gan_source=_gan_source(gan_dir) if load_gan else {},
                          metrics_dir=metrics_dir, plots_dir=plots_dir, report_dir=report_dir, work_dir=work_dir,
                          prepared_dir=prepared_dir, run=run)
 
 
+def _gan_loader(gan_dir: Path, device: str, tile_size: int) -> Callable[[], Callable[[np.ndarray], np.ndarray]]:
+    """The ``gan`` method without the diffusion pipeline: the GAN folder alone, tiled as the pipeline tiles it."""
+    def load() -> Callable[[np.ndarray], np.ndarray]:
+        from consissr.inference.pipeline import resolve_device
+        from consissr.models.gan import gan_upscale, load_gan, tile_for
+
+        upsampler = load_gan(gan_dir, device=resolve_device(device))
+
+        def run(lq: np.ndarray) -> np.ndarray:
+            upsampler.tile_size = tile_for(lq.shape, upsampler.scale, tile_size)
+            return gan_upscale(upsampler, lq)
+        return run
+    return load
+
+
+def _gan_source(gan_dir: Path) -> dict[str, str]:
+    """What the GAN is (its source name and file hash), from its ``gan_config.json``."""
+    from consissr.models.gan import read_gan_config
+
+    config = read_gan_config(gan_dir)
+    return {"source": str(config.get("source", "trained by train_gan" if not config.get("pretrained") else
+                                     config["weights"])), "sha256": str(config.get("sha256", ""))}
+
+
 def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: str,
               load_pipeline: Callable[[], SRPipeline], metrics_dir: str | Path, plots_dir: str | Path,
-              report_dir: str | Path, work_dir: str | Path, prepared_dir: str | Path | None, run: Any
-              ) -> dict[str, dict]:
+              report_dir: str | Path, work_dir: str | Path, prepared_dir: str | Path | None, run: Any,
+              load_gan: Callable[[], Callable[[np.ndarray], np.ndarray]] | None = None,
+              gan_source: Mapping[str, str] | None = None) -> dict[str, dict]:
     settings = method_settings(ev)
     names = [d.name for d in ev.datasets]
     if len(set(names)) != len(names) or not names:
@@ -182,10 +225,11 @@ def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: 
         raise ParamsError(f"evaluate.sweep_nr_metric {ev.sweep_nr_metric!r} is not one of evaluate.metrics")
     from consissr.inference.pipeline import resolve_device
 
-    suite = MetricSuite(ev.metrics, weights_dir=ev.weights_dir, crop_border=ev.crop_border,
-                        device=resolve_device(device))
-    upscale = Upscalers(load_pipeline, scale=ev.scale)
-    results = yaml_load(PAPER_RESULTS)
+    protocol = resolve_protocol(ev.protocol, crop_border=ev.crop_border, psnr_ssim=ev.psnr_ssim, niqe=ev.niqe)
+    suite = MetricSuite(ev.metrics, protocol=protocol, weights_dir=ev.weights_dir, device=resolve_device(device))
+    run.set_tags({"evaluate.protocol": protocol.name})
+    upscale = Upscalers(load_pipeline, scale=ev.scale, load_gan=load_gan)
+    results, published = yaml_load(PAPER_RESULTS), yaml_load(PUBLISHED_RESULTS)
     docs: dict[str, dict] = {}
     with atomic_dir(work_dir) as work, atomic_dir(metrics_dir) as metrics_out, \
             atomic_dir(plots_dir) as plots_out, atomic_dir(report_dir) as report_out:
@@ -205,16 +249,21 @@ def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: 
                     if image_id in grid_ids:
                         (folder / method).mkdir(exist_ok=True)
                         write_rgb_png(folder / method / f"{image_id}.png", sr)
+            folders = [f for f in ev.folders if f.dataset == s.name]
+            for entry in folders:
+                per_image += score_folder(entry, s, folder, ids, grid_ids, ev, suite)
             sweep = fig10_sweep(s.name, folder, ids, ev, upscale, suite, seed) if s.name == sweep_name else []
             info = {k: v.to_dict() for k, v in suite.info.items()}
             for name, failure in suite.failures.items():
                 info[name]["failures"] = f"some images have no value, e.g. {failure}"
             doc = dataset_metrics(
-                dataset={"name": s.name, "kind": s.kind, "paper": s.paper, "images": len(ids), "skipped": s.skipped},
-                metric_info=info, per_image=per_image, settings=settings, sweep=sweep)
+                dataset={"name": s.name, "kind": s.kind, "paper": s.paper, "images": len(ids), "skipped": s.skipped,
+                         "protocol": dataclasses.asdict(protocol)},
+                metric_info=info, per_image=per_image, sweep=sweep,
+                settings={**settings, **{f.method: {"folder": f.path, "suffix": f.suffix} for f in folders}})
             write_json(metrics_out / f"{s.name}.json", doc)
             docs[s.name] = doc
-            _write_grids(report_out / "grids" / s.name, folder, grid_ids, list(settings))
+            _write_grids(report_out / "grids" / s.name, folder, grid_ids, [*settings, *(f.method for f in folders)])
             _log_dataset(run, s.name, doc)
             if s.name == sweep_name and sweep:
                 rows = fig10_rows(doc, ev.sweep_nr_metric)
@@ -222,9 +271,15 @@ def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: 
                 for r in rows:
                     run.log_metrics({_mlflow_key("fig10", f"steps{r['steps']}", k): r[k]
                                      for k in ("psnr", "no_reference") if r[k] is not None}, step=r["t_max"])
-        paper = {s.name: paper_rows(results, s.paper) for s in sets if s.paper}
-        write_report(report_out / "table.md", list(docs.values()), paper,
-                     preamble="Our rows are ranked among themselves; the paper's rows (italic) are its printed numbers.")
+        paper = {s.name: {**paper_rows(results, s.paper), **published_rows(published, s.paper)} for s in sets if s.paper}
+        beside = {f.method: f.method for f in ev.folders}
+        if "x4plus" in (gan_source or {}).get("source", ""):
+            beside["gan"] = "Real-ESRGAN"  # the published rows ran the same network (Wang et al. 2021)
+        write_report(report_out / "table.md", list(docs.values()), paper, beside=beside,
+                     preamble=(f"Protocol: {protocol.name} (PSNR/SSIM: {protocol.psnr_ssim}, Y channel, crop border "
+                               f"{protocol.crop_border}; NIQE: {protocol.niqe}). GAN: "
+                               f"{(gan_source or {}).get('source', 'none')}. Our rows are ranked among themselves; "
+                               "the paper's and the published rows (italic) are printed numbers, unranked."))
     run.flush()
     for path in (report_dir, metrics_dir, plots_dir):
         run.log_artifact(path, Path(path).name)
@@ -235,6 +290,27 @@ def yaml_load(path: Path) -> dict:
     import yaml
 
     return yaml.safe_load(path.read_text()) or {}
+
+
+def score_folder(entry: EvalFolderParams, s: EvalSet, folder: Path, ids: list[str], grid_ids: list[str],
+                 ev: EvaluateParams, suite: MetricSuite) -> list[dict]:
+    """Per-image rows of one ``evaluate.folders`` entry; a missing or misfit file is a recorded skip."""
+    rows = []
+    for image_id, path in tqdm(folder_outputs(entry, ids, s.skipped).items(),
+                               desc=f"evaluate {s.name}: {entry.method} (folder)", unit="img"):
+        hq = read_rgb_array(folder / "hq" / f"{image_id}.png")
+        try:
+            sr = read_folder_output(path, hq.shape, lr_crop=ev.lr_crop, scale=ev.scale, paired=s.kind == "paired")
+        except InputError as exc:
+            s.skipped.append({"path": str(path), "method": entry.method, "reason": str(exc).removeprefix(f"{path}: ")})
+            continue
+        rows.append({"id": image_id, "method": entry.method, **suite.score(sr, hq)})
+        if image_id in grid_ids:
+            (folder / entry.method).mkdir(exist_ok=True)
+            write_rgb_png(folder / entry.method / f"{image_id}.png", sr)
+    for skip in (x for x in s.skipped if x.get("method") == entry.method):
+        log.warning("evaluate %s: %s: skip %s: %s", s.name, entry.method, skip["path"], skip["reason"])
+    return rows
 
 
 def fig10_sweep(name: str, folder: Path, ids: list[str], ev: EvaluateParams, upscale: Upscalers, suite: MetricSuite,
@@ -255,7 +331,8 @@ def _write_grids(out: Path, folder: Path, ids: list[str], methods: list[str]) ->
     for image_id in ids:
         cols = {"LQ": read_rgb_array(folder / "lq" / f"{image_id}.png"), "HQ": read_rgb_array(folder / "hq" / f"{image_id}.png")}
         cols.update({m: read_rgb_array(folder / m / f"{image_id}.png") for m in methods if (folder / m / f"{image_id}.png").is_file()})
-        write_rgb_png(out / f"{image_id}.png", image_grid(cols))
+        order = [*GRID_COLUMNS[:-1], *(m for m in methods if m not in KNOWN_METHODS), GRID_COLUMNS[-1]]  # + folders
+        write_rgb_png(out / f"{image_id}.png", image_grid(cols, order=order))
 
 
 def _log_dataset(run: Any, name: str, doc: Mapping) -> None:

@@ -229,11 +229,10 @@ class ConsisSRPipeline(DiffusionPipeline):
         """
         if self.gan is None:
             raise RuntimeError("this pipeline has no GAN (data/models/gan missing?): run `dvc repro train_gan`")
-        from consissr.models.gan import gan_upscale
+        from consissr.models.gan import gan_upscale, tile_for
 
         if tile is None:
-            tile_size = self.defaults.tile_size
-            tile = tile_size // self.scale if self.scale * max(image.shape[:2]) > tile_size else 0
+            tile = tile_for(image.shape, self.scale, self.defaults.tile_size)
         saved, self.gan.tile_size = self.gan.tile_size, tile
         try:
             return gan_upscale(self.gan, image)

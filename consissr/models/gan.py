@@ -188,6 +188,11 @@ def load_gan(gan_dir: str | os.PathLike, *, device: str | torch.device = "cpu", 
                         pre_pad=pre_pad, half=half, device=torch.device(device))
 
 
+def tile_for(image_shape: tuple[int, ...], scale: int, tile_size: int) -> int:
+    """RealESRGANer's tile (input pixels) for an image whose output exceeds ``tile_size`` pixels, else 0."""
+    return tile_size // scale if scale * max(image_shape[:2]) > tile_size else 0
+
+
 @torch.no_grad()
 def gan_upscale(upsampler: RealESRGANer, image: np.ndarray) -> np.ndarray:
     """Upscale an RGB float image (H, W, 3) in [0, 1] → float32 (sH, sW, 3) in [0, 1].
@@ -232,5 +237,6 @@ __all__ = [
     "read_state_dict",
     "record_pretrained",
     "save_gan",
+    "tile_for",
     "weights_path",
 ]
