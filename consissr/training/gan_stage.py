@@ -1,16 +1,17 @@
 """Stage ``train_gan``: the RRDBNet that GAN-Embedding mode starts from (Algorithm 2, l. 1).
 
-Embedded profile (``gan.pretrained: null``): basicsr's RRDBNet (``gan.num_block/num_feat/
-num_grow_ch``) is fitted with L1 from the LQ images (``degraded/lq/<id>.png``) to their HQ crops
-(``prepared/hq/<id>.png``), on random ``patch_size``² LQ patches with flips and 90° turns, Adam,
-through the shared loop (checkpoints, resume) — Real-ESRNet's recipe, minus its EMA and 1M steps.
-The result is ``gan.pth`` ({"params": state dict}) + ``gan_config.json`` (``consissr.models.gan``),
-then scored through ``load_gan`` / ``gan_upscale`` (RealESRGANer) against bicubic: PSNR on the
-training pairs, in ``gan_config.json["training"]`` and MLflow. MLflow also gets the params, the
-loss per step, LQ | bicubic | GAN | HQ grids and ``plots/loss_curve.png``.
+``gan.pretrained`` (default ``realesrgan-x4plus-ncnn``: Real-ESRGAN x4plus as a pinned package ships
+it; or a Real-ESRGAN ``.pth``) with ``train_gan.iterations: 0``: no training; the weights are checked
+and recorded with their source and sha256 in ``gan_config.json`` and the MLflow run (``consissr.models.gan``).
 
-Paper profile (``gan.pretrained: <path to RealESRGAN_x4plus.pth>``): no training; the file is
-checked (strict load into the configured RRDBNet) and named by path and sha256 in ``gan_config.json``.
+With ``iterations > 0`` the RRDBNet (``gan.num_block/num_feat/num_grow_ch``) is fitted with L1 from
+the LQ images (``degraded/lq/<id>.png``) to their HQ crops (``prepared/hq/<id>.png``) on random
+``patch_size``² LQ patches with flips and 90° turns, Adam, through the shared loop (checkpoints,
+resume) — Real-ESRNet's recipe, minus its EMA and 1M steps — starting from the pretrained weights
+(fine-tuning on one's own data) or, with ``gan.pretrained: null``, from ``train_gan.init``. The
+result is ``gan.pth`` + ``gan_config.json``, scored through ``load_gan`` / ``gan_upscale``
+(RealESRGANer) against bicubic on the training pairs; MLflow also gets the loss per step, LQ |
+bicubic | GAN | HQ grids and ``plots/loss_curve.png``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from consissr.models.gan import (
     build_rrdbnet,
     gan_upscale,
     load_gan,
+    pretrained_net,
     record_pretrained,
     save_gan,
 )
@@ -151,24 +153,30 @@ def train_gan(
     arch = {"scale": scale, "num_block": gan.num_block, "num_feat": gan.num_feat, "num_grow_ch": gan.num_grow_ch}
     params = {"base.seed": seed, "base.device": device, "degrade.scale": scale, "gan": gan, "train_gan": train}
 
-    # paper profile: a pretrained Real-ESRGAN file, checked and named (not copied)
-    if gan.pretrained is not None:
+    # pretrained weights as they are: checked and recorded (a .pth by path; the ncnn export converted)
+    if gan.pretrained is not None and train.iterations == 0:
         with tracking.start_run("train_gan", params=params) as run:
             config = record_pretrained(gan.pretrained, out_dir, **arch)
-            run.set_tags({"gan.weights": config["weights"], "gan.sha256": config["sha256"]})
+            run.set_tags({"gan.weights": config["weights"], "gan.sha256": config["sha256"],
+                          "gan.source": config["source"], "gan.source_sha256": config["source_sha256"]})
             run.log_artifact(out_dir / CONFIG_NAME, "gan")
-        log.info("train_gan: recorded %s (sha256 %s) in %s", config["weights"], config["sha256"][:12], out_dir)
+        log.info("train_gan: %s (sha256 %s) in %s", config["source"], config["source_sha256"][:12], out_dir)
         return config
 
     # 1. data: LQ (degraded/lq, 1/scale) and HQ (prepared/hq) pairs, whole images; patches in the step
     dataset = PairedImageDataset(prepared_dir, degraded_dir, lq_source=LQ_SOURCE)
     settings = loop_settings(train, seed=seed, device=device)
 
-    # 2. the RRDBNet, seeded (the same on every rank and on resume)
+    # 2. the RRDBNet: the pretrained one (fine-tuning), else seeded (the same on every rank and on resume)
     torch.manual_seed(seed)
-    model = build_rrdbnet(**arch)
-    if train.init == "bilinear":
-        bilinear_init(model)
+    provenance: dict[str, Any] = {}
+    if gan.pretrained is not None:
+        model, source = pretrained_net(gan.pretrained, **arch)
+        provenance = {"finetuned_from": source["source"], "finetuned_from_sha256": source["source_sha256"]}
+    else:
+        model = build_rrdbnet(**arch)
+        if train.init == "bilinear":
+            bilinear_init(model)
     step = functools.partial(l1_step, patch=train.patch_size, scale=scale)
     sample_fn = (make_sample_fn(dataset, count=train.sample_count, scale=scale)
                  if train.sample_every and train.sample_count > 0 else None)
@@ -181,11 +189,11 @@ def train_gan(
         result: TrainResult = loop.train(
             model=model, loss_fn=step, dataset=dataset, settings=settings, out_dir=out_dir, tracker=run,
             sample_fn=sample_fn, fingerprint={"arch": arch, "patch_size": train.patch_size, "init": train.init,
-                                      "data": dataset.fingerprint})
+                                              "data": dataset.fingerprint, **provenance})
         config: dict[str, Any] = {}
         # 4. gan.pth + gan_config.json, scored through RealESRGANer; the log and MLflow artifacts
         if result.is_main_process:
-            config = save_gan(result.model, out_dir, **arch)
+            config = save_gan(result.model, out_dir, **arch, provenance=provenance)
             scores = psnr_vs_bicubic(out_dir, dataset, scale=scale)
             config["training"] = {"steps": result.step, **scores}
             write_json(out_dir / CONFIG_NAME, config)
