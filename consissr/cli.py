@@ -180,16 +180,18 @@ def run_evaluate(params: Params, args) -> None:
              prepared_dir=args.prepared, pipeline_dir=args.pipeline)
 
 
-@stage("model-info", "print parameter counts per part (both profiles) and how the saved model was trained")
+@stage("model-info", "print parameter counts per part (both profiles), how the saved model was trained and "
+       "where the GAN's weights come from")
 def _model_info_args(p):
-    _paths(p, backbone="data/models/backbone", model="data/models/consissr")
+    _paths(p, backbone="data/models/backbone", model="data/models/consissr", gan="data/models/gan")
     p.add_argument("--profile", choices=["tiny", "paper", "both"], default="both")
 
 
 def run_model_info(params: Params, args) -> None:
     from consissr.models.info import print_model_info
 
-    print_model_info(params, profile=args.profile, backbone_dir=args.backbone, model_dir=args.model)
+    print_model_info(params, profile=args.profile, backbone_dir=args.backbone, model_dir=args.model,
+                     gan_dir=args.gan)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,7 +205,8 @@ def _model_args(p) -> None:
 
 def _sampling_args(p) -> None:
     _model_args(p)
-    p.add_argument("--mode", choices=["full", "ganemb"], default=None, help="§3.1 full | Algorithm 2 GAN-Embedding")
+    p.add_argument("--mode", choices=["full", "ganemb", "gan"], default=None,
+                   help="§3.1 full | Algorithm 2 GAN-Embedding | gan: Real-ESRGAN alone (a real result on a CPU)")
     p.add_argument("--preset", choices=["rec", "gen"], default=None, help="GANEmb preset of Table 2")
     p.add_argument("--steps", dest="num_inference_steps", type=int, default=None)
     p.add_argument("--t-max", dest="t_max", type=int, default=None, help="GANEmb start timestep (1..1000)")

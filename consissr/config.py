@@ -438,6 +438,7 @@ class EvaluateParams:
     folders: tuple[EvalFolderParams, ...] = ()  # methods read from folders of SR images (scored, not run)
     weights_dir: str | None = None  # metric weights in torch.hub's layout (pyiqa/, checkpoints/, clip/); None: torch.hub.get_dir()
     grid_images: int = 4  # images per dataset shown as LQ | bicubic | GAN | ganemb-rec | full | HQ
+    save_outputs: bool = False  # keep every method's SR image (work dir <dataset>/<method>/), not only the grids'
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "max_images", "grid_images")
@@ -456,7 +457,7 @@ class EvaluateParams:
 class InferenceParams:
     """Sampling defaults of ``ConsisSRPipeline`` (consissr/inference/); no DVC stage reads them yet."""
 
-    mode: Literal["full", "ganemb"] = "full"  # §3.1: 50 spaced DDPM steps | Algorithm 2 (GAN-Embedding)
+    mode: Literal["full", "ganemb", "gan"] = "full"  # §3.1: 50 spaced DDPM steps | Algorithm 2 | the GAN alone
     num_inference_steps: int = 50  # full mode (§3.1)
     preset: Literal["rec", "gen"] = "rec"  # GANEmb default, Table 2: rec = (t_max 600, 10 steps), gen = (1000, 10)
     prompt: str = ""  # the training prompt (train_sdsr.prompt: empty)

@@ -369,6 +369,31 @@ def recording(pipe):
         del pipe.net.forward
 
 
+def test_gan_mode_is_the_gan_alone_tiled_like_the_diffusion_modes(pipe, capsys):
+    """mode='gan': Real-ESRGAN's output (Algorithm 2, l. 1) with no diffusion step — what `upscale --mode gan`
+    and the demo's gan mode give; above tile_size output pixels RealESRGANer tiles it."""
+    from consissr.models.gan import bilinear_init, gan_upscale
+
+    lq = _lq(45, 67)
+    saved = {k: v.clone() for k, v in pipe.gan.model.state_dict().items()}
+    torch.manual_seed(0)
+    bilinear_init(pipe.gan.model)  # a GAN whose output is a picture (the fixture's random one clamps to black)
+    try:
+        with recording(pipe) as seen:
+            whole = pipe(lq, mode="gan", tile_size=512, output_type="np").images[0]
+        assert seen == []  # no network call of the diffusion model
+        assert whole.shape == (180, 268, 3) and whole.std() > 0.05
+        assert np.array_equal(whole, gan_upscale(pipe.gan, lq))  # RealESRGANer on the whole image
+        assert "Tile" not in capsys.readouterr().out
+        tiled = pipe(lq, mode="gan", output_type="np").images[0]  # 268 output pixels > the default tile_size 256
+        assert "Tile 2/2" in capsys.readouterr().out  # RealESRGANer's own tiles (64 LQ pixels)
+        assert np.array_equal(tiled, pipe.gan_upscale(lq)) and np.abs(tiled - whole).mean() < 0.01
+    finally:
+        pipe.gan.model.load_state_dict(saved)
+    with pytest.raises(ValueError, match="runs the GAN alone"):
+        pipe.plan(mode="gan", t_max=600)
+
+
 def test_full_mode_runs_the_spaced_chain_from_noise(pipe):
     with recording(pipe) as seen:
         pipe(_lq(16, 16), seed=SEED, num_inference_steps=5, color_fix="none", output_type="np")

@@ -133,6 +133,11 @@ def test_the_briefly_trained_warning_is_given_once(tmp_path, caplog):
         upscale_files(toy, [tmp_path], tmp_path / "out")
     warnings = [r.getMessage() for r in caplog.records if "briefly trained" in r.getMessage()]
     assert len(warnings) == 1 and "SD 2.1" in warnings[0] and "40 training steps" in warnings[0]
+    assert "--mode gan" in warnings[0]  # the real result this machine can give
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # the GAN alone is no toy: no warning
+        upscale_files(toy, [tmp_path], tmp_path / "out-gan", UpscaleOptions(mode="gan"))
+    assert not [r for r in caplog.records if "briefly trained" in r.getMessage()]
     assert training_warning({"steps": 200_000, "prior_pretrained": True, "backbone": "sd2.1"}) is None
     assert training_warning({"steps": 200_000, "prior_pretrained": False}) is not None
     assert training_warning({}) is None

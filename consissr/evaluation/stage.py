@@ -246,7 +246,7 @@ def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: 
                     if sr.shape != hq.shape:
                         raise RuntimeError(f"{method} returned {sr.shape} for LQ {lq.shape}; expected {hq.shape}")
                     per_image.append({"id": image_id, "method": method, **suite.score(sr, hq)})
-                    if image_id in grid_ids:
+                    if image_id in grid_ids or ev.save_outputs:
                         (folder / method).mkdir(exist_ok=True)
                         write_rgb_png(folder / method / f"{image_id}.png", sr)
             folders = [f for f in ev.folders if f.dataset == s.name]
@@ -305,7 +305,7 @@ def score_folder(entry: EvalFolderParams, s: EvalSet, folder: Path, ids: list[st
             s.skipped.append({"path": str(path), "method": entry.method, "reason": str(exc).removeprefix(f"{path}: ")})
             continue
         rows.append({"id": image_id, "method": entry.method, **suite.score(sr, hq)})
-        if image_id in grid_ids:
+        if image_id in grid_ids or ev.save_outputs:
             (folder / entry.method).mkdir(exist_ok=True)
             write_rgb_png(folder / entry.method / f"{image_id}.png", sr)
     for skip in (x for x in s.skipped if x.get("method") == entry.method):

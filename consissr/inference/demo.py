@@ -1,6 +1,6 @@
 """``consissr demo``: a Gradio page over the same upscaler as ``consissr upscale``.
 
-Upload, the sampling knobs (mode, steps, t_max, prompt, seed), a before/after slider (the input
+Upload, the sampling knobs (mode: full, ganemb or the GAN alone; steps, t_max, prompt, seed), a before/after slider (the input
 resized bicubically to the output size | the model's output), the full-precision PNG to download,
 progress from the pipeline's tqdm bars, and the briefly-trained-model warning as a banner.
 Bound to 127.0.0.1 unless ``host`` says otherwise.
@@ -33,7 +33,7 @@ def _display(pixels: np.ndarray) -> Image.Image:
 def build_demo(pipe: Upscaler, *, max_pixels: int = DEFAULT_MAX_PIXELS):
     import gradio as gr
 
-    warning = training_warning(getattr(pipe, "training_info", {}) or {})
+    warning = training_warning(getattr(pipe, "training_info", {}) or {}, gan_hint="choose the **gan** mode")
     default_mode = getattr(getattr(pipe, "defaults", None), "mode", "full")
     out_dir = Path(tempfile.mkdtemp(prefix="consissr-demo-"))
 
@@ -45,9 +45,11 @@ def build_demo(pipe: Upscaler, *, max_pixels: int = DEFAULT_MAX_PIXELS):
             image = read_image(path, max_pixels=max_pixels)
         except ImageError as exc:
             raise gr.Error(exc.reason) from None
-        options = UpscaleOptions(mode=mode, num_inference_steps=int(steps) if steps else None,
-                                 t_max=int(t_max) if t_max else None, prompt=prompt or None,
-                                 seed=int(seed) if seed is not None else None)
+        diffusion = mode != "gan"  # the GAN alone takes no steps, t_max or prompt
+        options = UpscaleOptions(mode=mode, num_inference_steps=int(steps) if steps and diffusion else None,
+                                 t_max=int(t_max) if t_max and diffusion else None,
+                                 prompt=(prompt or None) if diffusion else None,
+                                 seed=int(seed) if seed is not None and diffusion else None)
         pixels = upscale_image(pipe, image, options)
         result = _display(pixels)
         before = _display(image.pixels).resize(result.size, Image.Resampling.BICUBIC)
@@ -63,7 +65,8 @@ def build_demo(pipe: Upscaler, *, max_pixels: int = DEFAULT_MAX_PIXELS):
             with gr.Column():
                 source = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"], format="png",
                                   label="Low-resolution image", elem_id="input")
-                mode = gr.Radio(["full", "ganemb"], value=default_mode, label="Mode (§3.1 full | Algorithm 2 GAN-Embedding)")
+                mode = gr.Radio(["full", "ganemb", "gan"], value=default_mode, elem_id="mode",
+                                label="Mode (§3.1 full | Algorithm 2 GAN-Embedding | gan: Real-ESRGAN x4plus alone)")
                 # 0 or empty: the pipeline's default for the mode (full 50; GANEmb preset rec: 10 from 600)
                 steps = gr.Number(value=None, precision=0, label="Steps (0: the mode's default)")
                 t_max = gr.Number(value=None, precision=0, maximum=1000, label="t_max, GAN-Embedding (0: preset rec)")

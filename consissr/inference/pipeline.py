@@ -294,6 +294,10 @@ class ConsisSRPipeline(DiffusionPipeline):
             if t_max not in (None, T):
                 raise ValueError(f"mode='full' starts from pure noise at t = T = {T}; t_max={t_max} needs mode='ganemb'")
             t_max, steps = T, num_inference_steps or d.num_inference_steps or FULL_STEPS
+        elif mode == "gan":  # the GAN alone (Algorithm 2, l. 1): Real-ESRGAN's output, no diffusion
+            if preset is not None or t_max is not None or num_inference_steps is not None:
+                raise ValueError("mode='gan' runs the GAN alone: presets, t_max and steps belong to the diffusion modes")
+            t_max, steps = 0, 0
         elif mode == "ganemb":
             preset = preset or d.preset
             if preset not in GANEMB_PRESETS:
@@ -301,7 +305,7 @@ class ConsisSRPipeline(DiffusionPipeline):
             preset_t_max, preset_steps = GANEMB_PRESETS[preset]
             t_max, steps = t_max or preset_t_max, num_inference_steps or preset_steps
         else:
-            raise ValueError(f"mode must be 'full' or 'ganemb', got {mode!r}")
+            raise ValueError(f"mode must be 'full', 'ganemb' or 'gan', got {mode!r}")
         plan = SamplingPlan(
             mode=mode, t_max=int(t_max), steps=int(steps),
             guidance_scale=float(d.guidance_scale if guidance_scale is None else guidance_scale),
@@ -341,7 +345,8 @@ class ConsisSRPipeline(DiffusionPipeline):
 
         Args:
             mode: ``"full"`` (§3.1: x_T ~ N(0, I), ``num_inference_steps`` spaced DDPM steps, 50 by
-                default) or ``"ganemb"`` (Algorithm 2). ``None``: the pipeline's default.
+                default), ``"ganemb"`` (Algorithm 2) or ``"gan"`` (the GAN alone, Real-ESRGAN's output).
+                ``None``: the pipeline's default.
             preset: GANEmb preset of Table 2, ``"rec"`` (t_max 600, 10 steps) or ``"gen"`` (1000, 10).
             t_max, num_inference_steps: override the preset (t_max in the paper's 1..T).
             prompt, negative_prompt, guidance_scale: text prompt and classifier-free guidance
@@ -399,6 +404,13 @@ class ConsisSRPipeline(DiffusionPipeline):
         pixels that the VAE encoder, the robust CLIP and the colour fix read (bicubic LQ, GAN
         output) are made window by window from the LQ, and the VAE decodes into the output.
         """
+        if plan.mode == "gan":
+            from consissr.models.gan import tile_for
+
+            if self.gan is None:
+                raise RuntimeError("this pipeline has no GAN (data/models/gan missing?): run `dvc repro train_gan`")
+            image = lq[0].permute(1, 2, 0).numpy()
+            return self.gan_upscale(image, tile=tile_for(image.shape, self.scale, plan.tile_size))
         device, dtype = self.unet.device, self.unet.dtype
         s = self.scale
         h, w = lq.shape[-2:]

@@ -69,7 +69,7 @@ class UpscaleReport:
         return not self.failed
 
 
-def training_warning(info: dict) -> str | None:
+def training_warning(info: dict, *, gan_hint: str = "use `--mode gan`") -> str | None:
     """Issue 13 point 3: the text to show once when the model is a briefly trained toy, else None."""
     if not info:
         return None
@@ -79,9 +79,10 @@ def training_warning(info: dict) -> str | None:
     what = ", ".join(x for x in (f"{steps} training steps" if steps is not None else "",
                                  "a prior trained from scratch" if pretrained is False else "",
                                  f"backbone {info['backbone']}" if info.get("backbone") else "") if x)
-    return (f"this model is a briefly trained one ({what}): its images show "
-            "the pipeline working, not real super-resolution. For a real result train train_sdsr for many more "
-            "steps, or use the paper configuration with SD 2.1 (configs/paper.yaml).")
+    return (f"this diffusion model is a briefly trained one ({what}): its images show the pipeline working, not "
+            f"real super-resolution. For a real result on this machine {gan_hint} (Real-ESRGAN x4plus); for "
+            "the diffusion model, train train_sdsr for many more steps or use the paper configuration with SD 2.1 "
+            "(configs/paper.yaml).")
 
 
 def collect_inputs(inputs: list[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:
@@ -138,7 +139,8 @@ def upscale_files(pipe: Upscaler, inputs: list[str | Path], out_dir: str | Path,
     """Upscale every input file (folders searched recursively) into ``out_dir``; never raises for one file."""
     options = options or UpscaleOptions()
     report = UpscaleReport()
-    warning = training_warning(getattr(pipe, "training_info", {}) or {})
+    mode = options.mode or getattr(getattr(pipe, "defaults", None), "mode", None)
+    warning = None if mode == "gan" else training_warning(getattr(pipe, "training_info", {}) or {})
     if warning:
         log.warning("%s", warning)
     pairs = collect_inputs(inputs, out_dir)

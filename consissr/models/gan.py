@@ -142,7 +142,7 @@ def pretrained_net(pretrained: str, *, scale: int, num_block: int, num_feat: int
                               "(set gan.num_block 23, num_feat 64, num_grow_ch 32, degrade.scale 4)")
         model, found = ncnn_rrdb.load_x4plus()
         return model, {"pretrained": True, "source": found["source"], "source_package": found["package"],
-                       "source_file": found["bin"], "source_sha256": found["bin_sha256"]}
+                       "source_sha256": found["bin_sha256"]}
     path = Path(pretrained).expanduser().resolve()
     model = check_weights(path, **arch)
     return model, {"pretrained": True, "source": str(path), "source_sha256": file_sha256(path)}

@@ -136,15 +136,35 @@ def describe_training(record: dict[str, Any]) -> str:
     return f"trained {record['steps']:,d} diffusion steps{objective} on {record['backbone']}; {prior}"
 
 
+def describe_gan(gan_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """One line on the GAN of GAN-Embedding (``gan_config.json``): its source and hashes, or how it was trained."""
+    from consissr.models.gan import GanWeightsError, read_gan_config
+
+    try:
+        config = read_gan_config(gan_dir)
+    except GanWeightsError:
+        return "no GAN saved yet (run `dvc repro train_gan`)", {}
+    arch = f"RRDBNet {config['num_block']} blocks, {config['num_feat']} features, x{config['scale']}"
+    if config.get("pretrained"):
+        what = f"{config['source']} (sha256 {config['source_sha256']})"
+    elif config.get("finetuned_from"):
+        what = f"fine-tuned {config['training']['steps']:,d} steps from {config['finetuned_from']}"
+    else:
+        what = f"trained {config.get('training', {}).get('steps', 0):,d} steps from scratch by train_gan"
+    return f"{arch}; {what}; weights {config['weights']} (sha256 {config['sha256']})", config
+
+
 def print_model_info(params: Params, profile: str = "both", backbone_dir: str | Path = "data/models/backbone",
-                     model_dir: str | Path = "data/models/consissr") -> dict:
+                     model_dir: str | Path = "data/models/consissr", gan_dir: str | Path = "data/models/gan") -> dict:
     """Print total and trainable parameter counts per part for the tiny and/or paper profile,
-    and how the saved model in ``model_dir`` was trained."""
+    how the saved model in ``model_dir`` was trained, and what the GAN in ``gan_dir`` is."""
     profiles = ["tiny", "paper"] if profile == "both" else [profile]
     record = read_training_record(model_dir)
+    gan_line, gan_config = describe_gan(gan_dir)
     print(f"Saved model {model_dir}: {describe_training(record)}")
+    print(f"GAN {gan_dir}: {gan_line}")
     print()
-    results: dict[str, Any] = {"training": record}
+    results: dict[str, Any] = {"training": record, "gan": gan_config}
     for name in profiles:
         info = model_info(params, name, backbone_dir)
         results[name] = info
