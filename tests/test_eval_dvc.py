@@ -14,7 +14,7 @@ import yaml
 from conftest import SHORT_TRAINING, copy_tracked_files, set_params
 
 SMALL = {  # the embedded default made smaller still, so the whole chain runs in minutes on 2 cores
-    **SHORT_TRAINING, "train_clip.iterations": 2, "train_sdsr.iterations": 2, "train_gan.iterations": 2,
+    **SHORT_TRAINING, "train_clip.iterations": 2, "train_sdsr.iterations": 2,
     "evaluate.lr_crop": 24, "evaluate.full_steps": 2, "evaluate.rec_steps": 2, "evaluate.gen_steps": 2,
     "evaluate.sweep_t_max": [600, 1000], "evaluate.sweep_steps": [1], "evaluate.sweep_nr_metric": "ssim",
     "evaluate.grid_images": 1,

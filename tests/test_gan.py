@@ -336,6 +336,11 @@ def test_default_gan_is_the_package_x4plus_converted_and_recorded(tmp_path, monk
     state = convert(param, bin_file)
     for key in ("conv_first.weight", "body.22.rdb3.conv5.bias", "conv_last.weight"):
         torch.testing.assert_close(upsampler.model.state_dict()[key], state[key], rtol=0, atol=0)
+    from consissr.models.info import describe_gan
+
+    line, _ = describe_gan(tmp_path / "gan")  # what `consissr model-info` prints
+    assert f"Real-ESRGAN x4plus (fp16 ncnn export) (sha256 {config['source_sha256']})" in line
+    assert "RRDBNet 23 blocks, 64 features, x4" in line
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("test-x4plus").experiment_id])
     assert run.data.tags["gan.source"] == config["source"]
