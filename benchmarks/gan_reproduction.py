@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +37,7 @@ from consissr.compat import RealESRGANer
 from consissr.data.sources import load_rgb
 from consissr.evaluation.metrics import MetricSuite
 from consissr.evaluation.stage import to_uint8
-from consissr.models.gan import gan_upscale
+from consissr.models.gan import WEIGHTS_NAME, X4PLUS_ARCH, gan_upscale, save_gan
 from consissr.models.ncnn_rrdb import load_x4plus
 
 
@@ -71,12 +72,17 @@ def main() -> None:
     suite = MetricSuite(["psnr", "ssim"], protocol="pyiqa")
     scores: dict[str, list[dict]] = {k: [] for k in variants}
     outputs: dict[str, list[np.ndarray]] = {k: [] for k in variants}
+    upsamplers = {}
+    with tempfile.TemporaryDirectory(prefix="gan-repro-") as tmp:
+        for key, (model, pre_pad) in variants.items():  # RealESRGANer loads its weights from a file
+            folder = Path(tmp) / str(len(upsamplers))
+            save_gan(model, folder, **X4PLUS_ARCH)
+            upsamplers[key] = RealESRGANer(scale=4, model_path=str(folder / WEIGHTS_NAME), model=model, tile=0,
+                                           pre_pad=pre_pad, half=False, device=torch.device("cpu"))
     t0 = time.time()
     for i, name in enumerate(names):
         lq, hq = load_rgb(args.lr / name)[0], load_rgb(args.hr / name)[0]
-        for key, (model, pre_pad) in variants.items():
-            up = RealESRGANer(scale=4, model_path="unused", model=model, tile=0, pre_pad=pre_pad, half=False,
-                              device=torch.device("cpu"))
+        for key, up in upsamplers.items():
             sr = to_uint8(gan_upscale(up, lq.astype(np.float32) / 255.0))
             scores[key].append(suite.score(sr, hq))
             outputs[key].append(sr)

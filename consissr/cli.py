@@ -151,7 +151,7 @@ def run_train_sdsr(params: Params, args) -> None:
                device=params.base.device, embeddings_dir=args.embeddings)
 
 
-@stage("train-gan", "fit the RRDBNet for GAN-Embedding mode with L1 (or check and record gan.pretrained)")
+@stage("train-gan", "the GAN for GAN-Embedding mode: check and record gan.pretrained, or fit / fine-tune it with L1")
 def _train_gan_args(p):
     _paths(p, prepared="data/prepared", degraded="data/degraded", out="data/models/gan")
 

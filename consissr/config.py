@@ -415,7 +415,7 @@ class EvaluateParams:
     """Tables 1–2 and Fig. 10 (consissr/evaluation/). Methods are named as in the paper's tables."""
 
     datasets: tuple[EvalDatasetParams, ...] = (EvalDatasetParams(name="embedded", kind="embedded"),)
-    lr_crop: int = 48  # LR crop side; HR crops are scale × it (StableSR: 128 → 512); NIQE needs HR ≥ 192
+    lr_crop: int = 48  # LR crop side; HR crops are scale × it (StableSR: 128 → 512); basicsr's NIQE needs HR ≥ 192
     scale: int = 4
     max_images: int = 0  # per dataset; 0: all
     methods: tuple[str, ...] = ("bicubic", "gan", "ganemb-rec", "ganemb-gen", "full")

@@ -121,17 +121,34 @@ def test_folder_outputs_by_id_whole_or_centre_cut(tmp_path):
     full = noise(160, 192, 2)
     save(out / "b_out.png", full)                         # x4 the whole 48x40 LR image
     save(out / "c_out.png", noise(100, 100, 3))           # neither
+    save(out / "metrics" / "d_out.png", noise(128, 128, 4))  # in a sub-folder: not an output of the folder
     skipped = []
     files = folder_outputs(EvalFolderParams(method="other", dataset="real", path=str(out), suffix="_out"),
                            ["a", "b", "c", "d"], skipped)
     assert sorted(files) == ["a", "b", "c"]
     assert skipped == [{"path": str(out / "d_out.*"), "method": "other", "reason": "no other output for pair d"}]
-    np.testing.assert_array_equal(read_folder_output(files["a"], (128, 128, 3), lr_crop=32, scale=4, paired=True),
-                                  noise(128, 128, 1))
+    whole_lr = (40, 48)
+    np.testing.assert_array_equal(read_folder_output(files["a"], (128, 128, 3), lr_crop=32, scale=4,
+                                                     lr_size=whole_lr), noise(128, 128, 1))
     # the same centre box as test_paired_centre_crop_protocol: LR top 4, left 8 → HR 16:144, 32:160
-    np.testing.assert_array_equal(read_folder_output(files["b"], (128, 128, 3), lr_crop=32, scale=4, paired=True),
-                                  full[16:144, 32:160])
-    with pytest.raises(InputError, match="c_out.png: size 100x100 is neither"):
-        read_folder_output(files["c"], (128, 128, 3), lr_crop=32, scale=4, paired=True)
+    np.testing.assert_array_equal(read_folder_output(files["b"], (128, 128, 3), lr_crop=32, scale=4,
+                                                     lr_size=whole_lr), full[16:144, 32:160])
+    with pytest.raises(InputError, match=r"c_out.png: size 100x100 is neither .* nor x4 the whole LR image \(48x40\)"):
+        read_folder_output(files["c"], (128, 128, 3), lr_crop=32, scale=4, lr_size=whole_lr)
+    with pytest.raises(InputError, match="b_out.png"):  # x4 another LR size (a padded input): misaligned, refused
+        read_folder_output(files["b"], (128, 128, 3), lr_crop=32, scale=4, lr_size=(40, 40))
     with pytest.raises(InputError, match="b_out.png"):  # a synthetic set's crops are seeded: no cutting
-        read_folder_output(files["b"], (128, 128, 3), lr_crop=32, scale=4, paired=False)
+        read_folder_output(files["b"], (128, 128, 3), lr_crop=32, scale=4, lr_size=None)
+
+
+def test_folder_method_names_that_would_collide_are_refused():
+    from consissr.config import EvalFolderParams
+    from consissr.evaluation.stage import method_settings
+
+    for bad in ("gan", "hq", "HQ", "../up", "a/b"):
+        with pytest.raises(ValueError, match=r"folders\[0\].method"):
+            method_settings(EvaluateParams(folders=(EvalFolderParams(method=bad, dataset="embedded", path="x"),)))
+    twice = (EvalFolderParams(method="OSEDiff", dataset="embedded", path="x"),) * 2
+    with pytest.raises(ValueError, match="named twice"):
+        method_settings(EvaluateParams(folders=twice))
+    assert list(method_settings(EvaluateParams(methods=("bicubic",), folders=twice[:1]))) == ["bicubic"]

@@ -28,18 +28,23 @@ def _photo_pairs():
     return pairs
 
 
-def test_y_channel_psnr_ssim_agree_with_basicsr():
-    from consissr.compat import calculate_psnr, calculate_ssim
+def test_the_two_presets_agree_where_only_their_code_differs():
+    """At the same border, BasicSR's PSNR (the authors' preset) and pyiqa's (the peers') are the same
+    formula on the same Y; their SSIMs differ only by pyiqa's rounding of Y, which the unrounded pyiqa
+    ssim function (``ssim_arch.ssim`` on float64 Y) removes: two implementations, checked against each other."""
+    from pyiqa.archs.ssim_arch import ssim
+    from pyiqa.utils.color_util import rgb2ycbcr
 
-    suite = MetricSuite(["psnr", "ssim"], crop_border=4)
+    from consissr.evaluation.metrics import _to_tensor, resolve_protocol
+
+    authors = MetricSuite(["psnr", "ssim"], protocol="authors")
+    peers = MetricSuite(["psnr", "ssim"], protocol=resolve_protocol("pyiqa", crop_border=4))
     for sr, hq in _photo_pairs():
-        ours = suite.score(sr, hq)
-        # basicsr reads BGR uint8 images, HWC
-        ref_psnr = calculate_psnr(sr[..., ::-1], hq[..., ::-1], crop_border=4, test_y_channel=True)
-        ref_ssim = calculate_ssim(sr[..., ::-1], hq[..., ::-1], crop_border=4, test_y_channel=True)
-        assert 15 < ref_psnr < 40
-        assert ours["psnr"] == pytest.approx(ref_psnr, abs=2e-3)
-        assert ours["ssim"] == pytest.approx(ref_ssim, abs=5e-5)  # float32 input vs float64
+        a, b = authors.score(sr, hq), peers.score(sr, hq)
+        assert 15 < a["psnr"] < 40
+        assert a["psnr"] == pytest.approx(b["psnr"], abs=2e-3)
+        y = [rgb2ycbcr(_to_tensor(x).double())[:, :1, 4:-4, 4:-4] * 255.0 for x in (sr, hq)]
+        assert a["ssim"] == pytest.approx(float(ssim(*y, data_range=255.0).mean()), abs=5e-5)
 
 
 def test_border_crop_and_colour_space_matter():
@@ -77,9 +82,9 @@ def test_empty_weights_dir_makes_metrics_unavailable_naming_the_file(tmp_path):
     assert weight_files("lpips")[0] == "pyiqa/LPIPS_v0.1_alex-df73285e.pth"
     assert weight_files("clipiqa") == ("clip/RN50.pt",)
     assert not any(tmp_path.iterdir()), "nothing may be downloaded into the weights folder"
-    # always computed: psnr, ssim, PIQE (no weights), and NIQE from basicsr's shipped parameters
+    # always computed: psnr, ssim, PIQE (no weights), and pyiqa's NIQE on basicsr's shipped model parameters
     assert set(scores) == {"psnr", "ssim", "niqe", "piqe"}
-    assert "basicsr" in suite.info["niqe"].source
+    assert suite.info["niqe"].source.startswith("pyiqa niqe") and "niqe_pris_params.npz" in suite.info["niqe"].source
     assert "niqe_modelparameters.mat" in suite.info["niqe"].reason
 
 
@@ -91,8 +96,11 @@ def test_piqe_needs_no_weights_and_scores_small_crops(tmp_path):
     assert 0 <= suite.score(crop)["piqe"] <= 100 and not any(tmp_path.iterdir())
 
 
-def test_basicsr_niqe_fallback_prefers_the_sharp_photo(tmp_path):
-    suite = MetricSuite(["niqe"], weights_dir=tmp_path)
+@pytest.mark.parametrize("niqe", ["pyiqa", "basicsr"])
+def test_both_niqe_implementations_prefer_the_sharp_photo(tmp_path, niqe):
+    from consissr.evaluation.metrics import resolve_protocol
+
+    suite = MetricSuite(["niqe"], protocol=resolve_protocol("authors", niqe=niqe), weights_dir=tmp_path)
     for degraded, hq in _photo_pairs()[:2]:
         assert suite.score(hq)["niqe"] < suite.score(degraded)["niqe"]
 
@@ -119,7 +127,7 @@ def test_the_two_ssim_variants_differ_as_rounding_y_predicts():
     sr, hq = _photo_pairs()[1]
     basic = MetricSuite(["ssim"], protocol="authors", crop_border=0).score(sr, hq)["ssim"]
     rounded = MetricSuite(["ssim"], protocol="pyiqa").score(sr, hq)["ssim"]
-    assert basic == calculate_ssim(sr[..., ::-1], hq[..., ::-1], crop_border=0, test_y_channel=True)
+    assert basic == pytest.approx(calculate_ssim(sr[..., ::-1], hq[..., ::-1], crop_border=0, test_y_channel=True))
     assert 1e-4 < basic - rounded < 5e-3
 
 

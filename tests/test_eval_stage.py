@@ -162,7 +162,43 @@ def test_a_folder_of_outputs_made_elsewhere_is_scored_beside_our_methods(tmp_pat
     assert doc["methods"]["theirs"]["settings"] == {"folder": str(elsewhere), "suffix": ""}
     reasons = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in doc["dataset"]["skipped"] if s.get("method")}
     assert reasons == {f"{ids[1]}.*": f"no theirs output for pair {ids[1]}",  # the .jpg.png has another stem
-                       f"{ids[2]}.png": "size 50x50 is neither the evaluated HQ size 96x96 nor x4 a whole LR image of the set"}
+                       f"{ids[2]}.png": "size 50x50 is neither the evaluated HQ size 96x96"}  # crops: no whole LR
     assert "| theirs |" in (out["r"] / "table.md").read_text()
     grid = Image.open(next((out["r"] / "grids" / "embedded").glob("*.png")))
     assert grid.size[0] == 4 * 96 + 3 * 2  # LQ | bicubic | theirs | HQ
+
+
+def test_the_gan_alone_is_scored_without_a_diffusion_model_beside_its_published_row(tmp_path, mlflow_uri):
+    """The default GAN (Real-ESRGAN x4plus from the wheel) in a folder with no diffusion parts: evaluate loads
+    the GAN by itself, names its source in the report and the MLflow run, and prints the published
+    Real-ESRGAN row of a paired paper set with ours minus it."""
+    import skimage.data
+    from mlflow import MlflowClient
+    from PIL import Image
+
+    from consissr.models.gan import X4PLUS_ARCH, record_pretrained
+
+    record_pretrained("realesrgan-x4plus-ncnn", tmp_path / "pipe" / "gan", **X4PLUS_ARCH)
+    for folder in ("test_HR", "test_LR"):
+        (tmp_path / folder).mkdir()
+    for name, photo in (("a", skimage.data.astronaut()), ("b", skimage.data.coffee())):
+        hr = photo[100:196, 100:196]
+        Image.fromarray(hr).save(tmp_path / "test_HR" / f"{name}.png")
+        Image.fromarray(hr).resize((24, 24), Image.BICUBIC).save(tmp_path / "test_LR" / f"{name}.png")
+    ev = EvaluateParams(datasets=(EvalDatasetParams(name="RealSR", kind="paired", lr=str(tmp_path / "test_LR"),
+                                                    hr=str(tmp_path / "test_HR"), paper="RealSR"),),
+                        lr_crop=24, methods=("bicubic", "gan"), metrics=("psnr", "ssim"), protocol="pyiqa",
+                        sweep_t_max=(), sweep_steps=(), grid_images=1)
+    doc = evaluate(ev, degrade=DegradeParams(), inference=InferenceParams(), seed=0, device="cpu",
+                   metrics_dir=tmp_path / "m", plots_dir=tmp_path / "p", report_dir=tmp_path / "r",
+                   work_dir=tmp_path / "w", pipeline_dir=tmp_path / "pipe")["RealSR"]  # no backbone there
+    assert doc["methods"]["gan"]["psnr"]["n"] == 2
+    table = (tmp_path / "r" / "table.md").read_text()
+    assert "GAN: Real-ESRGAN x4plus (fp16 ncnn export)." in table and "Protocol: pyiqa" in table
+    assert "| *Real-ESRGAN (published: osediff_t7, ccsr_t1)* | *25.69* | *0.7616* |" in table
+    ours = doc["methods"]["gan"]["psnr"]["mean"]
+    assert f"- gan − Real-ESRGAN (published: osediff_t7, ccsr_t1): PSNR {ours - 25.69:+.2f}" in table
+    client = MlflowClient(mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("consissr").experiment_id])
+    assert run.data.tags["gan.source"] == "Real-ESRGAN x4plus (fp16 ncnn export)"
+    assert run.data.tags["evaluate.protocol"] == "pyiqa"

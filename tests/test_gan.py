@@ -347,6 +347,24 @@ def test_default_gan_is_the_package_x4plus_converted_and_recorded(tmp_path, monk
     assert run.data.tags["gan.source_sha256"] == config["source_sha256"]
 
 
+def test_recording_the_same_weights_twice_gives_the_same_file(tmp_path):
+    """DVC hashes gan.pth: converting the export again must not change a byte (torch.save would name the
+    zip's folder after a temporary file)."""
+    from consissr.models.gan import record_pretrained
+
+    first = record_pretrained("realesrgan-x4plus-ncnn", tmp_path / "a", **X4PLUS_ARCH)
+    again = record_pretrained("realesrgan-x4plus-ncnn", tmp_path / "b", **X4PLUS_ARCH)
+    assert first["sha256"] == again["sha256"] == hashlib.sha256((tmp_path / "b" / WEIGHTS_NAME).read_bytes()).hexdigest()
+
+
+def test_no_pretrained_weights_and_no_iterations_is_refused(tmp_path):
+    from consissr.errors import ParamsError
+    from consissr.training.gan_stage import train_gan
+
+    with pytest.raises(ParamsError, match="would save an untrained GAN"):
+        train_gan(tmp_path, tmp_path, tmp_path / "gan", gan=GAN, train=TrainGanParams(iterations=0), scale=4, seed=0)
+
+
 def test_the_ncnn_x4plus_refuses_another_architecture_naming_the_keys(tmp_path):
     from consissr.errors import ParamsError
     from consissr.training.gan_stage import train_gan

@@ -37,6 +37,7 @@ class EvalItem:
     source: str  # the file(s) or photo it comes from
     source_sha256: Callable[[], str]  # content hash of the whole decoded HR source (contamination check)
     load: Callable[[], tuple[np.ndarray, np.ndarray]]
+    lr_size: tuple[int, int] | None = None  # paired: (h, w) of the whole LR image the crop comes from
 
 
 @dataclass
@@ -120,7 +121,7 @@ def paired_set(entry: EvalDatasetParams, *, lr_crop: int, scale: int) -> EvalSet
         # only the crop is kept in memory; the loader re-reads the files when asked
         items.append(EvalItem(id=stem, source=f"{lr_path} | {hr_path}",
                               source_sha256=lambda p=hr_path: content_hash(_read(p)),
-                              load=lambda a=lr_path, b=hr_path: _paired_crop(a, b, lr_crop, scale)))
+                              load=lambda a=lr_path, b=hr_path: _paired_crop(a, b, lr_crop, scale), lr_size=(h, w)))
     for s in skipped:
         log.warning("evaluate %s: skip %s: %s", entry.name, s["path"], s["reason"])
     return EvalSet(entry.name, entry.kind, entry.paper, items, skipped)
@@ -139,29 +140,36 @@ def _paired_crop(lr_path: Path, hr_path: Path, lr_crop: int, scale: int) -> tupl
 # folders: SR images made elsewhere, matched to the pairs by id
 # --------------------------------------------------------------------------------------------
 def folder_outputs(entry: EvalFolderParams, ids: list[str], skipped: list[dict]) -> dict[str, Path]:
-    """``entry.path``'s SR image file of each pair id (``<id><suffix>.<ext>``); a pair without one is
-    recorded in ``skipped`` and left out."""
-    files = _by_stem(_image_files(Path(entry.path)), entry.suffix, skipped)
+    """``entry.path``'s SR image file of each pair id (``<id><suffix>.<ext>``, the folder itself, not its
+    sub-folders); a pair without one, or a name used twice, is recorded in ``skipped`` and left out."""
+    folder = Path(entry.path)
+    if not folder.is_dir():
+        raise MissingInputError(f"{folder}: evaluate.folders {entry.method!r}: folder not found")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    own: list[dict] = []
+    by_id = _by_stem(files, entry.suffix, own)
     for image_id in ids:
-        if image_id not in files:
-            skipped.append({"path": str(Path(entry.path) / f"{image_id}{entry.suffix}.*"), "method": entry.method,
-                            "reason": f"no {entry.method} output for pair {image_id}"})
-    return {i: files[i] for i in ids if i in files}
+        if image_id not in by_id:
+            own.append({"path": str(folder / f"{image_id}{entry.suffix}.*"),
+                        "reason": f"no {entry.method} output for pair {image_id}"})
+    skipped += [{**s, "method": entry.method} for s in own]
+    return {i: by_id[i] for i in ids if i in by_id}
 
 
-def read_folder_output(path: Path, hq_shape: tuple[int, ...], *, lr_crop: int, scale: int, paired: bool
-                       ) -> np.ndarray:
-    """An SR image of the evaluated HQ size; of a paired set, also the ×scale output of the whole LR
-    image, cut to the evaluated centre box. Anything else is an ``InputError`` naming the file."""
+def read_folder_output(path: Path, hq_shape: tuple[int, ...], *, lr_crop: int, scale: int,
+                       lr_size: tuple[int, int] | None = None) -> np.ndarray:
+    """An SR image of the evaluated HQ size; for a pair cut from a whole LR image of ``lr_size``, also the
+    ×scale output of that whole image, cut to the evaluated centre box. Anything else is an
+    ``InputError`` naming the file (a padded or otherwise scaled output would score misaligned)."""
     sr = _read(path)
     if sr.shape == tuple(hq_shape):
         return sr
-    h, w = sr.shape[0] // scale, sr.shape[1] // scale
-    if paired and lr_crop and sr.shape[:2] == (h * scale, w * scale) and min(h, w) >= lr_crop:
-        top, left = centre_box(h, w, lr_crop)
+    if lr_size and lr_crop and sr.shape[:2] == (lr_size[0] * scale, lr_size[1] * scale):
+        top, left = centre_box(*lr_size, lr_crop)
         return sr[top * scale:(top + lr_crop) * scale, left * scale:(left + lr_crop) * scale]
+    whole = f" nor x{scale} the whole LR image ({lr_size[1]}x{lr_size[0]})" if lr_size else ""
     raise InputError(f"{path}: size {sr.shape[1]}x{sr.shape[0]} is neither the evaluated HQ size "
-                     f"{hq_shape[1]}x{hq_shape[0]} nor x{scale} a whole LR image of the set")
+                     f"{hq_shape[1]}x{hq_shape[0]}{whole}")
 
 
 # --------------------------------------------------------------------------------------------

@@ -183,7 +183,9 @@ class MetricSuite:
 
         from consissr.compat import pyiqa_weights_dir
 
-        if not isinstance(protocol, Protocol):
+        if isinstance(protocol, Protocol):
+            protocol = protocol if crop_border is None else dataclasses.replace(protocol, crop_border=crop_border)
+        else:
             protocol = resolve_protocol(protocol, crop_border=crop_border)
         self.protocol = protocol
         self.device = torch.device(device)

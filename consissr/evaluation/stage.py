@@ -63,6 +63,14 @@ def method_settings(ev: EvaluateParams) -> dict[str, dict]:
     unknown = [m for m in ev.methods if m not in table]
     if unknown:
         raise ParamsError(f"evaluate.methods: unknown method {unknown[0]!r}; known: {', '.join(KNOWN_METHODS)}")
+    seen = set()
+    for i, f in enumerate(ev.folders):  # a folder method's outputs go to <work>/<dataset>/<method>/
+        if f.method in (*KNOWN_METHODS, "lq", "hq", "LQ", "HQ") or not re.fullmatch(r"[A-Za-z0-9][\w.\- ]*", f.method):
+            raise ParamsError(f"evaluate.folders[{i}].method: {f.method!r} is reserved or not a plain name "
+                              f"(letters, digits, _ . - and spaces; not {', '.join(KNOWN_METHODS)}, lq, hq)")
+        if (f.method, f.dataset) in seen:
+            raise ParamsError(f"evaluate.folders[{i}]: {f.method!r} on {f.dataset!r} is named twice")
+        seen.add((f.method, f.dataset))
     return {m: table[m] for m in KNOWN_METHODS if m in ev.methods}
 
 
@@ -97,7 +105,7 @@ class Upscalers:
         if method == "bicubic":
             return bicubic(lq, self.scale)
         if method == "gan":
-            if self._pipe is None and self._load_gan is not None:
+            if self._load_gan is not None:  # the GAN folder alone: no diffusion model needed
                 self._gan = self._gan or self._load_gan()
                 return np.asarray(self._gan(lq), np.float32)
             return np.asarray(self.pipe.gan_upscale(lq), np.float32)
@@ -162,22 +170,25 @@ def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, inference: Inference
     """
     from consissr import tracking
 
-    load_gan, gan_dir = None, Path(pipeline_dir) / "gan" if pipeline_dir else Path("data/models/gan")
+    load_gan, gan_source = None, {}
+    gan_dir = Path(pipeline_dir) / "gan" if pipeline_dir else Path("data/models/gan")
     if load_pipeline is None:
         def load_pipeline():
             from consissr.inference.pipeline import load_pipeline as load
 
             return load(pipeline_dir, device=device, defaults=inference)
-        if (gan_dir / "gan_config.json").is_file():
-            load_gan = _gan_loader(gan_dir, device, inference.tile_size)
+        if "gan" in ev.methods and (gan_dir / "gan_config.json").is_file():
+            from consissr.models.gan import describe_source, read_gan_config
+
+            load_gan, gan_source = _gan_loader(gan_dir, device, inference.tile_size), describe_source(
+                read_gan_config(gan_dir))
     params = {"base.seed": seed, "base.device": device, "degrade": degrade, "inference": inference, "evaluate": ev}
     inputs = {"pipeline": Path(pipeline_dir)} if pipeline_dir else {
         name: Path("data/models") / name for name in ("backbone", "robust_clip", "consissr", "gan")}
     with tracking.start_run("evaluate", params=params, inputs=inputs) as run:
-        if load_gan is not None:
-            run.set_tags({f"gan.{k}": v for k, v in _gan_source(gan_dir).items()})
+        run.set_tags({f"gan.{k}": v for k, v in gan_source.items()})
         return _evaluate(ev, degrade=degrade, seed=seed, device=device, load_pipeline=load_pipeline,
-                         load_gan=load_gan, gan_source=_gan_source(gan_dir) if load_gan else {},
+                         load_gan=load_gan, gan_source=gan_source,
                          metrics_dir=metrics_dir, plots_dir=plots_dir, report_dir=report_dir, work_dir=work_dir,
                          prepared_dir=prepared_dir, run=run)
 
@@ -195,15 +206,6 @@ def _gan_loader(gan_dir: Path, device: str, tile_size: int) -> Callable[[], Call
             return gan_upscale(upsampler, lq)
         return run
     return load
-
-
-def _gan_source(gan_dir: Path) -> dict[str, str]:
-    """What the GAN is (its source name and file hash), from its ``gan_config.json``."""
-    from consissr.models.gan import read_gan_config
-
-    config = read_gan_config(gan_dir)
-    return {"source": str(config.get("source", "trained by train_gan" if not config.get("pretrained") else
-                                     config["weights"])), "sha256": str(config.get("sha256", ""))}
 
 
 def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: str,
@@ -271,15 +273,22 @@ def _evaluate(ev: EvaluateParams, *, degrade: DegradeParams, seed: int, device: 
                 for r in rows:
                     run.log_metrics({_mlflow_key("fig10", f"steps{r['steps']}", k): r[k]
                                      for k in ("psnr", "no_reference") if r[k] is not None}, step=r["t_max"])
-        paper = {s.name: {**paper_rows(results, s.paper), **published_rows(published, s.paper)} for s in sets if s.paper}
+        # published rows were scored on StableSR's released crops: only a paired set can be those
+        paper = {s.name: {**paper_rows(results, s.paper), **(published_rows(published, s.paper) if s.kind == "paired"
+                                                             else {})} for s in sets if s.paper}
         beside = {f.method: f.method for f in ev.folders}
-        if "x4plus" in (gan_source or {}).get("source", ""):
-            beside["gan"] = "Real-ESRGAN"  # the published rows ran the same network (Wang et al. 2021)
+        gan_text = ""
+        if gan_source:
+            from consissr.models.ncnn_rrdb import SOURCE_NAME as X4PLUS_EXPORT
+
+            gan_text = f" GAN: {gan_source['source']}."
+            if gan_source["source"] == X4PLUS_EXPORT:
+                beside["gan"] = "Real-ESRGAN"  # the published rows ran the same network (Wang et al. 2021)
         write_report(report_out / "table.md", list(docs.values()), paper, beside=beside,
                      preamble=(f"Protocol: {protocol.name} (PSNR/SSIM: {protocol.psnr_ssim}, Y channel, crop border "
-                               f"{protocol.crop_border}; NIQE: {protocol.niqe}). GAN: "
-                               f"{(gan_source or {}).get('source', 'none')}. Our rows are ranked among themselves; "
-                               "the paper's and the published rows (italic) are printed numbers, unranked."))
+                               f"{protocol.crop_border}; NIQE: {protocol.niqe}).{gan_text} Our rows are ranked among "
+                               "themselves; the paper's and the published rows (italic) are printed numbers, unranked; "
+                               "a difference line is ours minus the published row under this run's protocol."))
     run.flush()
     for path in (report_dir, metrics_dir, plots_dir):
         run.log_artifact(path, Path(path).name)
@@ -296,11 +305,12 @@ def score_folder(entry: EvalFolderParams, s: EvalSet, folder: Path, ids: list[st
                  ev: EvaluateParams, suite: MetricSuite) -> list[dict]:
     """Per-image rows of one ``evaluate.folders`` entry; a missing or misfit file is a recorded skip."""
     rows = []
+    lr_sizes = {item.id: item.lr_size for item in s.items}
     for image_id, path in tqdm(folder_outputs(entry, ids, s.skipped).items(),
                                desc=f"evaluate {s.name}: {entry.method} (folder)", unit="img"):
         hq = read_rgb_array(folder / "hq" / f"{image_id}.png")
         try:
-            sr = read_folder_output(path, hq.shape, lr_crop=ev.lr_crop, scale=ev.scale, paired=s.kind == "paired")
+            sr = read_folder_output(path, hq.shape, lr_crop=ev.lr_crop, scale=ev.scale, lr_size=lr_sizes.get(image_id))
         except InputError as exc:
             s.skipped.append({"path": str(path), "method": entry.method, "reason": str(exc).removeprefix(f"{path}: ")})
             continue

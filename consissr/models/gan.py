@@ -12,6 +12,7 @@ recorded sha256; every failure names the file.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 
 from consissr.compat import RealESRGANer, RRDBNet
 from consissr.errors import InputError, ParamsError
-from consissr.io import atomic_path, file_sha256, write_json
+from consissr.io import file_sha256, write_bytes, write_json
 
 CONFIG_NAME = "gan_config.json"
 WEIGHTS_NAME = "gan.pth"
@@ -30,6 +31,8 @@ WEIGHT_KEYS = ("params_ema", "params")  # RealESRGANer's order of preference
 ARCH_KEYS = ("scale", "num_block", "num_feat", "num_grow_ch")
 X4PLUS_ARCH = {"scale": 4, "num_block": 23, "num_feat": 64, "num_grow_ch": 32}  # RealESRGAN_x4plus.pth
 X4PLUS_NCNN = "realesrgan-x4plus-ncnn"  # gan.pretrained: Real-ESRGAN x4plus as the pinned package ships it
+# gan_config.json entries that say where the weights came from (kept when a pipeline saves its GAN)
+PROVENANCE_KEYS = ("pretrained", "finetuned_from", "finetuned_from_sha256", "training")
 
 
 class GanWeightsError(InputError):
@@ -121,8 +124,9 @@ def save_gan(model: torch.nn.Module, out_dir: str | os.PathLike, *, scale: int, 
     out_dir = Path(out_dir)
     weights = out_dir / WEIGHTS_NAME
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(weights) as tmp:
-        torch.save({"params": state}, tmp)
+    buf = io.BytesIO()  # torch.save names the zip's folder after the file: a temp file's name would change the hash
+    torch.save({"params": state}, buf)
+    write_bytes(weights, buf.getvalue())
     config = {"scale": scale, "num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch,
               "weights": WEIGHTS_NAME, "sha256": file_sha256(weights), **(provenance or {})}
     write_json(out_dir / CONFIG_NAME, config)
@@ -213,8 +217,20 @@ def load_gan(gan_dir: str | os.PathLike, *, device: str | torch.device = "cpu", 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     upsampler = RealESRGANer(scale=arch["scale"], model_path=str(path), model=model, tile=tile, tile_pad=tile_pad,
                              pre_pad=pre_pad, half=half, device=torch.device(device))
-    upsampler.provenance = {k: v for k, v in config.items() if k == "pretrained" or k.startswith("source")}
+    upsampler.provenance = {k: v for k, v in config.items() if k in PROVENANCE_KEYS or k.startswith("source")}
     return upsampler
+
+
+def describe_source(config: dict[str, Any]) -> dict[str, str]:
+    """Where a GAN folder's weights come from: {"source", "sha256"} of the pretrained file, or how it was trained."""
+    if config.get("pretrained"):
+        return {"source": str(config.get("source", config["weights"])),
+                "sha256": str(config.get("source_sha256", config.get("sha256", "")))}
+    steps = config.get("training", {}).get("steps", 0)
+    if config.get("finetuned_from"):
+        return {"source": f"fine-tuned {steps:,d} steps by train_gan from {config['finetuned_from']}",
+                "sha256": str(config.get("sha256", ""))}
+    return {"source": f"trained {steps:,d} steps from scratch by train_gan", "sha256": str(config.get("sha256", ""))}
 
 
 def tile_for(image_shape: tuple[int, ...], scale: int, tile_size: int) -> int:
@@ -261,6 +277,7 @@ __all__ = [
     "bilinear_init",
     "build_rrdbnet",
     "check_weights",
+    "describe_source",
     "gan_upscale",
     "load_gan",
     "pretrained_net",

@@ -138,20 +138,16 @@ def describe_training(record: dict[str, Any]) -> str:
 
 def describe_gan(gan_dir: str | Path) -> tuple[str, dict[str, Any]]:
     """One line on the GAN of GAN-Embedding (``gan_config.json``): its source and hashes, or how it was trained."""
-    from consissr.models.gan import GanWeightsError, read_gan_config
+    from consissr.models.gan import GanWeightsError, describe_source, read_gan_config
 
     try:
         config = read_gan_config(gan_dir)
     except GanWeightsError:
         return "no GAN saved yet (run `dvc repro train_gan`)", {}
     arch = f"RRDBNet {config['num_block']} blocks, {config['num_feat']} features, x{config['scale']}"
-    if config.get("pretrained"):
-        what = f"{config['source']} (sha256 {config['source_sha256']})"
-    elif config.get("finetuned_from"):
-        what = f"fine-tuned {config['training']['steps']:,d} steps from {config['finetuned_from']}"
-    else:
-        what = f"trained {config.get('training', {}).get('steps', 0):,d} steps from scratch by train_gan"
-    return f"{arch}; {what}; weights {config['weights']} (sha256 {config['sha256']})", config
+    source = describe_source(config)
+    what = f"{source['source']} (sha256 {source['sha256']})" if config.get("pretrained") else source["source"]
+    return f"{arch}; {what}; weights {config['weights']} (sha256 {config.get('sha256', 'not recorded')})", config
 
 
 def print_model_info(params: Params, profile: str = "both", backbone_dir: str | Path = "data/models/backbone",

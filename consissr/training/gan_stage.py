@@ -31,6 +31,7 @@ from consissr import tracking
 from consissr.compat import calculate_psnr
 from consissr.config import GanParams, TrainGanParams
 from consissr.data.pairs import PairedImageDataset
+from consissr.errors import ParamsError
 from consissr.io import write_json
 from consissr.models.gan import (
     CONFIG_NAME,
@@ -145,7 +146,8 @@ def train_gan(
     seed: int,
     device: str = "auto",
 ) -> dict[str, Any]:
-    """Fit (or, with ``gan.pretrained``, check and record) the GAN; write ``out_dir``; return its config.
+    """Check and record ``gan.pretrained`` (0 iterations), or fit / fine-tune the GAN; write ``out_dir``; return
+    its config.
 
     Resumes from ``out_dir/checkpoints`` when a matching checkpoint is there.
     """
@@ -163,6 +165,9 @@ def train_gan(
         log.info("train_gan: %s (sha256 %s) in %s", config["source"], config["source_sha256"][:12], out_dir)
         return config
 
+    if train.iterations == 0:
+        raise ParamsError("train_gan.iterations: 0 with gan.pretrained null would save an untrained GAN; "
+                          "name pretrained weights (gan.pretrained) or set iterations > 0")
     # 1. data: LQ (degraded/lq, 1/scale) and HQ (prepared/hq) pairs, whole images; patches in the step
     dataset = PairedImageDataset(prepared_dir, degraded_dir, lq_source=LQ_SOURCE)
     settings = loop_settings(train, seed=seed, device=device)
@@ -189,7 +194,8 @@ def train_gan(
         result: TrainResult = loop.train(
             model=model, loss_fn=step, dataset=dataset, settings=settings, out_dir=out_dir, tracker=run,
             sample_fn=sample_fn, fingerprint={"arch": arch, "patch_size": train.patch_size, "init": train.init,
-                                              "data": dataset.fingerprint, **provenance})
+                                              "data": dataset.fingerprint,  # the start's hash, not its path
+                                              "start": provenance.get("finetuned_from_sha256")})
         config: dict[str, Any] = {}
         # 4. gan.pth + gan_config.json, scored through RealESRGANer; the log and MLflow artifacts
         if result.is_main_process:
