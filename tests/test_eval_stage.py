@@ -202,3 +202,11 @@ def test_the_gan_alone_is_scored_without_a_diffusion_model_beside_its_published_
     (run,) = client.search_runs([client.get_experiment_by_name("consissr").experiment_id])
     assert run.data.tags["gan.source"] == "Real-ESRGAN x4plus (fp16 ncnn export)"
     assert run.data.tags["evaluate.protocol"] == "pyiqa"
+
+
+def test_only_diffusion_methods_or_the_sweep_need_the_pipeline():
+    from consissr.evaluation.stage import needs_pipeline
+
+    assert not needs_pipeline(EvaluateParams(methods=("bicubic", "gan"), sweep_steps=()))
+    assert needs_pipeline(EvaluateParams(methods=("gan",), sweep_steps=(5,)))  # Fig. 10 runs GANEmb
+    assert needs_pipeline(EvaluateParams(methods=("bicubic", "full"), sweep_steps=()))

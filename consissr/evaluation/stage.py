@@ -180,8 +180,9 @@ def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, inference: Inference
         if "gan" in ev.methods and (gan_dir / "gan_config.json").is_file():
             from consissr.models.gan import describe_source, read_gan_config
 
-            load_gan, gan_source = _gan_loader(gan_dir, device, inference.tile_size), describe_source(
-                read_gan_config(gan_dir))
+            gan_source = describe_source(read_gan_config(gan_dir))
+            if not needs_pipeline(ev):  # else the pipeline's own GAN serves `gan` too: one copy, loaded once
+                load_gan = _gan_loader(gan_dir, device, inference.tile_size)
     params = {"base.seed": seed, "base.device": device, "degrade": degrade, "inference": inference, "evaluate": ev}
     inputs = {"pipeline": Path(pipeline_dir)} if pipeline_dir else {
         name: Path("data/models") / name for name in ("backbone", "robust_clip", "consissr", "gan")}
@@ -191,6 +192,11 @@ def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, inference: Inference
                          load_gan=load_gan, gan_source=gan_source,
                          metrics_dir=metrics_dir, plots_dir=plots_dir, report_dir=report_dir, work_dir=work_dir,
                          prepared_dir=prepared_dir, run=run)
+
+
+def needs_pipeline(ev: EvaluateParams) -> bool:
+    """Whether a requested method or the Fig. 10 sweep runs the diffusion model."""
+    return any(m not in ("bicubic", "gan") for m in ev.methods) or bool(ev.sweep_steps and ev.sweep_t_max)
 
 
 def _gan_loader(gan_dir: Path, device: str, tile_size: int) -> Callable[[], Callable[[np.ndarray], np.ndarray]]:

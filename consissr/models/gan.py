@@ -133,11 +133,10 @@ def save_gan(model: torch.nn.Module, out_dir: str | os.PathLike, *, scale: int, 
     return config
 
 
-def pretrained_net(pretrained: str, *, scale: int, num_block: int, num_feat: int, num_grow_ch: int
-                   ) -> tuple[RRDBNet, dict[str, Any]]:
-    """The RRDBNet that ``gan.pretrained`` names, checked, and its provenance ({"pretrained", "source",
-    "source_sha256", ...}): ``realesrgan-x4plus-ncnn`` or a Real-ESRGAN ``.pth``."""
-    arch = {"scale": scale, "num_block": num_block, "num_feat": num_feat, "num_grow_ch": num_grow_ch}
+def pretrained_net(pretrained: str, **arch: int) -> tuple[RRDBNet, dict[str, Any]]:
+    """The RRDBNet (``arch``: scale, num_block, num_feat, num_grow_ch) that ``gan.pretrained`` names, checked,
+    and its provenance ({"pretrained", "source", "source_sha256", ...}): ``realesrgan-x4plus-ncnn`` or a
+    Real-ESRGAN ``.pth``."""
     if pretrained == X4PLUS_NCNN:
         from consissr.models import ncnn_rrdb
 

