@@ -18,6 +18,7 @@ from consissr.models.gan import (
     CONFIG_NAME,
     WEIGHTS_NAME,
     X4PLUS_ARCH,
+    GanMemo,
     GanWeightsError,
     bilinear_init,
     build_rrdbnet,
@@ -96,6 +97,31 @@ def test_gan_upscale_agrees_with_enhance_on_a_random_net(tmp_path):
     theirs = bgr_out[..., ::-1].astype(np.float32) / 255.0
     assert np.abs(ours - theirs).max() <= 0.5 / 255 + 1e-6  # enhance rounds to 8 bit
 
+
+
+def test_gan_memo_runs_the_gan_once_per_image_and_tile(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    gan_dir = tmp_path / "gan"
+    save_gan(build_rrdbnet(**TINY), gan_dir, **TINY)
+    upsampler = load_gan(gan_dir)
+    forwards = []
+    upsampler.model.register_forward_hook(lambda *_: forwards.append(1))
+    rng = np.random.default_rng(3)
+    a, b = (rng.random((20, 24, 3), dtype=np.float32) for _ in range(2))
+    memo = GanMemo()
+    first = memo(upsampler, a)
+    np.testing.assert_array_equal(first, gan_upscale(upsampler, a))  # what the GAN gives, unmemoised
+    assert len(forwards) == 2
+    first[:] = 0  # the caller's copy: the memo keeps its own
+    np.testing.assert_array_equal(memo(upsampler, a.copy()), gan_upscale(upsampler, a))
+    assert (memo.hits, memo.misses) == (1, 1) and len(forwards) == 3
+    memo(upsampler, b)
+    upsampler.tile_size = 8  # another tiling is another output
+    memo(upsampler, a)
+    assert (memo.hits, memo.misses) == (1, 3)
+    small = GanMemo(max_bytes=first.nbytes)  # room for one output: the older is dropped
+    small(upsampler, a), small(upsampler, b), small(upsampler, b), small(upsampler, a)
+    assert (small.hits, small.misses) == (1, 3)
 
 def test_bad_weights_name_the_file(tmp_path, nearest_gan):
     pth = nearest_gan / WEIGHTS_NAME

@@ -176,7 +176,11 @@ def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, inference: Inference
         def load_pipeline():
             from consissr.inference.pipeline import load_pipeline as load
 
-            return load(pipeline_dir, device=device, defaults=inference)
+            from consissr.models.gan import GanMemo
+
+            pipe = load(pipeline_dir, device=device, defaults=inference)
+            pipe.gan_memo = GanMemo()  # one GAN run per image for gan, ganemb-* and the Fig. 10 sweep
+            return pipe
         if "gan" in ev.methods and (gan_dir / "gan_config.json").is_file():
             from consissr.models.gan import describe_source, read_gan_config
 

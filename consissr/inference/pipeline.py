@@ -234,8 +234,9 @@ class ConsisSRPipeline(DiffusionPipeline):
         if tile is None:
             tile = tile_for(image.shape, self.scale, self.defaults.tile_size)
         saved, self.gan.tile_size = self.gan.tile_size, tile
+        memo = getattr(self, "gan_memo", None)  # a GanMemo: evaluate sets one (its methods share the GAN output)
         try:
-            return gan_upscale(self.gan, image)
+            return memo(self.gan, image) if memo is not None else gan_upscale(self.gan, image)
         finally:
             self.gan.tile_size = saved
 

@@ -12,6 +12,8 @@ recorded sha256; every failure names the file.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import io
 import json
 import os
@@ -267,11 +269,40 @@ def gan_upscale(upsampler: RealESRGANer, image: np.ndarray) -> np.ndarray:
     return output[0].float().clamp_(0.0, 1.0).permute(1, 2, 0).cpu().numpy()
 
 
+class GanMemo:
+    """``gan_upscale`` outputs by input pixels and tile, least recently used dropped beyond ``max_bytes``.
+
+    Every GAN-Embedding setting starts from the same Real-ESRGAN output (Algorithm 2, l. 1): with a
+    memo, ``evaluate`` runs the GAN once per image for ``gan``, ``ganemb-rec``, ``ganemb-gen`` and
+    the Fig. 10 sweep. Hits return a copy; the GAN is deterministic, so the outputs are unchanged.
+    One memo serves one GAN (the key does not name the weights).
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30) -> None:
+        self.max_bytes, self.hits, self.misses = max_bytes, 0, 0
+        self._outputs: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
+
+    def __call__(self, upsampler: RealESRGANer, image: np.ndarray) -> np.ndarray:
+        image = np.ascontiguousarray(image, dtype=np.float32)
+        key = (hashlib.sha256(image.tobytes()).hexdigest(), image.shape, upsampler.tile_size, upsampler.pre_pad)
+        if key in self._outputs:
+            self.hits += 1
+            self._outputs.move_to_end(key)
+            return self._outputs[key].copy()
+        self.misses += 1
+        output = gan_upscale(upsampler, image)
+        self._outputs[key] = output.copy()
+        while sum(a.nbytes for a in self._outputs.values()) > self.max_bytes and len(self._outputs) > 1:
+            self._outputs.popitem(last=False)
+        return output
+
+
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
     "X4PLUS_ARCH",
     "X4PLUS_NCNN",
+    "GanMemo",
     "GanWeightsError",
     "bilinear_init",
     "build_rrdbnet",
