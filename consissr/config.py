@@ -204,9 +204,10 @@ class TrainVaeParams:
     lr: float = 2e-3
     kl_weight: float = 1e-6  # per input element (SD's VAE: 1e-6)
     lpips_weight: float = 0.0  # used only when LPIPS weights load offline; else a log line
-    # photos kept out of training and reported as held-out reconstruction PSNR(Y)
-    # (ids of prepare.sources: embedded_<name>, or s<k>_<path slug> for folders)
-    holdout: tuple[str, ...] = ("embedded_coffee",)
+    # photos kept out of training and reported as held-out reconstruction PSNR(Y): ids of
+    # prepare.sources (embedded_<name>, or s<k>_<path slug> for folders), or "auto": the embedded
+    # set's coffee (evaluate's photo), or one photo of other sources picked by id (vae_stage.pick_holdout)
+    holdout: Literal["auto"] | tuple[str, ...] = "auto"
     # CPU threads while training (0: torch's default). One thread gives the same weights on any
     # machine and is far faster than 2 on a shared, loaded CPU (OpenMP threads spin-wait)
     threads: int = 1

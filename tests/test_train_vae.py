@@ -154,7 +154,7 @@ def test_stage_saves_a_loadable_vae_with_scaling_factor_from_its_latents(short_r
         scaled = vae.encode(crops).latent_dist.mode() * vae.config.scaling_factor
     assert 0.5 < float(scaled.std()) < 2.0
     saved = json.loads((out / vae_stage.METRICS_NAME).read_text())
-    assert saved["trained"] and saved["steps"] == SHORT.steps and saved["holdout"] == list(SHORT.holdout)
+    assert saved["trained"] and saved["steps"] == SHORT.steps and saved["holdout"] == ["embedded_coffee"]  # "auto" on the embedded set
     assert (out / vae_stage.GRID_NAME).is_file()
 
 
@@ -226,6 +226,36 @@ def test_unknown_holdout_id_is_named(tmp_path):
     with pytest.raises(ValueError, match="embedded_nope"):
         _train(tmp_path / "vae", train=dataclasses.replace(SHORT, holdout=("embedded_nope",)))
 
+
+
+def _photo(path, size, seed, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode).save(path)
+
+
+def test_auto_holdout_follows_a_folder_of_the_users_photos(tmp_path):
+    """holdout "auto" on other sources: one readable photo, the same whatever the file order; a
+    broken file and a photo too small to train on are never what is left for training."""
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    for i, name in enumerate(["IMG_0001.jpg", "beach.png", "DSC 44.JPG", "zz.webp"]):
+        _photo(folder / name, (80 + 8 * i, 72), i)
+    _photo(folder / "gray.jpg", (70, 90), 9, mode="L")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    train, held = vae_stage.load_photos((str(folder),), (".jpg", ".png", ".webp"), "auto", crop_size=64)
+    assert len(held) == 1 and len(train) == 4
+    key = next(iter(held))
+    from consissr.data.sources import iter_sources
+    ids = [src.key for src in iter_sources((str(folder),), (".jpg", ".png", ".webp"))]
+    assert key in ids and "broken" not in key
+    assert vae_stage.pick_holdout(ids[::-1], {k: 100 for k in ids}, 64) == (key,)  # not the listing order
+    # the pick leaves a photo to train on: with one photo large enough, that one is never held out
+    sides = {k: (100 if k == key else 10) for k in ids}
+    assert vae_stage.pick_holdout(ids, sides, 64) != (key,)
+    assert vae_stage.pick_holdout(ids[:1], {ids[0]: 100}, 64) == ()  # a single photo: nothing held out
+    # named ids still name the ones that do not exist
+    with pytest.raises(ValueError, match="s0_nope"):
+        vae_stage.load_photos((str(folder),), (".jpg",), ("s0_nope",))
 
 def test_dvc_outputs_sample_grid_hq_column_is_the_reported_ceiling():
     """On this checkout's `dvc repro` outputs (skipped without them): the HQ column of train_sdsr's

@@ -12,6 +12,7 @@ bicubic ×4 figure of the degraded LQ. Both log to MLflow (figures, reconstructi
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 import time
@@ -107,24 +108,41 @@ def to_tensor(rgb: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float() / 255.0
 
 
-def load_photos(sources: Sequence[str], extensions: Sequence[str], holdout: Sequence[str]
-                ) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+AUTO_HOLDOUT = "auto"
+EMBEDDED_HOLDOUT = ("embedded_coffee",)  # evaluate's photo of the embedded set: out of training already
+
+
+def pick_holdout(ids: Sequence[str], min_side: dict[str, int], crop_size: int) -> tuple[str, ...]:
+    """``train_vae.holdout: auto`` for sources other than the embedded set: one photo, the id with the
+    smallest SHA-256 (a pick that depends on the ids alone, not on their order or on the machine),
+    among those that leave a training photo of at least ``crop_size``; none when no such photo is left."""
+    for key in sorted(ids, key=lambda k: hashlib.sha256(k.encode()).hexdigest()):
+        if any(min_side[k] >= crop_size for k in ids if k != key):
+            return (key,)
+    return ()
+
+
+def load_photos(sources: Sequence[str], extensions: Sequence[str], holdout: str | Sequence[str],
+                crop_size: int = 1) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
     """(training photos, {id: held-out photo}) from ``prepare.sources``; unreadable files are skipped
-    with a log line (``prepare`` reports them). Raises when a ``holdout`` id is not a source."""
+    with a log line (``prepare`` reports them). ``holdout`` is ids, or ``"auto"``: the embedded set's
+    ``EMBEDDED_HOLDOUT`` when the sources include it, else ``pick_holdout``. Raises when a named
+    ``holdout`` id is not a source."""
     from consissr.data.images import ImageError
     from consissr.data.sources import iter_sources
 
-    train, held = [], {}
+    photos: dict[str, torch.Tensor] = {}
     for src in iter_sources(tuple(sources), tuple(extensions)):
         try:
             rgb, _ = src.load()
         except ImageError as exc:
             log.warning("train_vae: skip %s", exc)
             continue
-        if src.key in holdout:
-            held[src.key] = to_tensor(rgb)
-        else:
-            train.append(to_tensor(rgb))
+        photos[src.key] = to_tensor(rgb)
+    if holdout == AUTO_HOLDOUT:
+        holdout = EMBEDDED_HOLDOUT if "embedded" in sources else pick_holdout(
+            list(photos), {k: min(v.shape[1:]) for k, v in photos.items()}, crop_size)
+    held = {k: photos.pop(k) for k in holdout if k in photos}
     if "embedded" in sources:  # the evaluate stage's photos, already out of training: the natural hold-out
         from consissr.data.sources import EMBEDDED_EVAL_PHOTOS, _embedded_rgb
 
@@ -134,7 +152,7 @@ def load_photos(sources: Sequence[str], extensions: Sequence[str], holdout: Sequ
     missing = sorted(set(holdout) - set(held))
     if missing:
         raise ParamsError(f"train_vae.holdout: {missing} are not ids of prepare.sources {list(sources)}")
-    return train, held
+    return list(photos.values()), held
 
 
 def embedded_split(holdout: Sequence[str]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -311,7 +329,7 @@ def train_vae(out_dir: str | Path, *, pretrained: str, sources: Sequence[str], e
         log.info("train_vae: %s", metrics["reason"])
         return metrics
 
-    photos, held = load_photos(sources, extensions, train.holdout)
+    photos, held = load_photos(sources, extensions, train.holdout, train.crop_size)
     evals = {"holdout": list(held.values())} if held else {}
     evals.update(_eval_dir_images(eval_dirs, extensions))
     work = resolve_device(device)
