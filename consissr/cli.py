@@ -181,9 +181,10 @@ def run_evaluate(params: Params, args) -> None:
 
 
 @stage("model-info", "print parameter counts per part (both profiles), how the saved model was trained and "
-       "where the GAN's weights come from")
+       "where the robust CLIP's and the GAN's weights come from")
 def _model_info_args(p):
-    _paths(p, backbone="data/models/backbone", model="data/models/consissr", gan="data/models/gan")
+    _paths(p, backbone="data/models/backbone", model="data/models/consissr", gan="data/models/gan",
+           robust_clip="data/models/robust_clip")
     p.add_argument("--profile", choices=["tiny", "paper", "both"], default="both")
 
 
@@ -191,7 +192,7 @@ def run_model_info(params: Params, args) -> None:
     from consissr.models.info import print_model_info
 
     print_model_info(params, profile=args.profile, backbone_dir=args.backbone, model_dir=args.model,
-                     gan_dir=args.gan)
+                     gan_dir=args.gan, robust_clip_dir=args.robust_clip)
 
 
 # ---------------------------------------------------------------------------------------------

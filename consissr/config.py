@@ -248,11 +248,33 @@ class ClipParams:
     """Robust CLIP (paper §3.3, Eq. 3). Owned by consissr/models/robust_clip.py."""
 
     model_name: str = "consissr-tiny-vit"  # paper: ViT-H-14
-    pretrained: str | None = None  # paper: laion2b_s32b_b79k
+    # paper: laion2b_s32b_b79k (an open_clip tag, downloaded by open_clip) or its weights file,
+    # open_clip_pytorch_model.bin, by path: a value with a path separator or ending in .bin, .pt,
+    # .pth or .safetensors is a file (read offline with torch.load(weights_only=True) or safetensors,
+    # matched key for key, recorded with its sha256); anything else is a tag; null: random init
+    pretrained: str | None = None
     image_size: int = 224
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "image_size")
+        _require(self.pretrained is None or self.pretrained.strip() != "", "pretrained",
+                 "must be an open_clip tag, a weights file path or null, got an empty string")
+        _require(self.pretrained is None or not self.model_name.startswith(("local-dir:", "hf-hub:")),
+                 "pretrained", f"must be null with model_name {self.model_name!r} (it carries its own weights), "
+                 f"got {self.pretrained!r}")
+
+
+CLIP_WEIGHTS_SUFFIXES = (".bin", ".pt", ".pth", ".safetensors")
+
+
+def is_clip_weights_file(pretrained: str | None) -> bool:
+    """``clip.pretrained`` names a weights file (not an open_clip tag): it has a path separator or a
+    weights suffix (``CLIP_WEIGHTS_SUFFIXES``). Decided from the string alone, so a typo in a path is
+    reported as a missing file, and a tag is never read from a file that happens to bear its name."""
+    if pretrained is None:
+        return False
+    seps = {"/", "\\"}
+    return any(sep in pretrained for sep in seps) or pretrained.lower().endswith(CLIP_WEIGHTS_SUFFIXES)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from consissr.config import ClipParams  # noqa: E402
+from consissr.errors import InputError  # noqa: E402
 from consissr.models.robust_clip import (  # noqa: E402
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -213,7 +214,7 @@ def test_pretrained_weights_load_through_open_clip(tmp_path):
     inference = RobustCLIP.from_pretrained(tmp_path / "robust")
     _assert_state_equal(_state(inference.student), _state(from_file.student))
     assert torch.equal(inference.student_embeds(lq), from_file.student_embeds(lq))
-    with pytest.raises(RuntimeError):
+    with pytest.raises(InputError, match="open_clip_model.safetensors: CLIP weights file not found"):
         RobustCLIP.from_pretrained(tmp_path / "robust", with_teacher=True)
 
 

@@ -150,17 +150,38 @@ def describe_gan(gan_dir: str | Path) -> tuple[str, dict[str, Any]]:
     return f"{arch}; {what}; weights {config['weights']} (sha256 {config.get('sha256', 'not recorded')})", config
 
 
+def describe_robust_clip(robust_clip_dir: str | Path) -> tuple[str, dict[str, Any]]:
+    """One line on the saved robust CLIP student (``config.json``): the open_clip model and the
+    weights its towers started from — a tag, or a weights file by path with its sha256."""
+    config_path = Path(robust_clip_dir) / "config.json"
+    if not config_path.is_file():
+        return "no robust CLIP saved yet (run `dvc repro train_clip`)", {}
+    config = json.loads(config_path.read_text())
+    pretrained = config.get("pretrained")
+    if pretrained is None:
+        source = "randomly initialised towers"
+    elif config.get("pretrained_sha256"):
+        source = f"weights file {pretrained} (sha256 {config['pretrained_sha256']})"
+    else:
+        source = f"open_clip weights {pretrained!r}"
+    return f"{config.get('model_name')}, started from {source}", config
+
+
 def print_model_info(params: Params, profile: str = "both", backbone_dir: str | Path = "data/models/backbone",
-                     model_dir: str | Path = "data/models/consissr", gan_dir: str | Path = "data/models/gan") -> dict:
+                     model_dir: str | Path = "data/models/consissr", gan_dir: str | Path = "data/models/gan",
+                     robust_clip_dir: str | Path = "data/models/robust_clip") -> dict:
     """Print total and trainable parameter counts per part for the tiny and/or paper profile,
-    how the saved model in ``model_dir`` was trained, and what the GAN in ``gan_dir`` is."""
+    how the saved model in ``model_dir`` was trained, and what the robust CLIP in
+    ``robust_clip_dir`` and the GAN in ``gan_dir`` started from."""
     profiles = ["tiny", "paper"] if profile == "both" else [profile]
     record = read_training_record(model_dir)
+    clip_line, clip_config = describe_robust_clip(robust_clip_dir)
     gan_line, gan_config = describe_gan(gan_dir)
     print(f"Saved model {model_dir}: {describe_training(record)}")
+    print(f"Robust CLIP {robust_clip_dir}: {clip_line}")
     print(f"GAN {gan_dir}: {gan_line}")
     print()
-    results: dict[str, Any] = {"training": record, "gan": gan_config}
+    results: dict[str, Any] = {"training": record, "robust_clip": clip_config, "gan": gan_config}
     for name in profiles:
         info = model_info(params, name, backbone_dir)
         results[name] = info

@@ -7,6 +7,12 @@ project imports open_clip): ``ViT-H-14`` / ``laion2b_s32b_b79k``, the tiny ``con
 from ``clip_configs/``, a checkpoint file or ``local-dir:<folder>``. The trained student is saved
 as ``robust_clip.safetensors`` + ``config.json``; inference (``with_teacher=False``) needs no
 pretrained CLIP weights.
+
+A weights file as ``pretrained`` (the authors' ``open_clip_pytorch_model.bin``, ViT-H-14
+laion2b_s32b_b79k; ``config.is_clip_weights_file`` tells a path from a tag) is read here, not by
+open_clip — ``read_clip_weights``, the one place: safetensors or ``torch.load(weights_only=True)``
+— then matched key for key and shape for shape against the model open_clip built, and recorded
+with its sha256 (``pretrained_sha256`` in the saved config). No network is involved.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ from __future__ import annotations
 import copy
 import json
 import os
+import pickle
+import re
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,8 +34,9 @@ import torchvision.transforms.functional as TF
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from consissr.config import is_clip_weights_file
 from consissr.errors import InputError
-from consissr.io import atomic_path, write_json
+from consissr.io import atomic_path, file_sha256, write_json
 
 if TYPE_CHECKING:
     from consissr.config import ClipParams
@@ -44,6 +54,10 @@ _INTERPOLATION = {
     "bilinear": TF.InterpolationMode.BILINEAR,
     "nearest": TF.InterpolationMode.NEAREST,
 }
+
+
+class ClipWeightsError(InputError):
+    """A CLIP weights file (``clip.pretrained``) that cannot be used; the message names the file."""
 
 
 def _register_configs() -> None:
@@ -69,11 +83,19 @@ def _load_visual(
     load_weights: bool,
     preprocess_cfg: dict[str, Any] | None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Build an open_clip model; return its visual tower (text tower dropped) + preprocess cfg."""
+    """Build an open_clip model; return its visual tower (text tower dropped) + preprocess cfg.
+
+    A weights file is loaded by ``load_clip_weights`` into the model open_clip built without
+    weights; a tag goes to open_clip (which downloads it).
+    """
     force = preprocess_cfg or {}
+    weights_file = load_weights and is_clip_weights_file(pretrained)
+    if load_weights and pretrained is not None and not weights_file:
+        _check_tag(model_name, pretrained)
     model, _, _ = open_clip.create_model_and_transforms(
         model_name,
-        pretrained=pretrained if load_weights else None,  # a tag would be downloaded even unused
+        # a tag would be downloaded even unused; a file open_clip would read itself (see read_clip_weights)
+        pretrained=pretrained if load_weights and not weights_file else None,
         load_weights=load_weights,  # for "local-dir:" the folder's weights are skipped
         precision=_PRECISION[dtype],
         device=device,
@@ -83,10 +105,117 @@ def _load_visual(
         image_interpolation=force.get("interpolation"),
         image_resize_mode=force.get("resize_mode"),
     )
+    if weights_file:
+        load_clip_weights(model, pretrained, model_name=model_name)
     visual = model.visual
     cfg = dict(open_clip.get_model_preprocess_cfg(model))
     del model  # the text tower (ViT-H-14: 354M parameters) goes with it
     return visual, cfg
+
+
+def _check_tag(model_name: str, tag: str) -> None:
+    """A ``pretrained`` that is not a file path must be an open_clip tag of ``model_name``
+    (else open_clip would fall back to reading a file of that name itself)."""
+    if _has_schema(model_name) or open_clip.get_pretrained_cfg(model_name, tag):
+        return
+    raise ClipWeightsError(
+        f"clip.pretrained {tag!r} is neither an open_clip tag of {model_name!r} "
+        f"(tags: {open_clip.list_pretrained_tags_by_model(model_name)}) nor a weights file path "
+        "(a path has a '/' or ends in .bin, .pt, .pth or .safetensors)")
+
+
+def _disallowed_global(exc: Exception) -> str | None:
+    """The global ``torch.load(weights_only=True)`` refused (``posix.system``, ``mypkg.Evil``), if any."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"Unsupported global: ([\w.]+)", str(exc))
+    return found.group(1) if found else None
+
+
+def _reason(exc: Exception) -> str:
+    """The informative line of a load error (torch's weights-only message opens with boilerplate)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
+                                                              "Check the documentation"))]
+    return f"{type(exc).__name__}: {(useful or lines or [''])[0]}"
+
+
+def read_clip_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The state dict in a CLIP weights file — the one place this project reads one.
+
+    ``.safetensors`` through safetensors; anything else (``open_clip_pytorch_model.bin``, .pt,
+    .pth) through ``torch.load(weights_only=True)`` only. open_clip's own ``load_state_dict``
+    also asks for ``weights_only=True`` but retries with a full, code-running ``torch.load`` on a
+    ``TypeError`` — which a crafted file can raise — so files never go through it. A pickled
+    object other than tensors and plain containers is refused, naming its type and the file, and
+    its code never runs. Open_clip's training checkpoints (``{"state_dict": ...}``) and DDP's
+    ``module.`` prefix are unwrapped as open_clip does.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ClipWeightsError(f"{path}: CLIP weights file not found (clip.pretrained)")
+    try:
+        if path.suffix == ".safetensors":
+            checkpoint: Any = load_file(path, device="cpu")
+        else:
+            # mmap: a 3.9 GB ViT-H-14 file is not copied into memory before load_state_dict
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except Exception as exc:  # noqa: BLE001  (pickled code, truncated zip, not a torch file, TorchScript ...)
+        refused = _disallowed_global(exc) if isinstance(exc, pickle.UnpicklingError) else None
+        if refused:
+            raise ClipWeightsError(f"{path}: refused: the file holds a disallowed object of type {refused}, not only "
+                                   "weights (CLIP weights load with torch.load(weights_only=True) or safetensors)"
+                                   ) from None
+        raise ClipWeightsError(f"{path}: not a readable CLIP weights file ({_reason(exc)})") from None
+    if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise ClipWeightsError(f"{path}: expected a state dict (name → tensor), got {type(checkpoint).__name__}")
+    not_tensors = [str(k) for k, v in checkpoint.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise ClipWeightsError(f"{path}: not a state dict: {not_tensors[:3]} are not tensors")
+    if all(str(k).startswith("module.") for k in checkpoint):
+        checkpoint = {k[len("module."):]: v for k, v in checkpoint.items()}
+    return checkpoint
+
+
+def load_clip_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str) -> None:
+    """``read_clip_weights(path)`` into the open_clip ``model`` (both towers), strictly.
+
+    The same adjustments as open_clip's ``load_checkpoint`` (third-party layouts, old text-tower
+    keys, scalar logit_scale, positional embeddings resized to ``force_image_size``), then every
+    key and shape must match: a file for another model fails naming the file and the keys.
+    """
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    state = read_clip_weights(path)
+    state = convert_state_dict(model, state)
+    if "positional_embedding" in state and not hasattr(model, "positional_embedding"):
+        state = convert_to_custom_text_state_dict(state)
+    for key in ("logit_scale", "logit_bias"):
+        own = getattr(model, key, None)
+        if key in state and own is not None and own.ndim != state[key].ndim:
+            state[key] = state[key].reshape(own.shape)
+    if "logit_bias" not in state and getattr(model, "logit_bias", None) is not None and "logit_scale" in state:
+        state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+    state.pop("text.transformer.embeddings.position_ids", None)
+    for resize in (resize_pos_embed, resize_text_pos_embed):
+        try:
+            resize(state, model)
+        except Exception:  # noqa: BLE001, S110  (a table of another width: a shape mismatch, reported below)
+            pass
+
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                  for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or mismatched:
+        parts = [f"{len(mismatched)} of another shape, first {mismatched[:2]}" if mismatched else "",
+                 f"{len(missing)} missing, first {missing[:3]}" if missing else "",
+                 f"{len(unexpected)} unexpected, first {unexpected[:3]}" if unexpected else ""]
+        raise ClipWeightsError(f"{Path(path)}: does not fit open_clip {model_name!r} (weights of another "
+                               f"model?): keys {'; '.join(p for p in parts if p)}")
+    model.load_state_dict(state, strict=True)
 
 
 class RobustCLIP(nn.Module):
@@ -95,9 +224,11 @@ class RobustCLIP(nn.Module):
     Args:
         model_name: an open_clip model name (paper: ``"ViT-H-14"``; tiny: ``"consissr-tiny-vit"``)
             or ``"local-dir:<folder>"`` / ``"hf-hub:<repo>"``, which carry their own weights.
-        pretrained: open_clip pretrained tag (paper: ``"laion2b_s32b_b79k"``) or a checkpoint
-            file path; ``None`` = random init. Must be ``None`` with a ``local-dir:``/``hf-hub:``
-            name.
+        pretrained: open_clip pretrained tag (paper: ``"laion2b_s32b_b79k"``) or a weights
+            file path (the authors' ``open_clip_pytorch_model.bin``; a ``.safetensors`` too; read
+            offline by ``read_clip_weights`` and recorded with its sha256 as
+            ``pretrained_sha256``); ``None`` = random init. Must be ``None`` with a
+            ``local-dir:``/``hf-hub:`` name.
         image_size: CLIP input resolution (open_clip's ``force_image_size``; 224 for ViT-H-14).
         device: where both towers live.
         dtype: parameter dtype of both towers (float32, bfloat16 or float16).
@@ -133,6 +264,13 @@ class RobustCLIP(nn.Module):
         self.model_name = model_name
         self.pretrained = pretrained
         self.image_size = int(image_size)
+        # the weights file's sha256 (hashed before it is read): which weights the towers started from
+        self.pretrained_sha256: str | None = None
+        if with_teacher and is_clip_weights_file(pretrained):
+            if not Path(pretrained).expanduser().is_file():
+                raise ClipWeightsError(f"{Path(pretrained).expanduser()}: CLIP weights file not found "
+                                       "(clip.pretrained)")
+            self.pretrained_sha256 = file_sha256(Path(pretrained).expanduser())
 
         # 1. the CLIP visual tower, through open_clip's own create path
         visual, cfg = _load_visual(
@@ -193,6 +331,12 @@ class RobustCLIP(nn.Module):
             image_size=config["image_size"], device=device, dtype=dtype,
             with_teacher=with_teacher, preprocess_cfg=config["preprocess_cfg"])
         model.student.load_state_dict(state, strict=True)
+        recorded = config.get("pretrained_sha256")
+        if model.pretrained_sha256 is not None and recorded is not None and model.pretrained_sha256 != recorded:
+            raise ClipWeightsError(
+                f"{config['pretrained']}: sha256 {model.pretrained_sha256} is not the {recorded} the student in "
+                f"{directory} started from (the teacher's weights file changed)")
+        model.pretrained_sha256 = model.pretrained_sha256 or recorded
         if model.embed_dim != config["embed_dim"]:
             raise InputError(
                 f"{directory}: embed_dim {model.embed_dim} != saved {config['embed_dim']}")
@@ -207,7 +351,7 @@ class RobustCLIP(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.student.state_dict().items()}
         config = {"model_name": self.model_name, "pretrained": self.pretrained,
-                  "image_size": self.image_size, "embed_dim": self.embed_dim,
+                  "pretrained_sha256": self.pretrained_sha256, "image_size": self.image_size, "embed_dim": self.embed_dim,
                   "preprocess_cfg": self.preprocess_cfg}
         # weights first: config.json appearing marks a complete save
         with atomic_path(directory / WEIGHTS_NAME) as tmp:
@@ -340,4 +484,5 @@ def _plain_preprocess_cfg(cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
 
 
-__all__ = ["CLIP_CONFIG_DIR", "PAPER_CLIP", "RobustCLIP", "robust_clip_loss"]
+__all__ = ["CLIP_CONFIG_DIR", "PAPER_CLIP", "ClipWeightsError", "RobustCLIP", "load_clip_weights",
+           "read_clip_weights", "robust_clip_loss"]

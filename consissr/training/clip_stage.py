@@ -70,13 +70,17 @@ def train_clip(
     torch.manual_seed(seed)
     model = RobustCLIP.from_params(clip)
 
-    params = {"base.seed": seed, "base.device": device, "clip": clip, "train_clip": train}
+    # a weights file (clip.pretrained by path) is recorded by its sha256 too: in MLflow, and in the
+    # resume fingerprint, so a checkpoint trained from other weights is not resumed
+    weights = {"clip.pretrained_sha256": model.pretrained_sha256} if model.pretrained_sha256 else {}
+    params = {"base.seed": seed, "base.device": device, "clip": clip, **weights, "train_clip": train}
     with tracking.start_run("train_clip", params=params,
                             inputs={"prepared": prepared_dir, "degraded": degraded_dir}) as run:
         run.set_tags({"dataset.pairs": len(dataset), "dataset.fingerprint": dataset.fingerprint})
         # 3. Eq. 3 through the shared loop (checkpoints, resume, DDP, mixed precision)
         result = loop.train(model=model, loss_fn=robust_clip_step, dataset=dataset, settings=settings,
-                            out_dir=out_dir, tracker=run, fingerprint={"clip": clip, "data": dataset.fingerprint})
+                            out_dir=out_dir, tracker=run,
+                            fingerprint={"clip": clip, **weights, "data": dataset.fingerprint})
 
         # 4. the final student, the training log, MLflow artifacts (main process only)
         if result.is_main_process:
