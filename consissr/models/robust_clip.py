@@ -143,8 +143,10 @@ def read_clip_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     ``.safetensors`` through safetensors; anything else (``open_clip_pytorch_model.bin``, .pt,
     .pth) through ``torch.load(weights_only=True)`` only. open_clip's own ``load_state_dict``
-    also asks for ``weights_only=True`` but retries with a full, code-running ``torch.load`` on a
-    ``TypeError`` — which a crafted file can raise — so files never go through it. A pickled
+    also asks for ``weights_only=True`` but, on a ``TypeError`` (which a crafted pickle raises
+    inside torch's weights-only unpickler), retries with a plain ``torch.load`` — full unpickling,
+    code included, under ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` or torch < 2.6 — so files never
+    go through it. A pickled
     object other than tensors and plain containers is refused, naming its type and the file, and
     its code never runs. Open_clip's training checkpoints (``{"state_dict": ...}``) and DDP's
     ``module.`` prefix are unwrapped as open_clip does.
