@@ -202,3 +202,7 @@ def test_not_a_state_dict(tmp_path):
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
     with pytest.raises(ClipWeightsError, match=r"junk\.bin: not a readable CLIP weights file"):
         rc.read_clip_weights(tmp_path / "junk.bin")
+    # a TypeError inside the weights-only unpickler (open_clip would retry with a plain torch.load)
+    (tmp_path / "typeerror.bin").write_bytes(b"\x80\x02ccollections\nOrderedDict\n(K\x01K\x02K\x03tR.")
+    with pytest.raises(ClipWeightsError, match=r"typeerror\.bin: not a readable CLIP weights file \(TypeError"):
+        rc.read_clip_weights(tmp_path / "typeerror.bin")
