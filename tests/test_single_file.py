@@ -345,3 +345,37 @@ def test_the_backbone_stage_refuses_a_bad_file_before_recording_it(tiny, tmp_pat
     assert not (tmp_path / "bb").exists()
     with pytest.raises(MissingInputError, match=r"gone\.ckpt"):
         bb.write_backbone(BackboneParams(pretrained=str(tmp_path / "gone.ckpt")), out_dir=tmp_path / "bb", seed=0)
+
+
+def test_sd21_base_scale_keys_and_shapes_convert_onto_the_packaged_configs():
+    """SD 2.1-base's own layout (4 levels, 12 input blocks, 24 OpenCLIP blocks of which SD uses 23,
+    text_projection) on the meta device: diffusers' converters give every weight of the packaged
+    configs' models, each in its shape (what the tiny round trip cannot show at this scale)."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_unet_checkpoint,
+        convert_ldm_vae_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    configs = bb.SD21_BASE_CONFIG_DIR
+    unet_cfg = UNet2DConditionModel.load_config(configs, subfolder="unet")
+    vae_cfg = AutoencoderKL.load_config(configs, subfolder="vae")
+    text_cfg = CLIPTextConfig.from_pretrained(configs, subfolder="text_encoder")
+    with init_empty_weights():
+        unet, vae, text = UNet2DConditionModel.from_config(unet_cfg), AutoencoderKL.from_config(vae_cfg), CLIPTextModel(text_cfg)
+    width = text_cfg.hidden_size
+    openclip = text_to_openclip(text.state_dict(), text_cfg.to_dict(), torch.empty(width, 1024, device="meta"))
+    last = "cond_stage_model.model.transformer.resblocks."
+    openclip.update({k.replace(f"{last}22.", f"{last}23."): v for k, v in openclip.items() if k.startswith(f"{last}22.")})
+    for model, converted in [
+        (unet, convert_ldm_unet_checkpoint(unet_to_ldm(unet.state_dict(), unet_cfg), unet_cfg)),
+        (vae, convert_ldm_vae_checkpoint(vae_to_ldm(vae.state_dict(), vae_cfg), vae_cfg)),
+        (text, {k.removeprefix("text_model."): v for k, v in convert_open_clip_checkpoint(text, openclip).items()}),
+    ]:
+        want = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("position_ids")}
+        assert {k: v.shape for k, v in converted.items() if k in want} == want
+        assert set(converted) <= set(want), sorted(set(converted) - set(want))[:5]
+    assert sum(p.numel() for p in unet.parameters()) == 865_910_724
