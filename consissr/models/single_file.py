@@ -177,9 +177,9 @@ def _loaded(path: Path, part: str, subfolder: str, configs: Path, build: Callabl
     except NotImplementedError as e:
         # Workaround: from_single_file ends with accelerate's dispatch_model, which cannot move a weight
         # the file lacked off the meta device ("Cannot copy out of meta tensor") - name those weights
-        if "meta" not in str(e) or missing is None:
+        lacking = missing() if missing is not None and "meta" in str(e) else []
+        if not lacking:
             raise
-        lacking = missing()
     if lacking:
         raise InputError(f"{path}: the {part} lacks {len(lacking)} weights of {config} (e.g. {', '.join(lacking[:3])})")
     return model
