@@ -71,13 +71,26 @@ class BaseParams:
                  f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
 
+SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")  # backbone.pretrained as one LDM-layout file
+
+
 @dataclass(frozen=True)
 class BackboneParams:
     # "embedded": the tiny random SD-like backbone that `consissr backbone` builds with a fixed
-    # seed and saves with save_pretrained. Anything else is a diffusers directory or hub id
+    # seed and saves with save_pretrained. A path ending in .ckpt or .safetensors is one SD 2.1
+    # checkpoint in the original LDM layout (v2-1_512-ema-pruned): loaded safely with the packaged
+    # SD 2.1-base configs (models/single_file.py). Anything else is a diffusers directory or hub id
     # (paper: stabilityai/stable-diffusion-2-1-base) loaded by the very same from_pretrained calls.
     pretrained: str = "embedded"
-    revision: str | None = None
+    revision: str | None = None  # a hub revision; null for a single file
+
+    def __post_init__(self) -> None:
+        suffix = Path(self.pretrained).suffix.lower()
+        _require(suffix not in (".pt", ".pth", ".bin", ".pkl", ".pickle"), "pretrained",
+                 f"a single checkpoint file must end in {' or '.join(SINGLE_FILE_SUFFIXES)} (LDM layout), "
+                 f"got {self.pretrained!r}")
+        _require(self.revision is None or suffix not in SINGLE_FILE_SUFFIXES, "revision",
+                 f"names a hub revision; must be null with a single checkpoint file, got {self.revision!r}")
 
 
 @dataclass(frozen=True)

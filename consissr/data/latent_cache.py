@@ -167,9 +167,7 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
     ``ParallelParams``. Shard ``k`` holds the readable pairs of the ``k``-th ``shard_size`` ids
     of the index, whoever encodes it, so the cache is the same for any number of workers.
     """
-    from diffusers import AutoencoderKL
-
-    from consissr.models.backbone import resolve_source
+    from consissr.models.backbone import load_vae_config, resolve_source
 
     prepared, degraded, out = Path(prepared_dir), Path(degraded_dir), Path(out_dir)
     parallel = parallel or ParallelParams()
@@ -178,7 +176,7 @@ def encode_pairs(prepared_dir, degraded_dir, out_dir, *, encode, backbone, devic
     variants = layout.read_variants(degraded)
     p = encode
     source = resolve_source(backbone.pretrained, backbone_dir)
-    vae_config = AutoencoderKL.load_config(source, subfolder="vae", revision=backbone.revision)
+    vae_config = load_vae_config(source, revision=backbone.revision)
     params_hash = section_hash(backbone, encode)
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)  # the manifest is the commit record: gone until done

@@ -5,6 +5,9 @@ Both faces of the project go through the same ``from_pretrained(source, subfolde
 or the directory that ``build_tiny_backbone`` wrote with ``save_pretrained`` — the SD layout
 (``unet/ vae/ text_encoder/ tokenizer/ scheduler/ model_index.json``) at a tiny scale, randomly
 initialised from a fixed seed except the VAE, which stage ``train_vae`` trained on photos.
+``source`` may also be one ``.ckpt``/``.safetensors`` file in the original LDM layout (SD 2.1's
+``v2-1_512-ema-pruned``): ``consissr.models.single_file`` loads it with the packaged SD 2.1-base
+configs (``SD21_BASE_CONFIG_DIR``), offline.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from consissr.io import atomic_dir, write_json
 EMBEDDED = "embedded"
 EMBEDDED_DIR = Path("data/models/backbone")
 PAPER_BACKBONE = "stabilityai/stable-diffusion-2-1-base"
+# SD 2.1-base's component configs, copied from the hub (unet/, vae/, text_encoder/ config.json): the
+# paper profile builds from them offline (models/info.py) and a single-file checkpoint loads with them
+SD21_BASE_CONFIG_DIR = Path(__file__).parent / "sd_configs" / "stable-diffusion-2-1-base"
 TINY_CROP_SIZE = 128  # prepare.crop_size of the embedded default: the tiny UNet's sample_size in pixels
 
 # SD 2.1-base's own noise schedule (scheduler/scheduler_config.json of the hub repo).
@@ -84,6 +90,16 @@ def _clip_tokenizer_files(folder: Path) -> tuple[Path, Path]:
     return vocab_file, merges_file
 
 
+def openclip_tokenizer():
+    """SD 2.1's tokenizer (OpenCLIP's BPE, pad ``!``, 77 tokens) as a ``CLIPTokenizer``, without a download."""
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _clip_tokenizer_files(Path(tmp))
+        # from_pretrained on vocab.json + merges.txt: the same call SD's tokenizer/ folder takes
+        return CLIPTokenizer.from_pretrained(tmp, pad_token="!", model_max_length=77, local_files_only=True)
+
+
 def build_tiny_backbone(out_dir: str | Path, *, seed: int, vae_dir: str | Path | None = None) -> Path:
     """Create the embedded backbone from configs with a fixed seed and save it in SD's layout.
 
@@ -91,7 +107,7 @@ def build_tiny_backbone(out_dir: str | Path, *, seed: int, vae_dir: str | Path |
     without it the VAE is random (tests that only need shapes). The UNet is sized to its latent.
     """
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
@@ -99,10 +115,7 @@ def build_tiny_backbone(out_dir: str | Path, *, seed: int, vae_dir: str | Path |
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
     unet = UNet2DConditionModel(**tiny_unet_config(vae.config.latent_channels, TINY_CROP_SIZE // factor))
     text_encoder = CLIPTextModel(CLIPTextConfig(**tiny_text_config()))
-    with tempfile.TemporaryDirectory() as tmp:
-        _clip_tokenizer_files(Path(tmp))
-        # from_pretrained on vocab.json + merges.txt: the same call SD's tokenizer/ folder takes
-        tokenizer = CLIPTokenizer.from_pretrained(tmp, pad_token="!", model_max_length=77, local_files_only=True)
+    tokenizer = openclip_tokenizer()
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=DDPMScheduler(**SD_SCHEDULE), safety_checker=None, feature_extractor=None,
@@ -113,7 +126,8 @@ def build_tiny_backbone(out_dir: str | Path, *, seed: int, vae_dir: str | Path |
 
 
 def resolve_source(pretrained: str, embedded_dir: str | Path = EMBEDDED_DIR) -> str:
-    """``embedded`` → the saved tiny backbone's folder; anything else passes through."""
+    """``embedded`` → the saved tiny backbone's folder; anything else (a diffusers folder, a hub id,
+    a single ``.ckpt``/``.safetensors`` file) passes through."""
     if pretrained == EMBEDDED:
         path = Path(embedded_dir)
         if not (path / "model_index.json").is_file():
@@ -136,9 +150,31 @@ class Backbone:
 
 
 def load_vae(source: str, *, revision: str | None = None, torch_dtype: torch.dtype | None = None):
+    """The backbone's AutoencoderKL: ``from_pretrained(source, subfolder="vae")``, or from a single file."""
     from diffusers import AutoencoderKL
 
+    from consissr.models import single_file
+
+    if single_file.is_single_file(source):
+        return single_file.load_vae(source, torch_dtype=torch_dtype)
     return AutoencoderKL.from_pretrained(source, subfolder="vae", revision=revision, torch_dtype=torch_dtype)
+
+
+def load_vae_config(source: str, *, revision: str | None = None) -> dict[str, Any]:
+    """The VAE's config as the model is built from it: the file's entries over AutoencoderKL's defaults
+    (SD 2.1's vae/config.json has no ``scaling_factor``: the default 0.18215 is its value)."""
+    import inspect
+
+    from diffusers import AutoencoderKL
+
+    from consissr.models import single_file
+
+    if single_file.is_single_file(source):
+        source, revision = str(single_file.default_config_dir()), None
+    config = AutoencoderKL.load_config(source, subfolder="vae", revision=revision)
+    defaults = {name: p.default for name, p in inspect.signature(AutoencoderKL.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    return {**defaults, **config}
 
 
 def load_backbone(
@@ -148,11 +184,20 @@ def load_backbone(
     torch_dtype: torch.dtype | None = None,
     embedded_dir: str | Path = EMBEDDED_DIR,
 ) -> Backbone:
-    """Load UNet, VAE, text encoder, tokenizer and DDPM scheduler through ``from_pretrained``."""
+    """Load UNet, VAE, text encoder, tokenizer and DDPM scheduler through ``from_pretrained``.
+
+    ``pretrained``: ``embedded``, a diffusers folder or hub id, or one ``.ckpt``/``.safetensors``
+    file in the LDM layout (read once, converted by diffusers' single-file loaders with the
+    packaged SD 2.1-base configs; ``consissr.models.single_file``).
+    """
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    from consissr.models import single_file
+
     source = resolve_source(pretrained, embedded_dir)
+    if single_file.is_single_file(source):
+        return single_file.load_backbone(source, torch_dtype=torch_dtype)
     kw = dict(revision=revision)
     unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", torch_dtype=torch_dtype, **kw)
     vae = load_vae(source, revision=revision, torch_dtype=torch_dtype)
@@ -171,15 +216,20 @@ def write_backbone(params, *, out_dir: str | Path = EMBEDDED_DIR, seed: int,
 
     ``params`` is ``config.BackboneParams``. The embedded backbone takes the VAE trained by stage
     ``train_vae`` from ``vae_dir``. For a real backbone the folder holds
-    ``source.json`` only: the weights stay where the user keeps them (a local directory or
-    the hub cache) and every later stage loads them by that name.
+    ``source.json`` only: the weights stay where the user keeps them (a local directory, the hub
+    cache or a single LDM checkpoint file) and every later stage loads them by that name. A single
+    file is checked first (it exists, loads safely, holds the UNet, VAE and text encoder keys).
     """
+    from consissr.models import single_file
+
     out_dir = Path(out_dir)
     if params.pretrained == EMBEDDED:
         if vae_dir is None or not (Path(vae_dir) / "config.json").is_file():
             raise MissingInputError(f"{vae_dir}: no trained VAE for the embedded backbone; run `consissr train-vae` "
                                     "(or `dvc repro train_vae`)")
         return build_tiny_backbone(out_dir, seed=seed, vae_dir=vae_dir)
+    if single_file.is_single_file(params.pretrained):
+        single_file.check_checkpoint(params.pretrained)
     with atomic_dir(out_dir) as tmp:
         write_json(tmp / "source.json", {"pretrained": params.pretrained, "revision": params.revision})
     return out_dir

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from consissr.config import ModelParams, Params
+from consissr.models.backbone import SD21_BASE_CONFIG_DIR
 from consissr.models.consissr import ConsisSRNet, apply_trainable_policy, read_training_record
 from consissr.models.self_attention import SelfAttentionAddition
 
-# SD 2.1-base's component configs, copied from the hub (unet/, vae/, text_encoder/ config.json) so
-# the paper profile builds offline; diffusers' names ("attention_head_dim" there is really the
-# number of heads per level: 320/5 = 640/10 = 1280/20 = 64 channels a head)
-SD21_BASE_CONFIG_DIR = Path(__file__).parent / "sd_configs" / "stable-diffusion-2-1-base"
+# SD 2.1-base's UNet config (packaged with backbone.py's SD21_BASE_CONFIG_DIR) so the paper profile
+# builds offline; diffusers' names ("attention_head_dim" there is really the number of heads per
+# level: 320/5 = 640/10 = 1280/20 = 64 channels a head)
 SD21_BASE_UNET_CONFIG: dict[str, Any] = json.loads((SD21_BASE_CONFIG_DIR / "unet" / "config.json").read_text())
 SD21_BASE_UNET_PARAMETERS = 865_910_724  # what that config builds (the released weights' count)
 PAPER_POS_EMBED_GRID = 64  # 512² training crops, paper §4.1
