@@ -19,6 +19,10 @@ class InputError(ConsisSRError, ValueError):
     """Input data that cannot be used: unreadable, wrong format, empty, inconsistent."""
 
 
+class UnsafeCheckpointError(InputError):
+    """A weights file holds objects that ``torch.load(weights_only=True)`` will not build (a pickle could run code)."""
+
+
 class MissingInputError(ConsisSRError, FileNotFoundError):
     """A file or folder a stage needs is not there (usually: run the stage that writes it first)."""
 
@@ -27,4 +31,4 @@ class ResumeRefused(ConsisSRError, RuntimeError):
     """``resume: strict`` and the checkpoint was written by other training code."""
 
 
-__all__ = ["ConsisSRError", "InputError", "MissingInputError", "ParamsError", "ResumeRefused"]
+__all__ = ["ConsisSRError", "InputError", "MissingInputError", "ParamsError", "ResumeRefused", "UnsafeCheckpointError"]

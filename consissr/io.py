@@ -112,3 +112,53 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def load_weights_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
+    """What a weights file holds, read without running a pickle's code: the one reader of the
+    checkpoints users bring (SD single files, OpenCLIP ``.bin``, Real-ESRGAN ``.pth``).
+
+    ``.safetensors``: ``safetensors.torch.load_file``; anything else ``torch.load(map_location="cpu",
+    weights_only=True)`` (``mmap``: map a zip checkpoint's storages instead of reading them), never
+    retried without it. A refused object raises ``UnsafeCheckpointError`` naming the file and its
+    type; any other failure ``InputError`` naming the file.
+    """
+    import pickle
+    import re
+
+    import torch
+
+    from consissr.errors import InputError, UnsafeCheckpointError
+
+    path = Path(path)
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # noqa: BLE001 - SafetensorError and friends: bad input
+            raise InputError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        try:  # reads the pickle's opcodes only (zip checkpoints); builds nothing
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+        except Exception:  # noqa: BLE001 - a legacy or damaged file: torch's message names the global
+            unsafe = []
+        unsafe = unsafe or re.findall(r"GLOBAL ([\w.]+)", str(e)) or re.findall(r"Unsupported global: ([\w.]+)", str(e))
+        if unsafe:
+            raise UnsafeCheckpointError(
+                f"{path}: holds objects that a weights-only load refuses to build: {', '.join(sorted(set(unsafe)))}; "
+                "the file is not loaded (a pickle could run code). Use a .safetensors file, or re-save the "
+                "state dict alone") from None
+        raise InputError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+    except Exception as e:  # noqa: BLE001 - truncated zip, not a torch file, a TypeError in the unpickler ...
+        raise InputError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(exc: Exception) -> str:
+    """The informative line of a load error (torch's weights-only message opens with boilerplate)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
+                                                              "Check the documentation"))]
+    return f"{type(exc).__name__}: {(useful or lines or [''])[0]}"

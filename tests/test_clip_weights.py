@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from consissr.config import ClipParams, is_clip_weights_file  # noqa: E402
-from consissr.errors import InputError, ParamsError  # noqa: E402
+from consissr.errors import InputError, ParamsError, UnsafeCheckpointError  # noqa: E402
 from consissr.models import robust_clip as rc  # noqa: E402
 from consissr.models.info import describe_robust_clip  # noqa: E402
 from consissr.models.robust_clip import ClipWeightsError, RobustCLIP  # noqa: E402
@@ -186,8 +186,8 @@ def test_pickled_code_refused_and_not_run(tmp_path, offline):
     marker = tmp_path / MARKER
     state = _save_tiny(tmp_path / FILE_NAME)
     torch.save({**state, "extra": _Payload(str(marker))}, tmp_path / FILE_NAME)
-    with pytest.raises(ClipWeightsError, match=rf"{FILE_NAME}: refused: the file holds a disallowed object "
-                                               r"of type (builtins|io)\.open"):
+    with pytest.raises(UnsafeCheckpointError, match=rf"{FILE_NAME}: holds objects that a weights-only load "
+                                                    r"refuses to build: (builtins|io)\.open"):
         RobustCLIP(model_name=TINY, pretrained=str(tmp_path / FILE_NAME))
     assert not marker.exists()
     # the same pickle read without weights_only does run it: the marker test can fail
@@ -200,9 +200,9 @@ def test_not_a_state_dict(tmp_path):
     with pytest.raises(ClipWeightsError, match=r"list\.pt: expected a state dict"):
         rc.read_clip_weights(tmp_path / "list.pt")
     (tmp_path / "junk.bin").write_bytes(b"not a checkpoint")
-    with pytest.raises(ClipWeightsError, match=r"junk\.bin: not a readable CLIP weights file"):
+    with pytest.raises(InputError, match=r"junk\.bin: not a readable torch checkpoint"):
         rc.read_clip_weights(tmp_path / "junk.bin")
     # a TypeError inside the weights-only unpickler (open_clip would retry with a plain torch.load)
     (tmp_path / "typeerror.bin").write_bytes(b"\x80\x02ccollections\nOrderedDict\n(K\x01K\x02K\x03tR.")
-    with pytest.raises(ClipWeightsError, match=r"typeerror\.bin: not a readable CLIP weights file \(TypeError"):
+    with pytest.raises(InputError, match=r"typeerror\.bin: not a readable torch checkpoint \(TypeError"):
         rc.read_clip_weights(tmp_path / "typeerror.bin")

@@ -25,7 +25,7 @@ import torch
 
 from consissr.compat import RealESRGANer, RRDBNet
 from consissr.errors import InputError, ParamsError
-from consissr.io import file_sha256, write_bytes, write_json
+from consissr.io import file_sha256, load_weights_file, write_bytes, write_json
 
 CONFIG_NAME = "gan_config.json"
 WEIGHTS_NAME = "gan.pth"
@@ -82,11 +82,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise GanWeightsError(f"{path}: GAN weights file not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (truncated zip, not a torch file, pickled code ...)
-        raise GanWeightsError(f"{path}: not a readable PyTorch weights file ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    checkpoint = load_weights_file(path)
     if not isinstance(checkpoint, dict):
         raise GanWeightsError(f"{path}: expected a dict with key 'params_ema' or 'params', got {type(checkpoint).__name__}")
     for key in WEIGHT_KEYS:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import pickle
-import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,7 +34,7 @@ from torch import nn
 
 from consissr.config import is_clip_weights_file
 from consissr.errors import InputError
-from consissr.io import atomic_path, file_sha256, write_json
+from consissr.io import atomic_path, file_sha256, load_weights_file, write_json
 
 if TYPE_CHECKING:
     from consissr.config import ClipParams
@@ -124,20 +122,6 @@ def _check_tag(model_name: str, tag: str) -> None:
         "(a path has a '/' or ends in .bin, .pt, .pth or .safetensors)")
 
 
-def _disallowed_global(exc: Exception) -> str | None:
-    """The global ``torch.load(weights_only=True)`` refused (``posix.system``, ``mypkg.Evil``), if any."""
-    found = re.search(r"GLOBAL ([\w.]+)", str(exc)) or re.search(r"Unsupported global: ([\w.]+)", str(exc))
-    return found.group(1) if found else None
-
-
-def _reason(exc: Exception) -> str:
-    """The informative line of a load error (torch's weights-only message opens with boilerplate)."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
-                                                              "Check the documentation"))]
-    return f"{type(exc).__name__}: {(useful or lines or [''])[0]}"
-
-
 def read_clip_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The state dict in a CLIP weights file — the one place this project reads one.
 
@@ -154,19 +138,8 @@ def read_clip_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise ClipWeightsError(f"{path}: CLIP weights file not found (clip.pretrained)")
-    try:
-        if path.suffix == ".safetensors":
-            checkpoint: Any = load_file(path, device="cpu")
-        else:
-            # mmap: a 3.9 GB ViT-H-14 file is not copied into memory before load_state_dict
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except Exception as exc:  # noqa: BLE001  (pickled code, truncated zip, not a torch file, TorchScript ...)
-        refused = _disallowed_global(exc) if isinstance(exc, pickle.UnpicklingError) else None
-        if refused:
-            raise ClipWeightsError(f"{path}: refused: the file holds a disallowed object of type {refused}, not only "
-                                   "weights (CLIP weights load with torch.load(weights_only=True) or safetensors)"
-                                   ) from None
-        raise ClipWeightsError(f"{path}: not a readable CLIP weights file ({_reason(exc)})") from None
+    # mmap: a 3.9 GB ViT-H-14 file is not copied into memory before load_state_dict
+    checkpoint = load_weights_file(path, mmap=zipfile.is_zipfile(path))
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         checkpoint = checkpoint["state_dict"]
     if not isinstance(checkpoint, dict) or not checkpoint:

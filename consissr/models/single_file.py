@@ -20,8 +20,6 @@ shapes and would load, but with the wrong prediction type: not supported.
 
 from __future__ import annotations
 
-import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +27,8 @@ from typing import Any, Callable
 import torch
 
 from consissr.config import SINGLE_FILE_SUFFIXES
-from consissr.errors import InputError, MissingInputError
+from consissr.errors import InputError, MissingInputError, UnsafeCheckpointError
+from consissr.io import load_weights_file
 from consissr.models import backbone as _backbone
 
 # LDM key prefix → the part it holds
@@ -39,10 +38,6 @@ LDM_PREFIXES = {
     "cond_stage_model.model.": "OpenCLIP text encoder",
 }
 UNET_PREFIX, VAE_PREFIX, TEXT_PREFIX = LDM_PREFIXES
-
-
-class UnsafeCheckpointError(InputError):
-    """A ``.ckpt`` holds objects that ``torch.load(weights_only=True)`` will not build."""
 
 
 def is_single_file(source: str | Path) -> bool:
@@ -66,27 +61,6 @@ def _checked_path(path: str | Path) -> Path:
     return path
 
 
-def _torch_load(path: Path, mmap: bool) -> Any:
-    """``torch.load(weights_only=True)``; a refused object → ``UnsafeCheckpointError`` naming its type."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        message = str(e)
-        try:  # reads the pickle's opcodes only (zip checkpoints); builds nothing
-            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
-        except Exception:  # noqa: BLE001 - a legacy or damaged file: fall back to torch's message
-            unsafe = []
-        unsafe = unsafe or re.findall(r"GLOBAL ([\w.]+)", message)
-        if unsafe:
-            raise UnsafeCheckpointError(
-                f"{path}: holds objects that a weights-only load refuses to build: {', '.join(sorted(set(unsafe)))}; "
-                "the file is not loaded (a pickle could run code). Use the .safetensors release, or re-save "
-                "the state dict alone") from None
-        raise InputError(f"{path}: not a readable torch checkpoint ({message.splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise InputError(f"{path}: not a readable torch checkpoint ({e})") from None
-
-
 def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
     """The tensors of a ``.ckpt`` or ``.safetensors`` file, safely, on the CPU.
 
@@ -98,15 +72,8 @@ def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, torch.
     (``UnsafeCheckpointError``, naming its type), an unreadable file, no tensors.
     """
     path = _checked_path(path)
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            obj: Any = load_file(str(path), device="cpu")
-        except Exception as e:  # noqa: BLE001 - SafetensorError and friends: report them as bad input
-            raise InputError(f"{path}: not a readable safetensors file ({e})") from None
-    else:
-        obj = _torch_load(path, mmap)
+    obj: Any = load_weights_file(path, mmap=mmap)
+    if path.suffix.lower() != ".safetensors":
         if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
             obj = obj["state_dict"]
         if not isinstance(obj, Mapping):
