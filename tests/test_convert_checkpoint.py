@@ -308,7 +308,7 @@ def test_a_missing_sd_weight_is_named(tiny_backbone, tmp_path):
 
     sd = authors_state_dict()
     del sd["model.diffusion_model.output_blocks.1.1.conv.weight"]
-    with pytest.raises(InputError, match=r"missing key for the UNet.*up_blocks\.0\.upsamplers\.0\.conv\.weight"):
+    with pytest.raises(InputError, match=r"missing key for the UNet.*up_blocks\.0\.upsamplers\.0\.conv\."):
         convert_authors_checkpoint(_save(sd, tmp_path / "c.ckpt"), tmp_path / "m", config_dir=tiny_backbone,
                                    clip_model_name="consissr-tiny-vit")
 

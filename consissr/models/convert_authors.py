@@ -87,12 +87,13 @@ def _read_ckpt(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputError(f"{path}: no such checkpoint file")
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as error:  # mmap needs the new zipfile format; older files load plainly
-        if "mmap" not in str(error):
-            raise _unsafe(path, error) from error
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle.UnpicklingError: a global outside the allowed set
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:  # mmap needs the zipfile format; an older file loads plainly
+            if "mmap" not in str(error):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle.UnpicklingError (a global outside the allowed set), not a torch file
         raise _unsafe(path, error) from error
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
@@ -178,8 +179,10 @@ def _convert_part(ledger: _Ledger, part: str, prefix: str, model: torch.nn.Modul
         raise InputError(f"{ledger.source}: missing key for the {part}: nothing under {prefix} gives its "
                          f"{missing[0]} ({len(missing)} missing)")
     if unexpected:
-        raise InputError(f"{ledger.source}: unknown key under {prefix}: it converts to {unexpected[0]}, which "
-                         f"the {part} does not have")
+        tensor = converted[unexpected[0]]
+        source = next((k for k, v in group.items() if _storage(v) == _storage(tensor)), f"a key under {prefix}")
+        raise InputError(f"{ledger.source}: unknown key {source}: it converts to {unexpected[0]}, which the {part} "
+                         f"does not have")
     for key, value in converted.items():
         if value.shape != model.state_dict()[key].shape:
             raise InputError(f"{ledger.source}: {part} weight {key} has shape {tuple(value.shape)}, the config "
