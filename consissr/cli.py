@@ -313,6 +313,25 @@ def run_promote(args) -> int:
     return 0
 
 
+@stage("convert-checkpoint", "the authors' released ConsisSR.ckpt -> a saved pipeline folder (upscale --model)",
+       registry=TOOLS)
+def _convert_checkpoint_args(p):
+    p.add_argument("checkpoint", type=Path, help="their PyTorch-Lightning checkpoint (ConsisSR.ckpt)")
+    p.add_argument("out", type=Path, help="the pipeline folder to write")
+    p.add_argument("--config-dir", type=Path, default=None,
+                   help="SD-layout configs (unet/ vae/ text_encoder/); default: the packaged SD 2.1-base")
+    p.add_argument("--clip-model", default="ViT-H-14", help="open_clip architecture of their image tower")
+
+
+def run_convert_checkpoint(args) -> int:
+    from consissr.models.convert_authors import SD21_CONFIGS, convert_authors_checkpoint
+
+    out = convert_authors_checkpoint(args.checkpoint, args.out, config_dir=args.config_dir or SD21_CONFIGS,
+                                     clip_model_name=args.clip_model)
+    print(f"consissr convert-checkpoint: wrote {out}")
+    return 0
+
+
 def _relaunch_distributed(argv: list[str]) -> None:
     """A training command under ``CONSISSR_NUM_PROCESSES`` > 1 re-executes itself through ``accelerate launch``.
 

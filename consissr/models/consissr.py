@@ -23,6 +23,7 @@ from consissr.models.hpa import (
     IMAGE_TOKEN_MODES,
     IMAGE_TOKENS_KWARG,
     ImageProjection,
+    MLPImageProjection,
     check_clip_embedding_width,
     clip_embedding_tokens,
     install_hybrid_prompt_adapter,
@@ -55,20 +56,36 @@ def build_controlnet(unet: nn.Module, conditioning: str = "latent", *, vae_scale
 
     ``"pixel"``: the LQ image itself, (B, 3, f·h, f·w) in [0, 1], through diffusers' default
     embedding (16, 32, 96, 256), cut to the stages that downsample by the VAE's factor f (SD: 8).
+
+    ``"latent_authors"``: the LQ latent as ``"latent"``, through the authors' hint block (their
+    ``input_hint_block``: eight 3×3 convs 4→16→16→32→32→96→96→256→C0, none strided): diffusers'
+    (16, 32, 96, 256) embedding with its strides set to 1 (``unstride_conditioning_embedding``;
+    ``ConsisSRNet`` applies it on every build, so a reload keeps it).
     """
     from diffusers import ControlNetModel
 
     if conditioning == "latent":
         channels, embedding = unet.config.in_channels, (unet.config.block_out_channels[0],)
+    elif conditioning == "latent_authors":
+        channels, embedding = unet.config.in_channels, (16, 32, 96, 256)
     elif conditioning == "pixel":
         stages = vae_scale_factor.bit_length()  # f = 2^(stages - 1)
         if vae_scale_factor != 2 ** (stages - 1) or stages > 4:
             raise ValueError(f"pixel ControlNet conditioning needs a VAE factor of 1, 2, 4 or 8, got {vae_scale_factor}")
         channels, embedding = 3, (16, 32, 96, 256)[:stages]
     else:
-        raise ValueError(f"controlnet_conditioning must be 'latent' or 'pixel', got {conditioning!r}")
-    return ControlNetModel.from_unet(
+        raise ValueError(f"controlnet_conditioning must be 'latent', 'pixel' or 'latent_authors', got {conditioning!r}")
+    controlnet = ControlNetModel.from_unet(
         unet, conditioning_channels=channels, conditioning_embedding_out_channels=embedding)
+    if conditioning == "latent_authors":
+        unstride_conditioning_embedding(controlnet)
+    return controlnet
+
+
+def unstride_conditioning_embedding(controlnet: nn.Module) -> None:
+    """Every conv of the ControlNet's conditioning embedding at stride 1 (``"latent_authors"``)."""
+    for conv in controlnet.controlnet_cond_embedding.blocks:
+        conv.stride = (1, 1)
 
 
 class ConsisSRNet(nn.Module):
@@ -82,13 +99,15 @@ class ConsisSRNet(nn.Module):
         image_embed_dim: D, the robust CLIP image embedding width (ViT-H-14: 1024; tiny: 64).
         num_image_tokens: N image tokens made from one embedding (``ip_adapter`` only).
         image_tokens: ``"clip_embedding"`` (the paper: the embedding is the one token, read by the
-            frozen K/V; needs D == the UNet's cross-attention width, else ``ParamsError``) or
-            ``"ip_adapter"`` (``ImageProjection``: N learned tokens).
+            frozen K/V; needs D == the UNet's cross-attention width, else ``ParamsError``),
+            ``"ip_adapter"`` (``ImageProjection``: N learned tokens) or ``"authors_mlp"``
+            (``MLPImageProjection``, the authors' released head).
         hpa_scale: run-time weight of the HPA image branch (also a property).
         pos_embed / pos_embed_grid / transposed_attention: the UNet self-attention additions
             (``self_attention.install_self_attention``).
         controlnet_self_attention: the same additions in the ControlNet too (the authors' code).
-        controlnet_conditioning: recorded in the config ("latent" or "pixel").
+        controlnet_conditioning: recorded in the config ("latent", "pixel" or "latent_authors").
+        transposed_attention_form: ``"restormer"`` or ``"authors"`` (``self_attention.py``).
 
     Image tokens reach every HPA processor through the UNet's and ControlNet's normal forward as
     ``cross_attention_kwargs={"ip_hidden_states": tokens}`` (see ``hpa.py``).
@@ -108,6 +127,7 @@ class ConsisSRNet(nn.Module):
         controlnet_conditioning: str = "latent",
         image_tokens: str = "clip_embedding",
         controlnet_self_attention: bool = False,
+        transposed_attention_form: str = "restormer",
     ) -> None:
         super().__init__()
         if image_tokens not in IMAGE_TOKEN_MODES:
@@ -116,25 +136,30 @@ class ConsisSRNet(nn.Module):
             image_embed_dim=int(image_embed_dim), num_image_tokens=int(num_image_tokens),
             hpa_scale=float(hpa_scale), pos_embed=bool(pos_embed), pos_embed_grid=int(pos_embed_grid),
             transposed_attention=bool(transposed_attention), controlnet_conditioning=controlnet_conditioning,
-            image_tokens=image_tokens, controlnet_self_attention=bool(controlnet_self_attention))
+            image_tokens=image_tokens, controlnet_self_attention=bool(controlnet_self_attention),
+            transposed_attention_form=transposed_attention_form)
+        if controlnet_conditioning == "latent_authors":
+            unstride_conditioning_embedding(controlnet)
         self.unet = unet
         self.controlnet = controlnet
         # how the saved net was trained (``training_record``); saved under "training"
         self.training_info: dict[str, Any] = {}
         # 1. hybrid prompt: image tokens in the cross-attention width, adapters in both nets
         weight = unet.conv_in.weight
-        self.image_proj: ImageProjection | None = None  # clip_embedding: no new weight (§3.3)
+        self.image_proj: nn.Module | None = None  # clip_embedding: no new weight (§3.3)
         if image_tokens == "clip_embedding":
             check_clip_embedding_width(image_embed_dim, unet.config.cross_attention_dim)
         else:
-            self.image_proj = ImageProjection(
+            projection = ImageProjection if image_tokens == "ip_adapter" else MLPImageProjection
+            self.image_proj = projection(
                 image_embed_dim=image_embed_dim, cross_attention_dim=unet.config.cross_attention_dim,
                 num_tokens=num_image_tokens).to(device=weight.device, dtype=weight.dtype)
         self.hpa_unet = install_hybrid_prompt_adapter(unet, scale=hpa_scale)
         self.hpa_controlnet = install_hybrid_prompt_adapter(controlnet, scale=hpa_scale)
         # 2. self-attention: positional embedding + transposed attention, in the UNet (Fig. 5) and
         #    optionally in the ControlNet (as the authors' code builds it)
-        additions = dict(pos_embed=pos_embed, pos_embed_grid=pos_embed_grid, transposed_attention=transposed_attention)
+        additions = dict(pos_embed=pos_embed, pos_embed_grid=pos_embed_grid, transposed_attention=transposed_attention,
+                         transposed_form=transposed_attention_form)
         self.self_attention = install_self_attention(unet, **additions)
         self.self_attention_controlnet = (
             install_self_attention(controlnet, **additions) if controlnet_self_attention else nn.ModuleDict())
@@ -255,6 +280,7 @@ class ConsisSRNet(nn.Module):
         training_info = config.pop(TRAINING_KEY, {})
         config.setdefault("image_tokens", "ip_adapter")  # saved before the option existed
         config.setdefault("controlnet_self_attention", False)
+        config.setdefault("transposed_attention_form", "restormer")
         unet = getattr(backbone, "unet", backbone)
         for key in ("cross_attention_dim", "block_out_channels"):
             saved, have = config.pop(key), unet.config[key]

@@ -24,7 +24,7 @@ from consissr.errors import ParamsError
 from consissr.models.attention_ops import merge_heads, prepare_mask_and_norm, project_out, split_heads
 
 IMAGE_TOKENS_KWARG = "ip_hidden_states"
-IMAGE_TOKEN_MODES = ("clip_embedding", "ip_adapter")
+IMAGE_TOKEN_MODES = ("clip_embedding", "ip_adapter", "authors_mlp")
 _PROCESSOR_SUFFIX = ".processor"
 
 
@@ -67,6 +67,29 @@ class ImageProjection(nn.Module):
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         tokens = self.proj(image_embeds).reshape(-1, self.num_tokens, self.cross_attention_dim)
         return self.norm(tokens)
+
+
+class MLPImageProjection(nn.Module):
+    """The image-token head of the authors' released code (their ``ft_layers_4``), ``authors_mlp``.
+
+    LayerNorm(D) → Linear(D → N·C) → GELU → (N, C) → Linear(C → C) → GELU → zero-initialised
+    Linear(C → C). ``consissr convert-checkpoint`` maps their weights here.
+    """
+
+    def __init__(self, *, image_embed_dim: int, cross_attention_dim: int, num_tokens: int = 1) -> None:
+        super().__init__()
+        self.num_tokens = num_tokens
+        self.cross_attention_dim = cross_attention_dim
+        self.norm = nn.LayerNorm(image_embed_dim)
+        self.proj = nn.Linear(image_embed_dim, num_tokens * cross_attention_dim)
+        self.hidden = nn.Linear(cross_attention_dim, cross_attention_dim)
+        self.out = nn.Linear(cross_attention_dim, cross_attention_dim)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        tokens = F.gelu(self.proj(self.norm(image_embeds))).reshape(-1, self.num_tokens, self.cross_attention_dim)
+        return self.out(F.gelu(self.hidden(tokens)))
 
 
 class HybridPromptAdapter(nn.Module):

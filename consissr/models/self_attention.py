@@ -57,6 +57,45 @@ class TransposedSelfAttention(nn.Module):
         return self.project_out(out)
 
 
+class AuthorsTransposedAttention(nn.Module):
+    """The transposed attention as the authors' released code builds it (their ``attnT`` + ``normT``).
+
+    It differs from Restormer's MDTA (``TransposedSelfAttention``): its own LayerNorm on the
+    residual stream *after* the spatial self-attention (sequential, not parallel on ``norm1``),
+    no L2 normalisation of Q/K and no learned temperature (the softmax scale is 1/sqrt(h·w), as
+    their memory-efficient attention call gives), and a zero-initialised ``Linear`` output with
+    bias. ``transposed_attention_form="authors"`` selects it (``consissr convert-checkpoint``).
+
+    Args:
+        dim: channels C of the tokens.
+        heads: number of heads the channels are split into.
+    """
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} is not divisible by heads {heads}")
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim)
+        self.qkv = nn.Conv2d(dim, dim * 3, kernel_size=1, bias=False)
+        self.qkv_dwconv = nn.Conv2d(dim * 3, dim * 3, kernel_size=3, padding=1, groups=dim * 3, bias=False)
+        self.to_out = nn.Linear(dim, dim)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Residual stream (B, h·w, C) → its update (B, h·w, C)."""
+        b, n, c = tokens.shape
+        x = self.norm(tokens).transpose(1, 2).reshape(b, c, height, width)
+        q, k, v = self.qkv_dwconv(self.qkv(x)).chunk(3, dim=1)
+        q, k, v = (t.reshape(b, self.heads, c // self.heads, n) for t in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v)  # channels attend to channels; scale 1/sqrt(h·w)
+        return self.to_out(out.reshape(b, c, n).transpose(1, 2))
+
+
+TRANSPOSED_FORMS = ("restormer", "authors")
+
+
 class SelfAttentionAddition(nn.Module):
     """The trainable additions of one ``attn1``: positional table and/or transposed attention.
 
@@ -65,15 +104,20 @@ class SelfAttentionAddition(nn.Module):
         heads: the layer's head count.
         grid: (G_h, G_w), the layer's token grid at the training size.
         pos_embed / transposed_attention: which additions to build.
+        transposed_form: ``"restormer"`` (``TransposedSelfAttention``, parallel on ``norm1``) or
+            ``"authors"`` (``AuthorsTransposedAttention``, after the self-attention).
     """
 
     def __init__(self, *, dim: int, heads: int, grid: tuple[int, int], pos_embed: bool,
-                 transposed_attention: bool) -> None:
+                 transposed_attention: bool, transposed_form: str = "restormer") -> None:
         super().__init__()
+        if transposed_form not in TRANSPOSED_FORMS:
+            raise ValueError(f"transposed_form must be one of {list(TRANSPOSED_FORMS)}, got {transposed_form!r}")
         self.heads = heads
         self.grid = tuple(grid)
         self.pos_embed = nn.Parameter(torch.zeros(1, dim // heads, *grid)) if pos_embed else None
-        self.transposed = TransposedSelfAttention(dim, heads) if transposed_attention else None
+        form = TransposedSelfAttention if transposed_form == "restormer" else AuthorsTransposedAttention
+        self.transposed = form(dim, heads) if transposed_attention else None
 
     def positional(self, height: int, width: int, dtype: torch.dtype) -> torch.Tensor:
         """The table at (height, width), repeated over heads: (1, height·width, heads·head_dim)."""
@@ -93,6 +137,7 @@ class ConsisSelfAttnProcessor:
     def __init__(self, addition: SelfAttentionAddition) -> None:
         self.addition = addition
         self.spatial_shapes: dict[int, tuple[int, int]] = {}
+        self.block_input: torch.Tensor | None = None  # the authors' form: set by the block's pre-hook
 
     def _shape(self, tokens: int) -> tuple[int, int]:
         shape = self.spatial_shapes.get(tokens)
@@ -121,7 +166,8 @@ class ConsisSelfAttnProcessor:
 
         # 1. transposed (channel) attention on the same normalised input, zero at start
         transposed = None
-        if addition.transposed is not None:
+        authors = isinstance(addition.transposed, AuthorsTransposedAttention)
+        if addition.transposed is not None and not authors:
             grid = hidden_states.transpose(1, 2).reshape(batch_size, channels, height, width)
             transposed = addition.transposed(grid).flatten(2).transpose(1, 2)
 
@@ -145,6 +191,13 @@ class ConsisSelfAttnProcessor:
         # 3. both branches go into the block's residual stream
         if transposed is not None:
             hidden_states = hidden_states + transposed.to(hidden_states.dtype)
+        if authors:  # x + SA + TA(normT(x + SA)): the block adds x back
+            block_input, self.block_input = self.block_input, None
+            if block_input is None:
+                raise RuntimeError("the authors' transposed attention needs the block input; call the model "
+                                   "through its forward so the BasicTransformerBlock hook sees it")
+            update = addition.transposed(block_input + hidden_states, height, width)
+            hidden_states = hidden_states + update.to(hidden_states.dtype)
         return hidden_states
 
 
@@ -183,6 +236,7 @@ def install_self_attention(
     pos_embed_grid: int = 64,
     transposed_attention: bool = True,
     additions: nn.ModuleDict | None = None,
+    transposed_form: str = "restormer",
 ) -> nn.ModuleDict:
     """Install ``ConsisSelfAttnProcessor`` on every ``attn1`` of ``unet``; return the additions.
 
@@ -193,6 +247,7 @@ def install_self_attention(
             downsampled by f stores a ceil(grid / f)² table.
         transposed_attention: add the MDTA branch.
         additions: reuse existing additions (e.g. when loading) instead of new zero ones.
+        transposed_form: ``"restormer"`` or ``"authors"`` (``SelfAttentionAddition``).
 
     With both flags off nothing is installed and an empty ``ModuleDict`` comes back.
     """
@@ -214,7 +269,7 @@ def install_self_attention(
             side = math.ceil(pos_embed_grid / level_downsampling(name, num_levels))
             addition = SelfAttentionAddition(
                 dim=attn.inner_dim, heads=attn.heads, grid=(side, side), pos_embed=pos_embed,
-                transposed_attention=transposed_attention,
+                transposed_attention=transposed_attention, transposed_form=transposed_form,
             ).to(device=attn.to_q.weight.device, dtype=attn.to_q.weight.dtype)
         result[module_key(name)] = addition
         processors[name + _PROCESSOR_SUFFIX] = ConsisSelfAttnProcessor(addition)
@@ -223,6 +278,11 @@ def install_self_attention(
     # every Transformer2DModel tells the processors of its blocks the (h, w) of its input
     handles = [module.register_forward_pre_hook(_record_spatial_shape, with_kwargs=True)
                for module in unet.modules() if isinstance(module, Transformer2DModel)]
+    if transposed_attention and transposed_form == "authors":  # their attnT reads the residual stream
+        from diffusers.models.attention import BasicTransformerBlock
+
+        handles += [module.register_forward_pre_hook(_record_block_input, with_kwargs=True)
+                    for module in unet.modules() if isinstance(module, BasicTransformerBlock)]
     result.hook_handles = handles
     return result
 
@@ -239,3 +299,11 @@ def _record_spatial_shape(module, args, kwargs) -> None:
         processor = getattr(block.attn1, "processor", None)
         if isinstance(processor, ConsisSelfAttnProcessor):
             processor.spatial_shapes[height * width] = (height, width)
+
+
+def _record_block_input(module, args, kwargs) -> None:
+    """Forward pre-hook of a ``BasicTransformerBlock``: its input (the residual stream) to its
+    ``attn1`` processor, which the authors' transposed attention reads after the self-attention."""
+    processor = getattr(module.attn1, "processor", None)
+    if isinstance(processor, ConsisSelfAttnProcessor):
+        processor.block_input = args[0] if args else kwargs["hidden_states"]
