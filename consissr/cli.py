@@ -324,9 +324,9 @@ def _convert_checkpoint_args(p):
 
 
 def run_convert_checkpoint(args) -> int:
-    from consissr.models.convert_authors import SD21_CONFIGS, convert_authors_checkpoint
+    from consissr.models.convert_authors import convert_authors_checkpoint
 
-    out = convert_authors_checkpoint(args.checkpoint, args.out, config_dir=args.config_dir or SD21_CONFIGS,
+    out = convert_authors_checkpoint(args.checkpoint, args.out, config_dir=args.config_dir,
                                      clip_model_name=args.clip_model)
     print(f"consissr convert-checkpoint: wrote {out}")
     return 0

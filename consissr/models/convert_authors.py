@@ -38,7 +38,6 @@ import torch
 
 from consissr.errors import InputError
 
-SD21_CONFIGS = Path(__file__).parent / "sd_configs" / "stable-diffusion-2-1-base"
 
 # the authors' inference defaults (README "Inference": --cfg_scale 5.0; inference.py: --steps 50,
 # --color_fix_type adain, the positive / negative prompts of ``process``); InferenceParams fields
@@ -78,34 +77,11 @@ _TRANSPOSED = {"attnT.to_qkv.weight": "qkv.weight", "attnT.qkv_dwconv.weight": "
 
 # TODO: use consissr.models.single_file.read_checkpoint
 def _read_ckpt(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state dict of a (Lightning) checkpoint, read with ``weights_only=True``.
+    """The tensors of their Lightning checkpoint: ``single_file.read_checkpoint`` (weights only, the
+    ``state_dict`` unwrapped; a refused object named with the file), DDP's ``module.`` dropped."""
+    from consissr.models.single_file import read_checkpoint
 
-    Lightning's ``hyper_parameters`` and loop metadata hold plain containers only; anything the
-    safe unpickler refuses is named with the file (never ``weights_only=False``).
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: no such checkpoint file")
-    try:
-        try:
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:  # mmap needs the zipfile format; an older file loads plainly
-            if "mmap" not in str(error):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle.UnpicklingError (a global outside the allowed set), not a torch file
-        raise _unsafe(path, error) from error
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise InputError(f"{path}: not a checkpoint of tensors (a dict, or a Lightning one with 'state_dict')")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in data.items()}
-
-
-def _unsafe(path: Path, error: Exception) -> InputError:
-    found = re.search(r"GLOBAL (\S+)", str(error))
-    what = f"type {found.group(1)}" if found else type(error).__name__
-    return InputError(f"{path}: cannot be read safely (weights_only): it holds {what}: {str(error).splitlines()[0]}")
+    return {k.removeprefix("module."): v for k, v in read_checkpoint(path).items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,7 +254,7 @@ def convert_authors_checkpoint(
     checkpoint: str | Path,
     out_dir: str | Path,
     *,
-    config_dir: str | Path = SD21_CONFIGS,
+    config_dir: str | Path | None = None,
     clip_model_name: str = "ViT-H-14",
     defaults: dict[str, Any] | None = None,
 ) -> Path:
@@ -302,17 +278,17 @@ def convert_authors_checkpoint(
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from consissr.inference.pipeline import ConsisSRPipeline
-    from consissr.models.backbone import SD_SCHEDULE
+    from consissr.models.backbone import SD21_BASE_CONFIG_DIR, SD_SCHEDULE, load_vae_config
     from consissr.models.consissr import ConsisSRNet, build_controlnet
     from consissr.models.robust_clip import RobustCLIP
 
-    checkpoint, config_dir = Path(checkpoint), Path(config_dir)
+    checkpoint, config_dir = Path(checkpoint), Path(config_dir or SD21_BASE_CONFIG_DIR)
     ledger = _Ledger(_read_ckpt(checkpoint), str(checkpoint))
     state = ledger.state
 
     # 0. what is dropped, and the checks behind dropping it
     unet_config = UNet2DConditionModel.load_config(config_dir, subfolder="unet")
-    vae_config = AutoencoderKL.load_config(config_dir, subfolder="vae")
+    vae_config = load_vae_config(str(config_dir))  # AutoencoderKL's defaults filled in (scaling_factor)
     text_config = CLIPTextConfig.from_pretrained(config_dir / "text_encoder")
     scheduler = DDPMScheduler(**SD_SCHEDULE)
     if "betas" in state and not torch.allclose(state["betas"].double(), scheduler.betas.double(), atol=1e-6):
