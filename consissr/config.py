@@ -211,24 +211,31 @@ class TrainVaeParams:
     (+ lpips_weight·LPIPS when its weights are present), Adam with a cosine lr decay.
     """
 
-    steps: int = 500
-    batch_size: int = 8
-    crop_size: int = 64  # random crops of the photos, flipped / rotated
+    steps: int = 600
+    batch_size: int = 16
+    crop_size: int = 32  # random crops of the photos, flipped / rotated
     lr: float = 2e-3
+    warmup_steps: int = 50  # linear lr warm-up, then cosine decay to 2 % of lr
+    max_grad_norm: float | None = 0.5  # null: no clipping
+    ema_decay: float = 0.99  # the saved VAE is the weights' EMA; 0: the last step's weights
     kl_weight: float = 1e-6  # per input element (SD's VAE: 1e-6)
     lpips_weight: float = 0.0  # used only when LPIPS weights load offline; else a log line
     # photos kept out of training and reported as held-out reconstruction PSNR(Y): ids of
     # prepare.sources (embedded_<name>, or s<k>_<path slug> for folders), or "auto": the embedded
     # set's coffee (evaluate's photo), or one photo of other sources picked by id (vae_stage.pick_holdout)
     holdout: Literal["auto"] | tuple[str, ...] = "auto"
-    # CPU threads while training (0: torch's default). One thread gives the same weights on any
-    # machine and is far faster than 2 on a shared, loaded CPU (OpenMP threads spin-wait)
+    # CPU threads while training (0: torch's default). One thread gives the same weights whatever the
+    # core count (not across CPU kinds: their float rounding differs) and is far faster than 2 on a
+    # shared, loaded CPU (OpenMP threads spin-wait)
     threads: int = 1
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "steps", "batch_size", "crop_size")
-        _at_least(self, 0, "kl_weight", "lpips_weight", "threads")
+        _at_least(self, 0, "kl_weight", "lpips_weight", "threads", "warmup_steps")
         _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm",
+                 f"must be > 0 or null, got {self.max_grad_norm}")
+        _require(0.0 <= self.ema_decay < 1.0, "ema_decay", f"must lie in [0, 1), got {self.ema_decay}")
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,31 @@ def dvc_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("dvc-cache")
 
 
+@pytest.fixture(scope="session")
+def user_photos(tmp_path_factory) -> Path:
+    """A folder as a user would bring: other names, sizes and formats — an alpha PNG, a
+    16-bit PNG, a gray JPEG, four JPEG photos — and three broken files. The photos are scikit-image's
+    (none of evaluate's chelsea and coffee); one folder per session, so the end-to-end copies that
+    name it share DVC's run cache."""
+    import numpy as np
+    from PIL import Image
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("my photos")
+    for name, rgb in [("IMG_2041.JPG", data.astronaut()), ("rocket launch.jpeg", data.rocket()),
+                      ("DSC-0007.jpg", data.stereo_motorcycle()[0]), ("holiday_03.jpg", data.immunohistochemistry())]:
+        Image.fromarray(rgb).save(folder / name, quality=90)
+    Image.fromarray(data.camera()).save(folder / "gray camera.jpg", quality=90)
+    Image.fromarray(data.logo()).save(folder / "logo_alpha.png")  # RGBA
+    deep = (data.colorwheel()[..., 0].astype(np.uint16) * 257)  # one 16-bit channel
+    Image.fromarray(deep).save(folder / "wheel16.png")
+    (folder / "notes.png").write_text("not an image")
+    (folder / "empty.jpg").write_bytes(b"")
+    jpeg = (folder / "IMG_2041.JPG").read_bytes()
+    (folder / "cut off.jpg").write_bytes(jpeg[: len(jpeg) // 3])  # a truncated JPEG
+    return folder
+
+
 def set_params(params_path: Path, values: dict) -> None:
     """Set dotted keys (``"train_vae.steps": 10``) in a copy's params.yaml (its comments are dropped)."""
     import yaml

@@ -106,11 +106,12 @@ def ran(output):
 
 
 @pytest.mark.slow
-def test_dvc_repro_end_to_end_in_a_temporary_copy(tmp_path, dvc_cache):
+def test_dvc_repro_end_to_end_in_a_temporary_copy(tmp_path, dvc_cache, user_photos):
     copy_tracked_files(tmp_path)
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     _dvc(tmp_path, "cache", "dir", "--local", str(dvc_cache))  # test_eval_dvc restores these stages from it
-    set_params(tmp_path / "params.yaml", SHORT_TRAINING)
+    # a user's folder in place of the embedded photos, and no other edit
+    set_params(tmp_path / "params.yaml", {**SHORT_TRAINING, "prepare.sources": [str(user_photos)]})
     data_stages = {"train_vae", "backbone", "prepare", "degrade", "vae_ceiling", "encode"}
 
     first = _dvc(tmp_path, "repro", "encode", "vae_ceiling")

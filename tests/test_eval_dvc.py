@@ -35,7 +35,7 @@ def _set(params_path, values):
 
 
 @pytest.mark.slow
-def test_dvc_repro_evaluate_then_metrics_diff(tmp_path, dvc_cache):
+def test_dvc_repro_evaluate_then_metrics_diff(tmp_path, dvc_cache, user_photos):
     copy_tracked_files(tmp_path)
     bin_dir = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1",
@@ -43,11 +43,19 @@ def test_dvc_repro_evaluate_then_metrics_diff(tmp_path, dvc_cache):
                GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
     env.pop("MLFLOW_TRACKING_URI", None)
     dvc = str(bin_dir / "dvc")
-    _set(tmp_path / "params.yaml", SMALL)
+    # the user's folder of photos (3 of them broken) as the only change to the sources
+    small = {**SMALL, "prepare.sources": [str(user_photos)]}
+    _set(tmp_path / "params.yaml", small)
     _run(tmp_path, "git", "init", "-q", env=env)
     _run(tmp_path, dvc, "cache", "dir", "--local", str(dvc_cache), env=env)  # data stages: test_dvc_pipeline's runs
     out = _run(tmp_path, dvc, "repro", "evaluate", env=env)
     assert "Running stage 'evaluate'" in out
+
+    prepared = json.loads((tmp_path / "data" / "prepared" / "report.json").read_text())
+    assert sorted(Path(s["path"]).name for s in prepared["skipped"]) == ["cut off.jpg", "empty.jpg", "notes.png"]
+    assert prepared["images_used"] == 7
+    vae = json.loads((tmp_path / "data" / "models" / "vae" / "vae_metrics.json").read_text())
+    assert len(vae["holdout"]) == 1 and not vae["holdout"][0].startswith("embedded"), vae  # one of the user's
 
     doc = json.loads((tmp_path / "metrics" / "embedded.json").read_text())
     from consissr.evaluation.report import validate_metrics
@@ -72,7 +80,7 @@ def test_dvc_repro_evaluate_then_metrics_diff(tmp_path, dvc_cache):
     # a second configuration: only `evaluate` reruns, and `dvc metrics diff` shows the change
     _run(tmp_path, "git", "add", "-A", env=env)
     _run(tmp_path, "git", "commit", "-qm", "first evaluation", env=env)
-    _set(tmp_path / "params.yaml", {**SMALL, "evaluate.full_steps": 3})
+    _set(tmp_path / "params.yaml", {**small, "evaluate.full_steps": 3})
     again = _run(tmp_path, dvc, "repro", "evaluate", env=env)
     assert re.findall(r"Running stage '(\w+)'", again) == ["evaluate"]
     diff = _run(tmp_path, dvc, "metrics", "diff", "--json", env=env)

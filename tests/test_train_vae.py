@@ -22,7 +22,7 @@ from consissr.training import vae_stage
 SEED = 3
 PREPARE = PrepareParams(crop_size=96, crops_per_image=1)  # degrade needs a side >= 74
 # a few CPU seconds: the mechanics, not the ceiling (the slow test and the DVC output check that)
-SHORT = TrainVaeParams(steps=40, batch_size=4, crop_size=32, lr=2e-3, threads=1)
+SHORT = TrainVaeParams(steps=40, batch_size=4, crop_size=32, lr=2e-3, warmup_steps=5, ema_decay=0.9, threads=1)
 
 
 def _psnr_y_reference(a: np.ndarray, b: np.ndarray) -> float:
@@ -226,6 +226,28 @@ def test_unknown_holdout_id_is_named(tmp_path):
     with pytest.raises(ValueError, match="embedded_nope"):
         _train(tmp_path / "vae", train=dataclasses.replace(SHORT, holdout=("embedded_nope",)))
 
+
+
+def test_the_saved_weights_are_the_moving_average_of_the_steps():
+    """ema_decay 0.5 over two steps: (w1 + w2) / 2, with w1, w2 the plain run's weights after steps 1
+    and 2 (the average does not steer training)."""
+    from diffusers import AutoencoderKL
+
+    from consissr.models.backbone import tiny_vae_config
+
+    photos = [torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def run(steps, ema):
+        torch.manual_seed(0)
+        vae = AutoencoderKL(**tiny_vae_config())
+        vae_stage.train_autoencoder(vae, photos, steps=steps, batch_size=2, crop_size=16, lr=1e-2, kl_weight=1e-6,
+                                    seed=1, warmup_steps=1, max_grad_norm=0.5, ema_decay=ema)
+        return {k: v.clone() for k, v in vae.state_dict().items()}
+
+    (w1, w2), averaged = (run(1, 0.0), run(2, 0.0)), run(2, 0.5)
+    assert any(not torch.equal(w1[k], w2[k]) for k in w1)
+    for key in averaged:
+        torch.testing.assert_close(averaged[key], (w1[key] + w2[key]) / 2)
 
 
 def _photo(path, size, seed, mode="RGB"):

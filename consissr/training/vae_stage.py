@@ -218,11 +218,18 @@ def train_autoencoder(
     perceptual: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     perceptual_weight: float = 0.0,
     schedule: str = "cosine",
+    warmup_steps: int = 20,
+    max_grad_norm: float | None = None,
+    ema_decay: float = 0.0,
     on_step: Callable[[int, float, dict[str, float]], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
     """Adam on ``autoencoder_loss`` for ``steps`` steps; returns the last step's loss parts.
 
+    ``max_grad_norm`` clips the gradient norm; ``ema_decay`` > 0 keeps an exponential moving average
+    of the weights (torch's ``AveragedModel``) and leaves it in ``vae`` at the end. Both make where
+    training ends depend less on the float rounding of the CPU it ran on (without them the same
+    seed gave 26.54 dB on an AMD EPYC and 25.77 dB on an Intel Xeon).
     ``on_step(step, train_seconds, parts)`` is called after every step, outside the part timed
     by ``clock`` (wall time; ``time.process_time`` counts CPU seconds, robust to other load).
     """
@@ -232,23 +239,31 @@ def train_autoencoder(
     generator = torch.Generator().manual_seed(seed)
     sample_generator = torch.Generator().manual_seed(seed + 1)
     optimizer = torch.optim.Adam(vae.parameters(), lr=lr)
+    average = (torch.optim.swa_utils.AveragedModel(vae, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(
+        ema_decay)) if ema_decay > 0 else None)
     vae.train()
     parts: dict[str, float] = {}
     elapsed = 0.0
     for step in range(steps):
         start = clock()
         for group in optimizer.param_groups:
-            group["lr"] = cosine_lr(step, steps, lr) if schedule == "cosine" else lr
+            group["lr"] = cosine_lr(step, steps, lr, warmup=warmup_steps) if schedule == "cosine" else lr
         x = random_crops(photos, batch_size, crop_size, generator)
         loss, parts = autoencoder_loss(vae, x, kl_weight=kl_weight, generator=sample_generator,
                                        perceptual=perceptual, perceptual_weight=perceptual_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), max_grad_norm)
         optimizer.step()
+        if average is not None:
+            average.update_parameters(vae)
         elapsed += clock() - start
         parts = {**parts, "loss": loss.item(), "lr": optimizer.param_groups[0]["lr"]}
         if on_step is not None:
             on_step(step + 1, elapsed, parts)
+    if average is not None:
+        vae.load_state_dict(average.module.state_dict())
     vae.eval()
     return parts
 
@@ -359,7 +374,9 @@ def train_vae(out_dir: str | Path, *, pretrained: str, sources: Sequence[str], e
         photos_dev = [p.to(work) for p in photos]
         train_autoencoder(vae, photos_dev, steps=train.steps, batch_size=train.batch_size,
                           crop_size=train.crop_size, lr=train.lr, kl_weight=train.kl_weight, seed=seed,
-                          perceptual=perceptual, perceptual_weight=train.lpips_weight, on_step=on_step)
+                          perceptual=perceptual, perceptual_weight=train.lpips_weight,
+                          warmup_steps=train.warmup_steps, max_grad_norm=train.max_grad_norm,
+                          ema_decay=train.ema_decay, on_step=on_step)
         seconds = time.perf_counter() - start
         bar.close()
         # LDM §4.3.2: latents rescaled to unit variance by 1/std of the training latents
