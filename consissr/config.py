@@ -319,7 +319,7 @@ class ModelParams:
     pos_embed: bool = param(True, "Learned absolute positional embedding on the UNet's self-attention")
     transposed_attention: bool = param(True, "Restormer-style channel (transposed) self-attention in the UNet")
     controlnet_conditioning: Literal["latent", "pixel"] = param(
-        "latent", "The ControlNet's input: the cached LQ latent, or the LQ image (8× the latent size)")
+        "latent", "The ControlNet's input: the cached LQ latent, or the LQ image itself")
     pos_embed_grid: int = param(
         32, "Latent side of the training crops (prepare.crop_size / VAE factor; tiny: 128 / 4; paper: 512 / 8): the "
         "grid the positional tables are stored on before bilinear resizing to other sizes", unit="latent px",
@@ -431,8 +431,8 @@ class TrainSdsrParams:
                          range="> 0")
     prompt: Literal["empty", "fixed", "captions"] = param(
         "empty", "The text prompt: empty (\"\"), fixed (prompt_text for every image) or captions (caption_file)")
-    prompt_text: str = param("", "The prompt of prompt: fixed", range="text; not empty with prompt fixed")
-    caption_file: str | None = param(None, "Captions of prompt: captions, JSON {id: caption} or TSV "
+    prompt_text: str = param("", "The prompt used with prompt fixed", range="text; not empty with prompt fixed")
+    caption_file: str | None = param(None, "Captions used with prompt captions: JSON {id: caption} or TSV "
                                      "\"id<TAB>caption\"; a missing id gets \"\"",
                                      range="a file, or null; set with prompt captions")
     prompt_dropout: float = param(0.0, "Chance of the empty prompt instead (classifier-free guidance)",
@@ -556,7 +556,7 @@ class EvaluateParams:
                                                     "The evaluation sets", range="list of sets")
     lr_crop: int = param(48, "LR crop side; HR crops are scale × it (StableSR: 128 → 512); basicsr's NIQE needs "
                          "HR ≥ 192", unit="px", range=">= 1" + _NOT_CHECKED)
-    scale: int = param(4, "HR side / LR side; synthetic sets need degrade.scale equal", unit="×",
+    scale: int = param(4, "HR side / LR side; equal to degrade.scale for synthetic and embedded sets", unit="×",
                        range=">= 1" + _NOT_CHECKED)
     max_images: int = param(0, "Images per dataset; 0: all", unit="images", range=">= 0")
     methods: tuple[str, ...] = param(("bicubic", "gan", "ganemb-rec", "ganemb-gen", "full"), "Methods run",
