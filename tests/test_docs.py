@@ -51,13 +51,14 @@ def exists(path: str, root: Path = REPO) -> bool:
 
 
 def python_texts(path: Path):
-    """(line, text) of every docstring and comment in a Python file."""
+    """(line number, line) of every docstring line and comment in a Python file."""
     source = path.read_text()
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
             doc = ast.get_docstring(node, clean=False)
             if doc is not None:
-                yield node.body[0].lineno, doc
+                for offset, line in enumerate(doc.splitlines()):
+                    yield node.body[0].lineno + offset, line
     for tok in tokenize.generate_tokens(io.StringIO(source).readline):
         if tok.type == tokenize.COMMENT:
             yield tok.start[0], tok.string
