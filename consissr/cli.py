@@ -274,7 +274,7 @@ def run_demo(args) -> int:
     return 0
 
 
-@stage("fidelity", "issue 12's experiment: TALA vs DDPM (Fig. 8, Table 4) and Fig. 10, resumable",
+@stage("fidelity", "the fidelity experiment: TALA vs DDPM (Fig. 8, Table 4) and Fig. 10, resumable",
        registry=TOOLS)
 def _fidelity_args(p):
     p.add_argument("--budget", choices=("cpu", "cuda", "test"), default="cpu",
@@ -358,7 +358,7 @@ def _parse_overrides(items: list[str]) -> dict:
 
 
 # stages whose code opens no MLflow run of its own (the training and evaluate stages do): every
-# stage is a run (README, section 3), with its params, its inputs' hashes and its report's counts
+# stage is a run (docs/orchestration.md), with its params, its inputs' hashes and its report's counts
 TRACKED_HERE = ("backbone", "prepare", "degrade", "encode", "embed-clip")
 REPORTS = ("report.json", "manifest.json")
 

@@ -75,7 +75,7 @@ def dvc_sync(step: str, repo: str, env: dict[str, str]) -> str:
     """``dvc pull`` / ``dvc push`` with the default remote; retried (network, a lost share). Skip without one."""
     root = Path(repo)
     if not has_remote(root, env):
-        get_run_logger().warning("%s skipped: no default DVC remote (README: sharing caches through a remote)", step)
+        get_run_logger().warning("%s skipped: no default DVC remote (docs/orchestration.md: a DVC remote)", step)
         return "skipped"
     # pull: --allow-missing, a stage never built yet is not an error (repro builds it)
     cmd = [_bin("dvc"), "pull", "--allow-missing"] if step == "pull" else [_bin("dvc"), "push"]

@@ -3,6 +3,7 @@
 # file keyed on this script and pyproject.toml makes a second run a no-op.
 #   bash scripts/setup.sh          # the runtime stack (the first README command)
 #   bash scripts/setup.sh test     # plus the test extras (the second README command)
+#   bash scripts/setup.sh docs     # the runtime stack and MkDocs, to build or serve the site in docs/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-}"

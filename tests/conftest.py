@@ -162,7 +162,7 @@ def venv_bin(name: str) -> str:
 
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory):
-    """The README's `prefect server start --host 127.0.0.1` on a free port, with its own PREFECT_HOME.
+    """docs/orchestration.md's `prefect server start --host 127.0.0.1` on a free port, with its own PREFECT_HOME.
 
     Yields the environment that points the prefect CLI, workers and flows at it (``PREFECT_API_URL``);
     ``PREFECT_UI_API_URL`` tells the UI where its API is (it assumes port 4200 otherwise).

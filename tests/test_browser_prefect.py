@@ -1,4 +1,4 @@
-"""README section 7 against a real local Prefect server, and the finished `retrain` run in the UI (headless Chromium).
+"""docs/orchestration.md's Prefect section against a real local Prefect server, and the finished `retrain` run in the UI (headless Chromium).
 
 The walkthrough's commands run as written (the server on a free port): work pools, the GPU concurrency limit,
 `prefect deploy --all` of prefect.yaml, `prefect deployment run` of the CPU deployment (a tiny stage list:
@@ -15,7 +15,7 @@ from conftest import REPO, chromium_page, copy_tracked_files, venv_bin
 
 pytestmark = pytest.mark.slow
 
-# README section 7, verbatim (the test adds only what a terminal-less run needs: --no-prompt, --run-once, --param)
+# docs/orchestration.md, verbatim (the test adds only what a terminal-less run needs: --no-prompt, --run-once, --param)
 SERVER = "prefect server start --host 127.0.0.1"
 POOLS = ["prefect work-pool create gpu --type process", "prefect work-pool create cpu --type process",
          "prefect gcl create gpu --limit 1"]
@@ -39,10 +39,10 @@ def prefect(env: dict, cwd, *args: str, timeout: float = 300) -> str:
     return proc.stdout + proc.stderr
 
 
-def test_readme_walkthrough_runs_retrain_and_the_ui_shows_it_completed_with_its_tasks(prefect_server, tmp_path):
-    readme = (REPO / "README.md").read_text()
+def test_docs_walkthrough_runs_retrain_and_the_ui_shows_it_completed_with_its_tasks(prefect_server, tmp_path):
+    page = (REPO / "docs" / "orchestration.md").read_text()
     for command in [SERVER, *POOLS, DEPLOY, RUN, WORKER, "export PREFECT_API_URL=http://127.0.0.1:4200/api"]:
-        assert command in readme, f"README no longer shows {command!r}"
+        assert command in page, f"docs/orchestration.md no longer shows {command!r}"
     env = prefect_server
     repo = copy_tracked_files(tmp_path / "repo")
     subprocess.run(["git", "init", "-q"], cwd=repo, check=True)

@@ -89,7 +89,7 @@ def test_dvc_repro_evaluate_then_metrics_diff(tmp_path, dvc_cache, user_photos):
     assert changed["methods.full.settings.steps"] == {"old": 2, "new": 3, "diff": 1}
     assert "methods.full.psnr.mean" in changed and "methods.bicubic.psnr.mean" not in changed
 
-    # Table 4's DDPM row as a DVC experiment (the README's second command): train_sdsr and evaluate rerun only
+    # Table 4's DDPM row as a DVC experiment (docs/orchestration.md's second experiment): train_sdsr and evaluate rerun only
     _run(tmp_path, "git", "commit", "-qam", "full_steps 3", env=env)
     ran = _run(tmp_path, dvc, "exp", "run", "-S", "train_sdsr.gamma=10", "-S", "train_sdsr.tala=false", env=env)
     stages = set(re.findall(r"Running stage '(\w+)'", ran))  # (vae_ceiling once: `repro evaluate` skipped it)

@@ -329,7 +329,7 @@ def test_dvc_outputs_vae_keeps_the_colours():
 
 
 @pytest.mark.xfail(strict=True, reason="issue 13's goal is not reached: +1.4 dB over bicubic on the embedded "
-                   "crops, 25.9 dB on the held-out photo after 500 steps (README, 'The embedded VAE')")
+                   "crops, 25.9 dB on the held-out photo after 500 steps (docs/results.md, 'The embedded VAE')")
 def test_default_params_reach_bicubic_plus_5_db():
     """The issue's goal on this checkout's `dvc repro` outputs (the default train_vae params; skipped
     without them): reconstruction PSNR(Y) on the held-out photo and on the HQ crops >= bicubic x4 of

@@ -1,4 +1,4 @@
-"""Issue 12: does TALA do what the paper says? Fig. 8, Table 4 and Fig. 10 in one seeded experiment.
+"""Does TALA do what the paper says? Fig. 8, Table 4 and Fig. 10 in one seeded experiment.
 
 Phases, each checkpointed in ``<out>/state.json`` so a killed run resumes where it stopped:
 ``data`` (train crops → degrade → latent cache; Set5/Set14 test crops degraded with the seed),

@@ -5,8 +5,8 @@ A diffusers ``DiffusionPipeline`` whose components are the frozen SD parts (``va
 (``net``: UNet + ControlNet + hybrid prompt adapter; ``unet``/``controlnet`` are its parts), the
 robust CLIP student (``robust_clip``) and the GAN (``gan``, a realesrgan ``RealESRGANer``).
 Modes: ``full`` (50 spaced DDPM steps from x_T ~ N(0, I)) and ``ganemb`` (Algorithm 2: start from
-the GAN output's latent noised to t_max). Loading and saving are this class's own (the notes in
-notes/README-inference.md say why diffusers' generic loader does not fit these parts).
+the GAN output's latent noised to t_max). Loading and saving are this class's own (docs/inference.md
+says why diffusers' generic loader does not fit these parts).
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ class ConsisSRPipeline(DiffusionPipeline):
                    training_info: dict | None = None) -> ConsisSRPipeline:
         """Assemble from stage-output folders (``backbone`` may be SD-layout or hold ``source.json``).
 
-        ``training_info`` defaults to the ``"training"`` entry of ``consissr/consissr_config.json``.
+        ``training_info`` defaults to the ``"training"`` entry of the ``consissr`` folder's ``consissr_config.json``.
         """
         from consissr.models.backbone import load_backbone
 
@@ -399,7 +399,7 @@ class ConsisSRPipeline(DiffusionPipeline):
                  callback: Callable | None) -> np.ndarray:
         """One image: (1, 3, h, w) → (s·h, s·w, 3) float32 in [0, 1].
 
-        Memory (issue 8, point 6): besides the input and the returned image, only latent-sized
+        Memory: besides the input and the returned image, only latent-sized
         tensors (the latents, the LQ condition, one ε̂ blend: each 8/(3·16) of the float32 output
         with the embedded 4×, 8-channel VAE; 4/(3·64) with SD's) and tile-sized ones. The 4×
         pixels that the VAE encoder, the robust CLIP and the colour fix read (bicubic LQ, GAN

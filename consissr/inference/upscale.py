@@ -70,7 +70,7 @@ class UpscaleReport:
 
 
 def training_warning(info: dict, *, gan_hint: str = "use `--mode gan`") -> str | None:
-    """Issue 13 point 3: the text to show once when the model is a briefly trained toy, else None."""
+    """The text to show once when the model is a briefly trained toy, else None."""
     if not info:
         return None
     steps, pretrained = info.get("steps"), info.get("prior_pretrained")

@@ -56,7 +56,7 @@ def tiny_vae_config() -> dict[str, Any]:
 
     One GroupNorm group: GroupNorm removes each group's per-image mean and scale, and with SD's
     groups at these widths (2 channels a group at the decoder's output) a crop's colour could not
-    pass — reconstructions came back grey (issue 13; benchmarks/bench_vae.py ``f4c8_g1``)."""
+    pass — reconstructions came back grey (benchmarks/bench_vae.py ``f4c8_g1``)."""
     return dict(
         in_channels=3, out_channels=3, latent_channels=8, layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
