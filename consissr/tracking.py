@@ -3,10 +3,9 @@
 A stage opens one run with :func:`start_run` (named by :func:`run_name`; params once, flattened to
 dotted keys; tags: git commit, ``git_dirty`` ignoring ``dvc.lock``, source, the DVC hash of each
 input; each input also an MLflow dataset) and hands the yielded :class:`Run` — a :class:`Tracker` —
-to the training loop. Metrics go in batches with an
-explicit ``step``. The store is ``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db`` with
-artifacts in ``mlartifacts/`` beside it. Only the main process (``RANK`` 0) logs; other ranks get
-a :class:`NullRun`.
+to the training loop. Metrics go in batches with an explicit ``step``. The store is
+``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db`` with artifacts in ``mlartifacts/``
+beside it. Only the main process (``RANK`` 0) logs; other ranks get a :class:`NullRun`.
 """
 
 from __future__ import annotations
@@ -41,7 +40,7 @@ _MAX_PARAMS = 100  # ... and on params per call
 _MAX_PARAM_CHARS = 6000
 _MAX_DIGEST_CHARS = 36  # the width of MLflow's datasets.digest column (a DVC folder md5 + ".dir")
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind: opens on the runs table
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind (not GenAI)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,8 +322,9 @@ def line_plot(path: str | os.PathLike, steps: Sequence[int], series: Mapping[str
 def experiment_id(client: Any, name: str, uri: str) -> str:
     """The id of experiment ``name``, created when missing; tagged with :data:`EXPERIMENT_KIND` unless it has a kind.
 
-    The kind tells MLflow's UI that this is model training: it opens the experiment on its runs
-    table rather than on the GenAI traces overview.
+    The kind says that the runs, not traces, are the experiment's content. MLflow 3.17's UI opens an
+    experiment by the browser's GenAI / Model training switch instead (the README says to switch
+    once); its later UI follows the kind.
     """
     found = client.get_experiment_by_name(name)
     if found is None:
