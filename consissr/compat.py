@@ -29,8 +29,10 @@
    "No pretrained weights loaded ... initialized randomly" (a WARNING) when it builds one without
    weights: here always on purpose, before the project loads its own (``RobustCLIP.from_pretrained``)
    or trains the tiny embedded towers from scratch.
-   Importing this module drops the records of items 8 and 9, and only them
-   (``quiet_third_party_noise``); ``consissr`` imports it before any command's code.
+10. pyiqa 0.1.16 gives its ``pyiqa`` logger a stderr handler of its own, at INFO, and logs a line for
+    every network and metric it builds ("Network [NIQE] is created.").
+    Importing this module drops the records of items 8 to 10, and only them
+    (``quiet_third_party_noise``); ``consissr`` imports it before any command's code.
 """
 
 from __future__ import annotations
@@ -72,18 +74,19 @@ class _DropRecords(logging.Filter):
         return not (record.levelno < self.level or record.getMessage().startswith(self.starts))
 
 
-# logger name: what it drops (items 8 and 9)
+# logger name: what it drops (items 8 to 10)
 THIRD_PARTY_NOISE: dict[str, _DropRecords] = {
     "kernels._internals.hf_hub": _DropRecords(("Skipping publisher trust check for "
                                                "'kernels-community/quantization-bitsandbytes'",)),
     "bitsandbytes.backends.cpu.ops": _DropRecords(("Failed to load CPU gemm_4bit_forward from kernels-community",)),
     "root": _DropRecords(("No pretrained weights loaded for model ",), source=f"open_clip{os.sep}",
                          level=logging.WARNING),
+    "pyiqa": _DropRecords(level=logging.WARNING),
 }
 
 
 def quiet_third_party_noise() -> None:
-    """Attach the filters of items 8 and 9 (once) to their loggers, which need not exist yet."""
+    """Attach the filters of items 8 to 10 (once) to their loggers, which need not exist yet."""
     for name, drop in THIRD_PARTY_NOISE.items():
         logger = logging.getLogger(None if name == "root" else name)
         if drop not in logger.filters:

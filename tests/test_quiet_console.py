@@ -64,6 +64,9 @@ def test_the_compat_filters_drop_exactly_the_known_third_party_records():
                                    "initialized randomly.", factory))
     assert root.filter(_record("root", logging.WARNING, "Model x initialized partially.", factory))
     assert root.filter(_record("root", logging.INFO, "Instantiating model architecture: CLIP", "/elsewhere/mine.py"))
+    pyiqa, api = THIRD_PARTY_NOISE["pyiqa"], "/venv/site-packages/pyiqa/api_helpers.py"
+    assert not pyiqa.filter(_record("pyiqa", logging.INFO, "Metric [NIQE] is created.", api))
+    assert pyiqa.filter(_record("pyiqa", logging.WARNING, "weights not found", api))
 
 
 def test_help_is_quiet(tmp_path):
