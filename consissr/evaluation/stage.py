@@ -175,7 +175,6 @@ def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, inference: Inference
     if load_pipeline is None:
         def load_pipeline():
             from consissr.inference.pipeline import load_pipeline as load
-
             from consissr.models.gan import GanMemo
 
             pipe = load(pipeline_dir, device=device, defaults=inference)

@@ -38,7 +38,6 @@ import torch
 
 from consissr.errors import InputError
 
-
 # the authors' inference defaults (README "Inference": --cfg_scale 5.0; inference.py: --steps 50,
 # --color_fix_type adain, the positive / negative prompts of ``process``); InferenceParams fields
 AUTHORS_DEFAULTS: dict[str, Any] = {
