@@ -198,9 +198,13 @@ class ParallelParams:
 
     workers: int = 1  # 1: in this process, no cluster; N > 1: a local Dask cluster of N processes, 1 thread each
     scheduler_address: str | None = None  # a running Dask scheduler (tcp://host:8786) instead of a local cluster
+    # seconds to wait for the local cluster's N workers (or a scheduler's first worker) before failing
+    worker_start_timeout: float = 300.0
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "workers")
+        _require(self.worker_start_timeout > 0, "worker_start_timeout",
+                 f"must be > 0 seconds, got {self.worker_start_timeout}")
 
 
 @dataclass(frozen=True)
