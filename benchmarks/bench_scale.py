@@ -7,8 +7,11 @@ prepare them (centre crops at 512², as §4.1), degrade them (Real-ESRGAN x4plus
 encode them with the embedded tiny VAE. Per stage: images/s, the peak RSS of each worker process
 (the cluster is restarted before each stage), bytes per cached pair; then a projection to ImageNet.
 
-    nice -n 10 .venv/bin/python benchmarks/bench_scale.py --sizes 64 256 --workers 1 2 \\
-        --photos ../shared/data/train/CBSD68 --backbone data/models/backbone
+    .venv/bin/python benchmarks/bench_scale.py --sizes 256 --workers 1 2
+
+prints each stage's 2-over-1 speed-up and that of the three stages together (the goal: >= 0.9 W
+on an idle machine). Without ``--backbone`` (default data/models/backbone) it encodes with a
+freshly built embedded backbone (random tiny VAE: the same work per image as the trained one).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from consissr.data.degradation import degrade_folder
 from consissr.data.latent_cache import encode_pairs
 from consissr.data.parallel import local_cluster
 from consissr.data.sources import EMBEDDED_PHOTOS, _embedded_photo, prepare
+from consissr.models.backbone import build_tiny_backbone
 
 IMAGENET = 1_281_167  # ImageNet-1k training images
 STAGES = ("prepare", "degrade", "encode")
@@ -77,19 +81,20 @@ def worker_peaks(client) -> list[float]:
     return sorted(peaks.values())
 
 
-def run_size(n: int, workers: int, src: Path, work: Path, backbone: Path) -> dict:
+def run_size(n: int, workers: int, src: Path, work: Path, backbone: Path, encode_shard_size: int) -> dict:
     from dask.distributed import Client
 
     p = params_from_dict({
         "prepare": {"sources": [str(src)], "crop_size": 512, "crops_per_image": 1, "crop_mode": "center",
                     "extensions": [".jpg"]},
-        "encode": {"batch_size": 8, "shard_size": 64}})
+        "encode": {"batch_size": 8, "shard_size": encode_shard_size}})
     out = work / f"n{n}_w{workers}"
     shutil.rmtree(out, ignore_errors=True)
     record: dict = {"images": n, "workers": workers, "stages": {}}
     for stage in STAGES:
         t0 = time.perf_counter()  # a fresh cluster per stage: its workers' peak RSS is this stage's
-        with local_cluster(workers) as cluster, Client(cluster) as client:  # the stages' own cluster
+        with (local_cluster(workers, start_timeout=ParallelParams().worker_start_timeout) as cluster,
+              Client(cluster) as client):  # the stages' own cluster
             start_s = time.perf_counter() - t0
             parallel = ParallelParams(workers=workers, scheduler_address=cluster.scheduler_address)
             load = os.getloadavg()[0]
@@ -151,7 +156,10 @@ def cpu_probe(n: int, src: Path, work: Path, backbone: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+", default=[2000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256])
+    # encode's parallelism is its number of shards: at ImageNet scale thousands, so a short run keeps
+    # several per worker (256 images: 8 shards) lest one worker's last shard set the time
+    ap.add_argument("--encode-shard-size", type=int, default=32)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--sources", type=int, default=None, help="JPEGs to make (default: the largest size)")
     ap.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "train" / "CBSD68")
@@ -164,11 +172,15 @@ def main() -> None:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_scale_"))
     photos = source_photos(args.photos)
     total = args.sources or max(args.sizes)
+    backbone = args.backbone
+    if not (backbone / "vae").is_dir():
+        backbone = build_tiny_backbone(work / "backbone", seed=0)
+        print(f"{args.backbone} is absent: encoding with a fresh embedded backbone ({backbone})", flush=True)
     t = time.perf_counter()
     make_sources(work / "all", total, photos)
     print(f"{total} source JPEGs from {len(photos)} photos in {time.perf_counter() - t:.0f} s", flush=True)
     if args.cpu_probe:
-        record = cpu_probe(args.cpu_probe, work / "all", work, args.backbone)
+        record = cpu_probe(args.cpu_probe, work / "all", work, backbone)
         write_record(args.out, {"machine": machine(load_before), "photos": len(photos), "cpu_probe": record})
         shutil.rmtree(work, ignore_errors=True)
         return
@@ -181,9 +193,43 @@ def main() -> None:
             if not dst.exists():
                 os.link(work / "all" / f"img{k:06d}.jpg", dst)
         for w in args.workers:
-            runs.append(run_size(n, w, src, work, args.backbone))
-            write_record(args.out, {"machine": machine(load_before), "photos": len(photos), "runs": runs})
+            runs.append(run_size(n, w, src, work, backbone, args.encode_shard_size))
+            record = {"machine": machine(load_before), "photos": len(photos), "runs": runs,
+                      "scaling": scaling(runs)}
+            write_record(args.out, record)
+    print(markdown(record["scaling"]))
     shutil.rmtree(work, ignore_errors=True)
+
+
+def scaling(runs: list[dict]) -> list[dict]:
+    """Per size and W > 1: each stage's speed-up over 1 worker, the three together's, and W's share."""
+    one = {r["images"]: r for r in runs if r["workers"] == 1}
+    rows = []
+    for r in runs:
+        base = one.get(r["images"])
+        if r["workers"] == 1 or base is None:
+            continue
+        row = {"images": r["images"], "workers": r["workers"]}
+        for stage in STAGES:
+            row[stage] = round(base["stages"][stage]["seconds"] / r["stages"][stage]["seconds"], 3)
+            row[f"{stage}_peak_rss_mib"] = max(r["stages"][stage]["worker_peak_rss_mib"])
+        total_1 = sum(base["stages"][s]["seconds"] for s in STAGES)
+        total_w = sum(r["stages"][s]["seconds"] for s in STAGES)
+        row.update(all_three=round(total_1 / total_w, 3), seconds=[round(total_1, 1), round(total_w, 1)],
+                   fraction_of_w=round(total_1 / total_w / r["workers"], 3))
+        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| images | W | prepare | degrade | encode | all three (s: 1 → W) | ÷ W | peak RSS per worker, MiB "
+             "(prepare / degrade / encode) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['images']} | {r['workers']} | {r['prepare']:.2f}× | {r['degrade']:.2f}× | "
+                     f"{r['encode']:.2f}× | **{r['all_three']:.2f}×** ({r['seconds'][0]} → {r['seconds'][1]}) | "
+                     f"{r['fraction_of_w']:.2f} | {r['prepare_peak_rss_mib']} / {r['degrade_peak_rss_mib']} / "
+                     f"{r['encode_peak_rss_mib']} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
