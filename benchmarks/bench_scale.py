@@ -75,6 +75,16 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def worker_cpu(client) -> float:
+    """CPU seconds all workers have used so far (user + system)."""
+    return sum(client.run(_cpu_seconds).values())
+
+
 def worker_peaks(client) -> list[float]:
     """Peak RSS (MiB) of each worker process since it started."""
     peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -98,6 +108,7 @@ def run_size(n: int, workers: int, src: Path, work: Path, backbone: Path, encode
             start_s = time.perf_counter() - t0
             parallel = ParallelParams(workers=workers, scheduler_address=cluster.scheduler_address)
             load = os.getloadavg()[0]
+            cpu = worker_cpu(client)
             t = time.perf_counter()
             if stage == "prepare":
                 prepare(p.prepare, out_dir=out / "prepared", seed=0, parallel=parallel)
@@ -107,14 +118,19 @@ def run_size(n: int, workers: int, src: Path, work: Path, backbone: Path, encode
                 encode_pairs(out / "prepared", out / "degraded", out / "latents", encode=p.encode,
                              backbone=p.backbone, device="cpu", backbone_dir=backbone, parallel=parallel)
             seconds = time.perf_counter() - t
+            cpu = worker_cpu(client) - cpu
             peaks = worker_peaks(client)
         rec = {"seconds": round(seconds, 2), "images_per_s": round(n / seconds, 3),
                "cluster_start_s": round(start_s, 1),
+               # the workers' CPU seconds per image, and the cores they got: CPU s / (wall s x W)
+               "worker_cpu_s_per_image": round(cpu / n, 3), "cores_used_of_w": round(cpu / seconds / workers, 3),
                "worker_peak_rss_mib": [round(m) for m in peaks],
                "load_1min": [round(load, 2), round(os.getloadavg()[0], 2)]}
         record["stages"][stage] = rec
         print(f"n={n} workers={workers} {stage}: {seconds:.1f} s, {n / seconds:.2f} img/s, worker peak RSS "
-              f"{rec['worker_peak_rss_mib']} MiB, load {load:.1f}, cluster start {start_s:.0f} s", flush=True)
+              f"{rec['worker_peak_rss_mib']} MiB, worker CPU {rec['worker_cpu_s_per_image']} s/img on "
+              f"{rec['cores_used_of_w']:.0%} of {workers} cores, load {load:.1f}, cluster start {start_s:.0f} s",
+              flush=True)
     manifest = json.loads((out / "latents" / "manifest.json").read_text())
     record["bytes_per_pair"] = {
         "prepared_hq_png": folder_bytes(out / "prepared" / "hq") // n,
@@ -217,17 +233,25 @@ def scaling(runs: list[dict]) -> list[dict]:
         total_w = sum(r["stages"][s]["seconds"] for s in STAGES)
         row.update(all_three=round(total_1 / total_w, 3), seconds=[round(total_1, 1), round(total_w, 1)],
                    fraction_of_w=round(total_1 / total_w / r["workers"], 3))
+        if all("worker_cpu_s_per_image" in x["stages"][s] for x in (base, r) for s in STAGES):
+            cpu_1 = sum(base["stages"][s]["worker_cpu_s_per_image"] for s in STAGES)
+            cpu_w = sum(r["stages"][s]["worker_cpu_s_per_image"] for s in STAGES)
+            # W's extra CPU per image (parallel overhead) and the cores W's workers got (the rest went elsewhere)
+            row.update(cpu_s_per_image=[cpu_1, round(cpu_w, 3)],
+                       cores_used=round(cpu_w * r["images"] / total_w, 2))
         rows.append(row)
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| images | W | prepare | degrade | encode | all three (s: 1 → W) | ÷ W | peak RSS per worker, MiB "
-             "(prepare / degrade / encode) |", "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| images | W | prepare | degrade | encode | all three (s: 1 → W) | ÷ W | worker CPU s / image (1, W) "
+             "| cores W's workers got | peak RSS per worker, MiB (prepare / degrade / encode) |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         lines.append(f"| {r['images']} | {r['workers']} | {r['prepare']:.2f}× | {r['degrade']:.2f}× | "
                      f"{r['encode']:.2f}× | **{r['all_three']:.2f}×** ({r['seconds'][0]} → {r['seconds'][1]}) | "
-                     f"{r['fraction_of_w']:.2f} | {r['prepare_peak_rss_mib']} / {r['degrade_peak_rss_mib']} / "
+                     f"{r['fraction_of_w']:.2f} | {r.get('cpu_s_per_image', '')} | {r.get('cores_used', '')} | "
+                     f"{r['prepare_peak_rss_mib']} / {r['degrade_peak_rss_mib']} / "
                      f"{r['encode_peak_rss_mib']} |")
     return "\n".join(lines)
 
