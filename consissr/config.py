@@ -271,9 +271,13 @@ class ParallelParams:
                          "each", unit="processes", range=">= 1")
     scheduler_address: str | None = param(None, "A running Dask scheduler (tcp://host:8786) instead of a local "
                                           "cluster", range="an address, or null")
+    worker_start_timeout: float = param(300.0, "Seconds to wait for the local cluster's workers (or a scheduler's "
+                                        "first worker) before failing", unit="s", range="> 0")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "workers")
+        _require(self.worker_start_timeout > 0, "worker_start_timeout",
+                 f"must be > 0 seconds, got {self.worker_start_timeout}")
 
 
 @dataclass(frozen=True)
