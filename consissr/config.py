@@ -288,7 +288,7 @@ class TrainVaeParams:
     (+ lpips_weight·LPIPS when its weights are present), Adam with a cosine lr decay.
     """
 
-    steps: int = param(600, "Adam steps", unit="steps", range=">= 1")
+    steps: int = param(2400, "Adam steps", unit="steps", range=">= 1")
     batch_size: int = param(16, "Crops per step", unit="crops", range=">= 1")
     crop_size: int = param(32, "Side of the random crops of the photos, flipped / rotated", unit="px", range=">= 1")
     lr: float = param(2e-3, "Peak learning rate", range="> 0")
