@@ -21,6 +21,9 @@
    (a few MiB each); the degradation's random resizes give every image new shapes, so a process
    that degraded 250 images grew from 0.8 to 1.5 GiB. ``bound_onednn_primitive_cache`` caps the
    cache of the process that degrades (no slower: every image's shapes are new anyway).
+8. torch has no public query for native bf16 on the CPU (AVX512-BF16 or AMX, which oneDNN's bf16
+   convolutions use; elsewhere bf16 is emulated and slower than fp32): ``cpu_native_bf16`` asks
+   ``torch.cpu``'s private checks and answers False when a torch lacks them.
 """
 
 from __future__ import annotations
@@ -134,6 +137,14 @@ def bound_onednn_primitive_cache() -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (item 8)."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 __all__ = [
     "NIQE_PRIS_PARAMS",
     "ContiguousDiffJPEG",
@@ -146,6 +157,7 @@ __all__ = [
     "calculate_psnr",
     "calculate_ssim",
     "circular_lowpass_kernel",
+    "cpu_native_bf16",
     "filter2D",
     "pyiqa_weights_dir",
     "random_add_gaussian_noise_pt",
