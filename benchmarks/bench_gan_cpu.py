@@ -155,6 +155,7 @@ def bench(args) -> dict:
     torch.set_num_interop_threads(1)  # eager inference never uses the inter-op pool
     images = {size: lq_photo(size) for size in args.sizes}
     runs: list[dict] = []
+    failed: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         upsampler = load_gan(gan_folder(args.gan_dir, Path(tmp)), device="cpu")
         for threads in args.threads:
@@ -163,8 +164,17 @@ def bench(args) -> dict:
             for tile_size in args.tile_sizes:
                 sizes = args.sizes if tile_size == args.tile_sizes[0] else args.lever_sizes
                 first = {}
-                for name, (_, ups, precision) in impls.items():  # warm-up (and compile) on the first size
-                    first[name] = run_once(ups, images[sizes[0]], tile_size, precision)[1]
+                for name, (_, ups, precision) in list(impls.items()):  # warm-up (and compile) on the first size
+                    try:
+                        first[name] = run_once(ups, images[sizes[0]], tile_size, precision)[1]
+                    except Exception as exc:  # a lever that fails (torch.compile) is recorded, not fatal
+                        if name in CORE:
+                            raise
+                        failed.append({"variant": name, "threads": threads, "tile_size": tile_size,
+                                       "error": f"{type(exc).__name__}: {exc}"[:500]})
+                        del impls[name]
+                        print(f"  {name} failed: {failed[-1]['error']}", flush=True)
+                        continue
                     print(f"  warm-up {threads}t tile_size {tile_size} {name}: {first[name]:.2f} s", flush=True)
                 for size in sizes:
                     names = [n for n in impls if n in CORE or size in args.lever_sizes]
@@ -204,7 +214,7 @@ def bench(args) -> dict:
             "tiling": {"tile_pad": upsampler.tile_pad, "pre_pad": upsampler.pre_pad,
                        "tile_size_default": InferenceParams().tile_size},
             "upscale_default": "ours bf16" if gan_precision("auto", "cpu") == "bf16" else "ours fp32",
-            "repeats": {"small": args.repeats, "large (≥ 512²)": args.repeats_large}, "runs": runs}
+            "repeats": {"small": args.repeats, "large (≥ 512²)": args.repeats_large}, "runs": runs, "failed": failed}
 
 
 def table(record: dict) -> str:
