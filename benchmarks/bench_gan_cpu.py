@@ -37,6 +37,7 @@ import torch
 from benchmarks.common import machine, write_record
 from consissr.compat import cpu_native_bf16
 from consissr.config import InferenceParams
+from consissr.io import write_json
 from consissr.models import ncnn_rrdb
 from consissr.models.gan import (
     X4PLUS_ARCH,
@@ -127,7 +128,8 @@ def variants(upsampler, args, threads: int) -> dict[str, tuple[str, object, str]
         inductor_config.freezing = True  # weights folded and prepacked for oneDNN, conv + post-ops fused
         torch._dynamo.reset()  # compiled code is specialised to the thread count
         compiled = copy.copy(upsampler)
-        compiled.model = torch.compile(copy.deepcopy(upsampler.model).to(memory_format=torch.channels_last))
+        compiled.model = torch.compile(copy.deepcopy(upsampler.model).to(memory_format=torch.channels_last),
+                                       dynamic=True)  # one graph for every tile shape
         out["ours fp32 compile"] = ("ours", compiled, "fp32")
     for fp32 in (True, False) if "ncnn_default" in args.levers else (True,):
         peer = copy.copy(upsampler)
@@ -158,6 +160,7 @@ def bench(args) -> dict:
     failed: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
         upsampler = load_gan(gan_folder(args.gan_dir, Path(tmp)), device="cpu")
+        record = describe(args, upsampler, load_before, runs, failed)
         for threads in args.threads:
             torch.set_num_threads(threads)
             impls = variants(upsampler, args, threads)
@@ -206,9 +209,31 @@ def bench(args) -> dict:
                         print(f"{size}² {threads}t tile_size {tile_size}: {name}: {median:.2f} s "
                               f"({row['throughput_vs_ncnn_fp32']:.2f}× ncnn fp32, "
                               f"{row['psnr_vs_ncnn_fp32_db']:.1f} dB)", flush=True)
+                    write_json(args.out, {**record, "partial": True})  # an interrupted run keeps what it measured
+    record["machine"]["load_average_1min"][1] = os.getloadavg()[0]
+    return record
+
+
+def cpu_details() -> dict:
+    """/proc/cpuinfo's family and model (a VM's model name can be as short as "AMD EPYC") and the ISA
+    extensions the variants depend on."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    return {"vendor": info.get("vendor_id"), "family": info.get("cpu family"), "model": info.get("model"),
+            "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"})}
+
+
+def describe(args, upsampler, load_before: float, runs: list[dict], failed: list[dict]) -> dict:
+    """The record around ``runs``: machine, goal, input, tiling, repeats."""
     import ncnn
 
-    return {"machine": {**machine(load_before), "cpu_native_bf16": cpu_native_bf16(),
+    return {"machine": {**machine(load_before), **cpu_details(), "cpu_native_bf16": cpu_native_bf16(),
                         "ncnn": ncnn.__version__, "onednn": torch.backends.mkldnn.is_available()},
             "goal": GOAL, "input": "scikit-image astronaut, INTER_AREA-downscaled to the size (512²: as is)",
             "tiling": {"tile_pad": upsampler.tile_pad, "pre_pad": upsampler.pre_pad,
@@ -230,6 +255,7 @@ def table(record: dict) -> str:
 
 
 LEVERS = ("channels_last", "bf16", "compile", "ncnn_default")
+DEFAULT_LEVERS = ("channels_last", "bf16", "ncnn_default")  # compile: minutes of compiling, ask for it
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -238,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--tile-sizes", type=int, nargs="+", default=[InferenceParams().tile_size],
                    help="the pipeline's tile_size (output pixels; upscale's default first)")
-    p.add_argument("--levers", nargs="*", choices=LEVERS, default=list(LEVERS))
+    p.add_argument("--levers", nargs="*", choices=LEVERS, default=list(DEFAULT_LEVERS))
     p.add_argument("--lever-sizes", type=int, nargs="*", default=[128],
                    help="sizes that also run the levers other than bf16, and the tile sizes after the first")
     p.add_argument("--repeats", type=int, default=3)

@@ -45,5 +45,6 @@ def test_ours_and_ncnn_give_the_same_output(record):
 
 def test_record_names_the_machine_and_the_goal(record):
     assert record["machine"]["cpu"] and isinstance(record["machine"]["cpu_native_bf16"], bool)
+    assert {"vendor", "family", "model", "isa"} <= set(record["machine"])
     assert record["goal"] == {"throughput_ratio": 1.0, "psnr_db": 50.0}
     assert record["tiling"] == {"tile_pad": 10, "pre_pad": 10, "tile_size_default": 256}
