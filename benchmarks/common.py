@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ def cpu_model() -> str:
 def machine(load_before: float) -> dict:
     """CPU, threads and versions; the 1-minute load before and after (other processes slow
     every compared path alike, so the ratios are the result)."""
-    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(),
+    return {"cpu": cpu_model(), "cpu_count": os.cpu_count(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
             "load_average_1min": [load_before, os.getloadavg()[0]],
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "torch": torch.__version__}

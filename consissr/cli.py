@@ -402,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     _relaunch_distributed(list(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import consissr.compat  # noqa: F401  (third-party workarounds, before any command's code imports diffusers)
     try:
         runner = globals()["run_" + args.command.replace("-", "_")]
         if args.command in TOOLS:

@@ -21,13 +21,26 @@
    (a few MiB each); the degradation's random resizes give every image new shapes, so a process
    that degraded 250 images grew from 0.8 to 1.5 GiB. ``bound_onednn_primitive_cache`` caps the
    cache of the process that degrades (no slower: every image's shapes are new anyway).
-8. torch has no public query for native bf16 on the CPU (AVX512-BF16 or AMX, which oneDNN's bf16
-   convolutions use; elsewhere bf16 is emulated and slower than fp32): ``cpu_native_bf16`` asks
-   ``torch.cpu``'s private checks and answers False when a torch lacks them.
+8. bitsandbytes 0.50 (imported by diffusers on every model import) asks the ``kernels`` package for
+   the hub kernel ``kernels-community/quantization-bitsandbytes`` on CPUs with AVX512-BF16; offline
+   that logs two WARNINGs per process (kernels: the skipped trust check; bitsandbytes: the failed
+   load), although nothing here is 4-bit quantized.
+9. open_clip 3 logs on the root logger: six INFO lines of progress each time it builds a model, and
+   "No pretrained weights loaded ... initialized randomly" (a WARNING) when it builds one without
+   weights: here always on purpose, before the project loads its own (``RobustCLIP.from_pretrained``)
+   or trains the tiny embedded towers from scratch.
+10. pyiqa 0.1.16 gives its ``pyiqa`` logger a stderr handler of its own, at INFO, and logs a line for
+    every network and metric it builds ("Network [NIQE] is created.").
+    Importing this module drops the records of items 8 to 10, and only them
+    (``quiet_third_party_noise``); ``consissr`` imports it before any command's code.
+11. torch has no public query for native bf16 on the CPU (AVX512-BF16 or AMX, which oneDNN's bf16
+    convolutions use; elsewhere bf16 is emulated and slower than fp32): ``cpu_native_bf16`` asks
+    ``torch.cpu``'s private checks and answers False when a torch lacks them.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import sys
@@ -48,6 +61,42 @@ def _alias_functional_tensor() -> None:
 
 
 _alias_functional_tensor()
+
+
+class _DropRecords(logging.Filter):
+    """Drops a logger's records that are below ``level``, or whose message starts with one of ``starts``;
+    given ``source``, only those logged from a file whose path contains it."""
+
+    def __init__(self, starts: tuple[str, ...] = (), source: str | None = None, level: int = logging.NOTSET) -> None:
+        super().__init__()
+        self.starts, self.source, self.level = starts, source, level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.source is not None and self.source not in record.pathname:
+            return True
+        return not (record.levelno < self.level or record.getMessage().startswith(self.starts))
+
+
+# logger name: what it drops (items 8 to 10)
+THIRD_PARTY_NOISE: dict[str, _DropRecords] = {
+    "kernels._internals.hf_hub": _DropRecords(("Skipping publisher trust check for "
+                                               "'kernels-community/quantization-bitsandbytes'",)),
+    "bitsandbytes.backends.cpu.ops": _DropRecords(("Failed to load CPU gemm_4bit_forward from kernels-community",)),
+    "root": _DropRecords(("No pretrained weights loaded for model ",), source=f"open_clip{os.sep}",
+                         level=logging.WARNING),
+    "pyiqa": _DropRecords(level=logging.WARNING),
+}
+
+
+def quiet_third_party_noise() -> None:
+    """Attach the filters of items 8 to 10 (once) to their loggers, which need not exist yet."""
+    for name, drop in THIRD_PARTY_NOISE.items():
+        logger = logging.getLogger(None if name == "root" else name)
+        if drop not in logger.filters:
+            logger.addFilter(drop)
+
+
+quiet_third_party_noise()
 
 import basicsr  # noqa: E402,F401  (after the alias)
 from basicsr.archs.rrdbnet_arch import RRDBNet  # noqa: E402
@@ -138,7 +187,7 @@ def bound_onednn_primitive_cache() -> None:
 
 
 def cpu_native_bf16() -> bool:
-    """Whether this CPU computes bf16 dot products natively (item 8)."""
+    """Whether this CPU computes bf16 dot products natively (item 11)."""
     import torch
 
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
@@ -160,6 +209,7 @@ __all__ = [
     "cpu_native_bf16",
     "filter2D",
     "pyiqa_weights_dir",
+    "quiet_third_party_noise",
     "random_add_gaussian_noise_pt",
     "random_add_poisson_noise_pt",
     "random_mixed_kernels",

@@ -102,11 +102,12 @@ class BaseParams:
     """Settings every stage shares."""
 
     seed: int = param(2024, "Seed of every random draw: crops, degradations, initialisation, data order, noise",
-                      range=">= 0" + _NOT_CHECKED)
+                      range=">= 0")
     device: str = param("auto", "Torch device of the stages that compute; auto: a GPU when there is one",
                         range="auto | cpu | cuda | cuda:N")
 
     def __post_init__(self) -> None:
+        _at_least(self, 0, "seed")
         _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, "device",
                  f"expected auto, cpu, cuda or cuda:N, got {self.device!r}")
 
@@ -153,7 +154,7 @@ class PrepareParams:
                                        "image here fails the stage (contamination guard)", range="list of folders")
     max_image_pixels: int = param(
         89_478_485, "Decoded-pixel limit (PIL's default): a larger file is skipped, except a JPEG that libjpeg can "
-        "decode at 1/2..1/8 scale under it with the crop still fitting", unit="pixels", range=">= 1" + _NOT_CHECKED)
+        "decode at 1/2..1/8 scale under it with the crop still fitting", unit="pixels", range=">= 1")
     crop_mode: Literal["random", "center"] = param(
         "random", "random: crops_per_image random crop_size squares of the photo as decoded (smaller photos skipped); "
         "center: the short side resized to crop_size (bicubic), then the centre square (§4.1, the authors' code)")
@@ -163,7 +164,7 @@ class PrepareParams:
         unit="px", range=">= 1 or null")
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "crop_size", "crops_per_image")
+        _at_least(self, 1, "crop_size", "crops_per_image", "max_image_pixels")
         _require(self.crop_mode != "center" or self.crops_per_image == 1, "crops_per_image",
                  f"must be 1 with crop_mode center (one centre crop per image), got {self.crops_per_image}")
         _require(self.clip_crop_size is None or self.clip_crop_size >= 1, "clip_crop_size",
@@ -230,10 +231,10 @@ class DegradeParams:
     kernel_pad_size: int = param(21, "Every kernel is zero-padded to this size", unit="px", range="odd")
     final_sinc_prob: float = param(0.8, "Chance of the final sinc filter (with the last resize)", range="[0, 1]")
     usm_sharpen: bool = param(True, "Degrade the unsharp-masked HQ image, as Real-ESRGAN does")
-    usm_radius: int = param(51, "Gaussian kernel size of the unsharp mask", unit="px", range=">= 1" + _NOT_CHECKED)
-    usm_weight: float = param(0.5, "Weight of the sharpening residual", range=">= 0" + _NOT_CHECKED)
+    usm_radius: int = param(51, "Gaussian kernel size of the unsharp mask", unit="px", range=">= 1")
+    usm_weight: float = param(0.5, "Weight of the sharpening residual", range=">= 0")
     usm_threshold: float = param(10.0, "Residuals at most this large are not sharpened", unit="of 255",
-                                 range=">= 0" + _NOT_CHECKED)
+                                 range=">= 0")
     first: DegradationOrder = param(DegradationOrder(), "The first order.")
     second: DegradationOrder = param(_SECOND_ORDER, "The second order, with Real-ESRGAN's second-order settings.")
     variants: int = param(1, "Independently seeded degradations of each crop (encoded too); train_sdsr draws one per "
@@ -241,7 +242,8 @@ class DegradeParams:
                           range=">= 1")
 
     def __post_init__(self) -> None:
-        _at_least(self, 1, "scale", "variants")
+        _at_least(self, 1, "scale", "variants", "usm_radius")
+        _at_least(self, 0, "usm_weight", "usm_threshold")
         _probability(self, "final_sinc_prob")
         _require(self.kernel_pad_size % 2 == 1, "kernel_pad_size", f"must be odd, got {self.kernel_pad_size}")
         bad = [k for k in self.kernel_range if k % 2 == 0 or k > self.kernel_pad_size]
@@ -269,9 +271,13 @@ class ParallelParams:
                          "each", unit="processes", range=">= 1")
     scheduler_address: str | None = param(None, "A running Dask scheduler (tcp://host:8786) instead of a local "
                                           "cluster", range="an address, or null")
+    worker_start_timeout: float = param(300.0, "Seconds to wait for the local cluster's workers (or a scheduler's "
+                                        "first worker) before failing", unit="s", range="> 0")
 
     def __post_init__(self) -> None:
         _at_least(self, 1, "workers")
+        _require(self.worker_start_timeout > 0, "worker_start_timeout",
+                 f"must be > 0 seconds, got {self.worker_start_timeout}")
 
 
 @dataclass(frozen=True)
@@ -532,9 +538,12 @@ class EvalDatasetParams:
     lr_suffix: str = param("", "paired: stripped from LR file stems before matching (RealSR: _LR4)", range="text")
     hr_suffix: str = param("", "paired: stripped from HR file stems (RealSR: _HR)", range="text")
     count: int = param(4, "synthetic, embedded: degraded crops in all (StableSR's DIV2K-Val: 3000)", unit="crops",
-                       range=">= 1" + _NOT_CHECKED)
+                       range=">= 1")
     paper: str | None = param(None, "This set's name in the paper's tables (results.yaml: DIV2K, RealSR, DrealSR); "
                               "null: none", range="a table name, or null")
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "count")
 
 
 @dataclass(frozen=True)
@@ -555,24 +564,24 @@ class EvaluateParams:
     datasets: tuple[EvalDatasetParams, ...] = param((EvalDatasetParams(name="embedded", kind="embedded"),),
                                                     "The evaluation sets", range="list of sets")
     lr_crop: int = param(48, "LR crop side; HR crops are scale × it (StableSR: 128 → 512); basicsr's NIQE needs "
-                         "HR ≥ 192", unit="px", range=">= 1" + _NOT_CHECKED)
+                         "HR ≥ 192", unit="px", range=">= 1")
     scale: int = param(4, "HR side / LR side; equal to degrade.scale for synthetic and embedded sets", unit="×",
-                       range=">= 1" + _NOT_CHECKED)
+                       range=">= 1")
     max_images: int = param(0, "Images per dataset; 0: all", unit="images", range=">= 0")
     methods: tuple[str, ...] = param(("bicubic", "gan", "ganemb-rec", "ganemb-gen", "full"), "Methods run",
                                      range="list of bicubic, gan, ganemb-rec, ganemb-gen, full")
     full_steps: int = param(20, "full: DDPM steps from pure noise (Table 1)", unit="steps",
-                            range=">= 1" + _NOT_CHECKED)
+                            range=">= 1")
     rec_t_max: int = param(600, "ganemb-rec: the timestep GANEmb starts from (Table 2: 600)", unit="timestep",
-                           range="[1, 1000]" + _NOT_CHECKED)
-    rec_steps: int = param(10, "ganemb-rec: sampling steps (Table 2: 10)", unit="steps", range=">= 1" + _NOT_CHECKED)
+                           range="[1, 1000]")
+    rec_steps: int = param(10, "ganemb-rec: sampling steps (Table 2: 10)", unit="steps", range=">= 1")
     gen_t_max: int = param(1000, "ganemb-gen: the timestep GANEmb starts from (Table 2: 1000)", unit="timestep",
-                           range="[1, 1000]" + _NOT_CHECKED)
-    gen_steps: int = param(10, "ganemb-gen: sampling steps (Table 2: 10)", unit="steps", range=">= 1" + _NOT_CHECKED)
+                           range="[1, 1000]")
+    gen_steps: int = param(10, "ganemb-gen: sampling steps (Table 2: 10)", unit="steps", range=">= 1")
     sweep_t_max: tuple[int, ...] = param((600, 1000), "Fig. 10: GANEmb t_max values swept",
-                                         unit="timestep", range="each in [1, 1000]" + _NOT_CHECKED)
+                                         unit="timestep", range="each in [1, 1000]")
     sweep_steps: tuple[int, ...] = param((5,), "Fig. 10: step counts swept with each t_max",
-                                         unit="steps", range="each >= 1" + _NOT_CHECKED)
+                                         unit="steps", range="each >= 1")
     sweep_dataset: str | None = param(None, "The dataset swept; null: the first", range="a datasets name, or null")
     sweep_nr_metric: str = param("niqe", "Fig. 10's no-reference metric beside PSNR", range="a metric name")
     metrics: tuple[str, ...] = param(("psnr", "ssim", "lpips", "niqe", "maniqa", "musiq", "clipiqa"),
@@ -597,6 +606,12 @@ class EvaluateParams:
 
     def __post_init__(self) -> None:
         _at_least(self, 0, "max_images", "grid_images")
+        _at_least(self, 1, "lr_crop", "scale", "full_steps", "rec_steps", "gen_steps")
+        for name in ("rec_t_max", "gen_t_max"):
+            _require(1 <= getattr(self, name) <= 1000, name, f"must be in [1, 1000], got {getattr(self, name)}")
+        _require(all(1 <= t <= 1000 for t in self.sweep_t_max), "sweep_t_max",
+                 f"must each be in [1, 1000], got {list(self.sweep_t_max)}")
+        _require(all(n >= 1 for n in self.sweep_steps), "sweep_steps", f"must each be >= 1, got {list(self.sweep_steps)}")
         if self.crop_border is not None:
             _at_least(self, 0, "crop_border")
         names = {d.name for d in self.datasets}
@@ -614,7 +629,7 @@ class InferenceParams:
 
     mode: Literal["full", "ganemb", "gan"] = param(
         "full", "full: spaced DDPM steps from noise (§3.1); ganemb: Algorithm 2; gan: the GAN alone")
-    num_inference_steps: int = param(50, "full mode's steps (§3.1: 50)", unit="steps", range=">= 1" + _NOT_CHECKED)
+    num_inference_steps: int = param(50, "full mode's steps (§3.1: 50)", unit="steps", range=">= 1")
     preset: Literal["rec", "gen"] = param("rec", "GANEmb setting, Table 2: rec = (t_max 600, 10 steps), "
                                           "gen = (1000, 10)")
     prompt: str = param("", "The prompt (training's: train_sdsr.prompt, empty)", range="text")
@@ -623,13 +638,18 @@ class InferenceParams:
                                   "prompt_dropout)", range="a number" + _NOT_CHECKED)
     color_fix: Literal["adain", "wavelet", "none"] = param("adain", "Colour correction of the output (StableSR's)")
     tile_size: int = param(256, "Larger images run in tiles of this side (latent diffusion, VAE, GAN)",
-                           unit="output px", range=">= 1" + _NOT_CHECKED)
+                           unit="output px", range="> tile_overlap")
     tile_overlap: int = param(64, "Pixels shared by neighbouring tiles", unit="output px",
-                              range="[0, tile_size)" + _NOT_CHECKED)
+                              range="[0, tile_size)")
     control_from_gan: bool = param(False, "GANEmb: ControlNet and robust CLIP see the GAN output instead of the LQ")
     gan_precision: Literal["auto", "fp32", "bf16"] = param(
         "auto", "Real-ESRGAN's arithmetic; auto: bf16 on a CPU with native bf16 (AVX512-BF16 or AMX: about 2x as "
         "fast, output above 50 dB PSNR from fp32's), else fp32. evaluate scores in fp32 whatever this says")
+
+    def __post_init__(self) -> None:
+        _at_least(self, 1, "num_inference_steps")
+        _require(0 <= self.tile_overlap < self.tile_size, "tile_overlap",
+                 f"must be in [0, tile_size {self.tile_size}), got {self.tile_overlap}")
 
 
 @dataclass(frozen=True)

@@ -27,8 +27,12 @@ class MissingInputError(ConsisSRError, FileNotFoundError):
     """A file or folder a stage needs is not there (usually: run the stage that writes it first)."""
 
 
+class ClusterStartError(ConsisSRError, TimeoutError):
+    """The Dask workers a data stage runs on did not come up within ``parallel.worker_start_timeout``."""
+
+
 class ResumeRefused(ConsisSRError, RuntimeError):
     """``resume: strict`` and the checkpoint was written by other training code."""
 
 
-__all__ = ["ConsisSRError", "InputError", "MissingInputError", "ParamsError", "ResumeRefused", "UnsafeCheckpointError"]
+__all__ = ["ClusterStartError", "ConsisSRError", "InputError", "MissingInputError", "ParamsError", "ResumeRefused", "UnsafeCheckpointError"]

@@ -1,11 +1,11 @@
 """MLflow at the edge: the one module that imports mlflow.
 
-A stage opens one run with :func:`start_run` (params once, flattened to dotted keys; tags: git
-commit, ``git_dirty`` ignoring ``dvc.lock``, and the DVC hash of each input) and hands the
-yielded :class:`Run` — a :class:`Tracker` — to the training loop. Metrics go in batches with an
-explicit ``step``. The store is ``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db`` with
-artifacts in ``mlartifacts/`` beside it. Only the main process (``RANK`` 0) logs; other ranks get
-a :class:`NullRun`.
+A stage opens one run with :func:`start_run` (named by :func:`run_name`; params once, flattened to
+dotted keys; tags: git commit, ``git_dirty`` ignoring ``dvc.lock``, source, the DVC hash of each
+input; each input also an MLflow dataset) and hands the yielded :class:`Run` — a :class:`Tracker` —
+to the training loop. Metrics go in batches with an explicit ``step``. The store is
+``MLFLOW_TRACKING_URI``, else ``sqlite:///<repo>/mlflow.db`` with artifacts in ``mlartifacts/``
+beside it. Only the main process (``RANK`` 0) logs; other ranks get a :class:`NullRun`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -37,6 +38,9 @@ ARTIFACTS_NAME = "mlartifacts"
 _MAX_BATCH = 1000  # MLflow's log_batch limit on metrics per call
 _MAX_PARAMS = 100  # ... and on params per call
 _MAX_PARAM_CHARS = 6000
+_MAX_DIGEST_CHARS = 36  # the width of MLflow's datasets.digest column (a DVC folder md5 + ".dir")
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the UI's "Machine learning" kind (not GenAI)
 
 
 # --------------------------------------------------------------------------------------------
@@ -121,20 +125,70 @@ def data_hash(path: str | os.PathLike) -> str | None:
     return f"sha256:{file_sha256(path)}" if path.is_file() else None
 
 
-def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested mappings / dataclasses → ``{"a.b.c": "value"}`` (lists as JSON)."""
-    out: dict[str, str] = {}
+def _leaves(params: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of each leaf of nested mappings / dataclasses; lists are leaves."""
     for key, value in params.items():
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             value = dataclasses.asdict(value)
         name = f"{prefix}{key}"
         if isinstance(value, Mapping):
-            out.update(flatten(value, name + "."))
-        elif isinstance(value, (list, tuple)):
-            out[name] = json.dumps(list(value))
+            yield from _leaves(value, name + ".")
         else:
-            out[name] = "null" if value is None else str(value)
-    return out
+            yield name, value
+
+
+def flatten(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested mappings / dataclasses → ``{"a.b.c": "value"}`` (lists as JSON)."""
+    return {name: json.dumps(list(value)) if isinstance(value, (list, tuple)) else "null" if value is None
+            else str(value) for name, value in _leaves(params, prefix)}
+
+
+# the params that tell a stage's runs apart in the runs table, with their short labels
+RUN_NAME_PARAMS: dict[str, tuple[tuple[str, str], ...]] = {
+    "prepare": (("prepare.sources", "sources"), ("prepare.crop_size", "crop")),
+    "degrade": (("degrade.scale", "x"), ("degrade.variants", "variants")),
+    "train_vae": (("train_vae.steps", "steps"),),
+    "backbone": (("backbone.pretrained", "from"),),
+    "vae_ceiling": (("backbone.pretrained", "from"),),
+    "encode": (("backbone.pretrained", "from"), ("encode.dtype", "dtype")),
+    "train_clip": (("clip.model_name", "clip"), ("train_clip.iterations", "iters")),
+    "embed_clip": (("embed_clip.dtype", "dtype"),),
+    "train_sdsr": (("train_sdsr.gamma", "γ"), ("train_sdsr.tala", "tala"), ("train_sdsr.iterations", "iters")),
+    "train_gan": (("gan.pretrained", "from"), ("train_gan.iterations", "iters")),
+    "evaluate": (("evaluate.methods", "methods"), ("evaluate.protocol", "protocol")),
+    "fidelity": (("fidelity.name", "budget"),),
+    "promote": (("promote.model_name", "model"), ("promote.alias", "alias")),
+}
+_MAX_VALUE_CHARS = 48
+
+
+def _short(value: Any) -> str:
+    """A param value as a run name shows it: 5.0 → 5, True → on, a path → its last part, lists joined by commas."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(_short(v) for v in value)
+    if value is None:
+        return "none"
+    text = str(value)
+    text = Path(text).name if "/" in text.rstrip("/") else text
+    return text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS - 1] + "…"
+
+
+def run_name(stage: str, params: Mapping[str, Any], commit: tuple[str, bool] | None = None) -> str:
+    """``<stage> <label>=<value>... @<short commit>[-dirty]``, e.g. ``train_sdsr γ=5 tala=on iters=20 @abc1234``.
+
+    The labelled params are the stage's :data:`RUN_NAME_PARAMS` found in ``params`` (the sections
+    :func:`start_run` logs); ``commit`` is :func:`git_commit`'s (commit, dirty), absent outside git.
+    """
+    values = dict(_leaves(params))
+    parts = [stage] + [f"{label}={_short(values[key])}" for key, label in RUN_NAME_PARAMS.get(stage, ())
+                       if key in values]
+    if commit is not None:
+        parts.append(f"@{commit[0][:7]}" + ("-dirty" if commit[1] else ""))
+    return " ".join(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -265,6 +319,65 @@ def line_plot(path: str | os.PathLike, steps: Sequence[int], series: Mapping[str
     return Path(path)
 
 
+def experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment ``name``, created when missing; tagged with :data:`EXPERIMENT_KIND` unless it has a kind.
+
+    The kind says that the runs, not traces, are the experiment's content. MLflow 3.17's UI opens an
+    experiment by the browser's GenAI / Model training switch instead (the README says to switch
+    once); its later UI follows the kind.
+    """
+    found = client.get_experiment_by_name(name)
+    if found is None:
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name),
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    if EXPERIMENT_KIND_TAG not in found.tags:
+        client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return found.experiment_id
+
+
+def source_name(argv: Sequence[str] | None = None) -> str:
+    """The command a run came from, for the runs table's Source column: ``consissr <subcommand>``, else the script."""
+    argv = list(sys.argv if argv is None else argv)
+    program = Path(argv[0]).name if argv and argv[0] else "python"
+    if program in ("consissr", "cli.py") and len(argv) > 1:  # the console script, or `python -m consissr.cli`
+        return f"consissr {argv[1]}"
+    return program
+
+
+def input_context(stage: str) -> str:
+    """How a stage uses its inputs (the datasets' ``mlflow.data.context``)."""
+    if stage.startswith("train_"):
+        return "training"
+    if stage in ("evaluate", "vae_ceiling", "fidelity", "promote"):
+        return "evaluation"
+    return "preprocessing"
+
+
+def dataset_input(name: str, path: str | os.PathLike, digest: str, context: str) -> Any:
+    """An MLflow dataset input: ``name`` (the path as the stage names it), the local ``path`` as its source.
+
+    ``digest`` is :func:`data_hash`'s ``md5:<dvc hash>`` or ``sha256:<hex>``: the dataset's digest is
+    the DVC md5 as ``dvc.lock`` has it, or the sha256 cut to the width MLflow stores.
+    """
+    from mlflow.data.dataset_source_registry import get_dataset_source_from_json
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    # by its type: resolving a local path warns that two registered "local" sources could read it
+    source = get_dataset_source_from_json(json.dumps({"uri": os.path.abspath(path)}), source_type="local")
+    meta = MetaDataset(source, name=name, digest=digest.partition(":")[2][:_MAX_DIGEST_CHARS])
+    return DatasetInput(Dataset(**meta.to_dict()), tags=[InputTag("mlflow.data.context", context)])
+
+
+def _display_path(path: str | os.PathLike, root: Path) -> str:
+    """``path`` relative to the repository when it lies inside (``data/latents``), else as absolute."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return absolute.relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(absolute)
+
+
 @contextmanager
 def start_run(
     stage: str,
@@ -281,20 +394,23 @@ def start_run(
     """Open an MLflow run for one stage; yield a :class:`Run` (or :class:`NullRun`).
 
     Args:
-        stage: the stage name; the run's name and its ``stage`` tag.
+        stage: the stage name: its ``stage`` tag, and the start of its name (:func:`run_name`).
         params: params sections (dataclasses or mappings) keyed by their dotted prefix, e.g.
             ``{"base.seed": 2024, "train_clip": params.train_clip}``; logged once, flattened.
         inputs: input data folders/files by name; each is tagged ``input.<name>.path`` and
-            ``input.<name>.hash`` (:func:`data_hash`).
+            ``input.<name>.hash`` (:func:`data_hash`), and logged as a dataset (:func:`dataset_input`)
+            when it has a hash.
         tags: extra tags.
-        experiment: experiment name (default ``MLFLOW_EXPERIMENT_NAME``, else ``consissr``).
+        experiment: experiment name (default ``MLFLOW_EXPERIMENT_NAME``, else ``consissr``), created
+            with its kind (:func:`experiment_id`).
         uri: tracking URI (default :func:`tracking_uri`).
         enabled: log at all (default: only on the main process).
         parent_run_id: nest the run under this one (tag ``mlflow.parentRunId``); default
             ``MLFLOW_PARENT_RUN_ID`` (set by the Prefect flow for its ``dvc repro`` subprocesses).
         root: the repository whose git commit is tagged (default: :func:`repo_root` of cwd).
 
-    Tags ``profile`` from ``CONSISSR_PROFILE`` (the flow's parameter; the CLI sets it from params).
+    Tags ``profile`` from ``CONSISSR_PROFILE`` (the flow's parameter; the CLI sets it from params),
+    and ``mlflow.source.name`` / ``.type`` / ``.git.commit``: the UI's Source and Version columns.
     The run ends FINISHED, or FAILED when the body raises (KILLED on KeyboardInterrupt); the
     exception propagates.
     """
@@ -309,18 +425,18 @@ def start_run(
     uri = uri or tracking_uri()
     experiment = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or "consissr"
     client = MlflowClient(tracking_uri=uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = (found.experiment_id if found is not None
-                     else client.create_experiment(experiment, artifact_location=artifact_location(uri, experiment)))
+    exp_id = experiment_id(client, experiment, uri)
 
-    all_tags: dict[str, Any] = {"stage": stage}
-    commit = git_commit(Path(root) if root is not None else None)
+    root = Path(root) if root is not None else repo_root()
+    all_tags: dict[str, Any] = {"stage": stage, "mlflow.source.name": source_name(), "mlflow.source.type": "LOCAL"}
+    commit = git_commit(root)
     if commit is not None:
         all_tags.update({"mlflow.source.git.commit": commit[0], "git_commit": commit[0],
                          "git_dirty": str(commit[1]).lower()})
+    hashes = {name: data_hash(path) for name, path in (inputs or {}).items()}
     for name, path in (inputs or {}).items():
         all_tags[f"input.{name}.path"] = str(path)
-        all_tags[f"input.{name}.hash"] = data_hash(path) or "missing"
+        all_tags[f"input.{name}.hash"] = hashes[name] or "missing"
     parent_run_id = parent_run_id or os.environ.get("MLFLOW_PARENT_RUN_ID")
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
@@ -328,13 +444,17 @@ def start_run(
         all_tags["profile"] = os.environ["CONSISSR_PROFILE"]
     all_tags.update(tags or {})
 
-    created = client.create_run(experiment_id, tags={k: str(v) for k, v in all_tags.items() if v is not None},
-                                run_name=stage)
+    created = client.create_run(exp_id, tags={k: str(v) for k, v in all_tags.items() if v is not None},
+                                run_name=run_name(stage, params, commit))
     run = Run(client, created.info.run_id, uri)
     log.info("mlflow: run %s in experiment %r at %s", run.run_id, experiment, uri)
     status = "FAILED"
     try:
         run.log_params(params)
+        datasets = [dataset_input(_display_path(path, root), path, hashes[name], input_context(stage))
+                    for name, path in (inputs or {}).items() if hashes[name]]
+        if datasets:
+            client.log_inputs(run.run_id, datasets=datasets)
         yield run
         status = "FINISHED"
     except KeyboardInterrupt:
@@ -429,6 +549,7 @@ def set_alias(uri: str, model_name: str, alias: str, version: str) -> None:
     MlflowClient(tracking_uri=uri, registry_uri=uri).set_registered_model_alias(model_name, alias, version)
 
 
-__all__ = ["NullRun", "Run", "Tracker", "alias_version", "artifact_location", "data_hash", "flatten", "git_commit",
-           "is_main_process", "line_plot", "log_pipeline_model", "repo_root", "set_alias", "start_run", "tag_version",
-           "tracking_uri"]
+__all__ = ["EXPERIMENT_KIND", "RUN_NAME_PARAMS", "NullRun", "Run", "Tracker", "alias_version", "artifact_location",
+           "data_hash", "dataset_input", "experiment_id", "flatten", "git_commit", "input_context", "is_main_process",
+           "line_plot", "log_pipeline_model", "repo_root", "run_name", "set_alias", "source_name", "start_run",
+           "tag_version", "tracking_uri"]

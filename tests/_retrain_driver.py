@@ -25,8 +25,8 @@ def main(repo: str, stages: str) -> None:
     exp = mlflow.get_experiment_by_name("consissr")
     if exp is not None:
         runs = mlflow.search_runs([exp.experiment_id])
-        out["parent_runs"] = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" not in r.data.tags)
-        out["nested_runs"] = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags)
+        out["parent_runs"] = sorted(r.data.tags["stage"] for r in runs if "mlflow.parentRunId" not in r.data.tags)
+        out["nested_runs"] = sorted(r.data.tags["stage"] for r in runs if "mlflow.parentRunId" in r.data.tags)
     print("RESULT " + json.dumps(out, default=str))
 
 

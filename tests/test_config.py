@@ -128,6 +128,8 @@ def test_exponent_without_a_dot_is_a_number(tmp_path):
     ("base:\n  device: gpu\n", "base.device", "auto, cpu, cuda"),
     ("encode:\n  shard_size: 0\n", "encode.shard_size", ">= 1"),
     ("embed_clip:\n  batch_size: 0\n", "embed_clip.batch_size", ">= 1"),
+    ("inference:\n  tile_size: 64\n  tile_overlap: 64\n", "inference.tile_overlap", r"\[0, tile_size 64\)"),
+    ("evaluate:\n  sweep_t_max: [600, 1001]\n", "evaluate.sweep_t_max", r"\[1, 1000\]"),
 ])
 def test_out_of_range_and_cross_field_values_are_named(tmp_path, text, key, why):
     with pytest.raises(ParamsError, match=rf"{key}: .*{why}"):

@@ -71,6 +71,30 @@ def test_encode_writes_scaled_latents_and_a_manifest(pairs, tiny_backbone, tmp_p
     assert batch["lq"].shape == (4, c, SIZE // f, SIZE // f)
 
 
+def test_cpu_encode_one_image_at_a_time_writes_the_latents_of_the_whole_batch(tmp_path, tiny_backbone):
+    # on CPU the stage's VAE encodes a batch image by image (memory per worker): at 128² and up the same
+    # bytes as one call on the batch (at 32-64² oneDNN's kernels for the two shapes round differently)
+    from consissr.data.parallel import one_thread
+
+    rng = np.random.default_rng(1)
+    prepared, degraded = tmp_path / "prepared", tmp_path / "degraded"
+    (prepared / "hq").mkdir(parents=True)
+    (degraded / "lq_up").mkdir(parents=True)
+    hq = rng.integers(0, 256, (3, 128, 128, 3), dtype=np.uint8)
+    for i in range(3):
+        Image.fromarray(hq[i]).save(prepared / "hq" / f"img{i}.png")
+        Image.fromarray(hq[i][::-1].copy()).save(degraded / "lq_up" / f"img{i}.png")
+    (degraded / "index.json").write_text(json.dumps({"items": [{"id": f"img{i}"} for i in range(3)]}))
+    encode_pairs(prepared, degraded, tmp_path / "lat", **params(shard_size=3, batch_size=3), backbone_dir=tiny_backbone)
+    with safe_open(str(tmp_path / "lat" / "shard-00000.safetensors"), framework="pt") as f:
+        cached = f.get_tensor("hq")
+    vae = load_vae(str(tiny_backbone)).eval()
+    x = torch.from_numpy(hq).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    with one_thread(), torch.no_grad():  # the stage's one thread; the batch of 3 in one encoder call
+        whole = vae.encode(x).latent_dist.mode() * vae.config.scaling_factor
+    assert not vae.use_slicing and torch.equal(cached, whole)
+
+
 def test_bad_pair_is_skipped_and_reported(pairs, tiny_backbone, tmp_path):
     prepared, degraded = pairs
     (degraded / "lq_up" / "img2.png").write_bytes(b"garbage")

@@ -93,7 +93,9 @@ def test_a_field_written_without_param_is_reported():
 
 _BOUND = re.compile(r"(?P<each>each (?:in )?)?(?:(?P<op>>=|>) (?P<min>-?[\d.]+)|"
                     r"\[(?P<low>-?[\d.]+), (?P<high>-?[\d.]+)(?P<close>[\])]))(?P<null> or null)?(?:; .*)?")
-_OTHER_RULES = {"degrade.kernel_pad_size", "train_sdsr.global_batch_size"}  # odd / a multiple: test_config
+# odd / a multiple / tiles that overlap less than their side: test_config
+_OTHER_RULES = {"degrade.kernel_pad_size", "train_sdsr.global_batch_size", "inference.tile_size",
+                "inference.tile_overlap"}
 
 
 def _sections(obj, prefix=""):

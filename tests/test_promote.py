@@ -66,7 +66,7 @@ def test_alias_moves_only_when_the_rule_says_better(tmp_path, monkeypatch):
     assert client.get_model_version("consissr-test", "2").tags["metric.embedded"] == "19.0"
     runs = client.search_runs([client.get_experiment_by_name("consissr").experiment_id],
                               order_by=["attributes.start_time ASC"])
-    decisions = [r.data.tags["promote.decision"] for r in runs if r.info.run_name == "promote"]
+    decisions = [r.data.tags["promote.decision"] for r in runs if r.data.tags["stage"] == "promote"]
     assert decisions == ["promoted", "kept", "promoted"]
     assert "19 vs champion 20" in [r for r in runs if r.data.tags.get("promote.version") == "2"][0].data.tags[
         "promote.reason"]

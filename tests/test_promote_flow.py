@@ -61,8 +61,8 @@ def test_flow_promote_returns_the_decision_and_the_champion_upscales_a_photo(par
     client = MlflowClient(uri, registry_uri=uri)
     runs = client.search_runs([client.get_experiment_by_name("consissr").experiment_id],
                               order_by=["attributes.start_time ASC"])
-    flows = [r for r in runs if r.info.run_name == "retrain"]
-    promotes = [r for r in runs if r.info.run_name == "promote"]
+    flows = [r for r in runs if r.data.tags["stage"] == "retrain"]
+    promotes = [r for r in runs if r.data.tags["stage"] == "promote"]
     assert len(flows) == 2 and len(promotes) == 2
     assert [r.data.tags.get("mlflow.parentRunId") for r in promotes] == [r.info.run_id for r in flows]
     assert all("mlflow.parentRunId" not in r.data.tags for r in flows)

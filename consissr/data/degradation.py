@@ -3,8 +3,9 @@
     LQ = JPEG ∘ [resize ↓s + sinc] ∘ (JPEG ∘ noise ∘ resize ∘ blur)² (USM(HQ))      (x4plus settings, paper §4.1)
 
 ``sample_kernels`` and ``degrade`` mirror realesrgan 0.3.0's ``RealESRGANDataset.__getitem__``
-and ``RealESRGANModel.feed_data`` draw for draw (same global RNG calls, same order); the one
-change is the separable USM (``usm_sharp_separable``, see there why). ``degrade_folder`` is the
+and ``RealESRGANModel.feed_data`` draw for draw (same global RNG calls, same order); what changes is
+how two filters are summed, for speed: the USM Gaussian as two 1-D passes (``usm_sharp_separable``)
+and, on CPU, the random blurs by OpenCV (``blur``). ``degrade_folder`` is the
 stage: ``hq/<id>.png`` → ``lq/``, ``lq_up/``, ``index.json``, ``report.json``, each image under
 its own seed (``layout.item_seed``); a bad input is skipped and reported, never fatal.
 """
@@ -174,6 +175,45 @@ def usm_sharp_separable(img: torch.Tensor, *, radius: int = 51, weight: float = 
 
 
 # --------------------------------------------------------------------------------------------
+# the random blurs
+# --------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=2)
+def _pulse(k: int) -> torch.Tensor:
+    pulse = torch.zeros(1, k, k)
+    pulse[0, k // 2, k // 2] = 1
+    return pulse
+
+
+def blur(img: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """basicsr's ``filter2D(img, kernel)``: reflect padding, then correlation with the (1, K, K)
+    kernel shared by the batch or with each item's of a (B, K, K) one.
+
+    On CPU float32 each plane goes through ``cv2.filter2D`` (``BORDER_REFLECT_101`` is torch's
+    "reflect"): the 21x21 blur of a 512² RGB image takes ~25 ms on one thread here against ~200 ms
+    for torch's convolution of a one-channel image (benchmarks/README.md, "Degradation
+    throughput"). The kernels are random (rotated anisotropic Gaussians, sinc, plateau), so not
+    separable. The sums differ from ``filter2D``'s by float32 rounding (<= 1.3e-6), which a later
+    rounding can amplify (tests/test_degradation.py says when). Other devices and dtypes, and the
+    sizes ``filter2D`` rejects, keep ``filter2D``.
+    """
+    b, c, h, w = img.shape
+    k = kernel.size(-1)
+    if img.device.type != "cpu" or img.dtype != torch.float32 or k % 2 == 0 or k // 2 >= min(h, w):
+        return filter2D(img, kernel)
+    kernel = kernel.detach().to(torch.float32)
+    if torch.equal(kernel, _pulse(k).expand_as(kernel)):  # the final "sinc" when not drawn: filter2D's
+        return img.clone()                                 # sum is then exactly the pixel itself
+    planes = img.detach().contiguous().numpy()
+    kernels = kernel.contiguous().numpy()
+    out = np.empty_like(planes)
+    for i in range(b):
+        kern = kernels[0 if kernels.shape[0] == 1 else i]
+        for j in range(c):
+            cv2.filter2D(planes[i, j], -1, kern, dst=out[i, j], borderType=cv2.BORDER_REFLECT_101)
+    return torch.from_numpy(out)
+
+
+# --------------------------------------------------------------------------------------------
 # the degradation: RealESRGANModel.feed_data
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1)
@@ -207,7 +247,7 @@ def _jpeg(out: torch.Tensor, order: DegradationOrder) -> torch.Tensor:
 def _resize_back_and_sinc(out: torch.Tensor, size: tuple[int, int], sinc_kernel: torch.Tensor) -> torch.Tensor:
     mode = random.choice(_RESIZE_MODES)
     out = F.interpolate(out, size=size, mode=mode)
-    return filter2D(out, sinc_kernel)
+    return blur(out, sinc_kernel)
 
 
 def _batched(kernel: torch.Tensor) -> torch.Tensor:
@@ -220,7 +260,7 @@ def degrade(hq: torch.Tensor, kernels: dict[str, torch.Tensor], p: DegradeParams
 
     The steps, and every draw from ``random`` / ``np.random`` / torch's RNG, follow
     ``RealESRGANModel.feed_data`` in order, so with the same RNG states and kernels the result is
-    the reference's (up to the float32 rounding of ``usm_sharp_separable``, see the tests).
+    the reference's (up to the float32 rounding of ``usm_sharp_separable`` and ``blur``, see the tests).
 
     Args:
         hq: (B, 3, H, W) float in [0, 1]; H and W multiples of ``p.scale``.
@@ -246,7 +286,7 @@ def degrade(hq: torch.Tensor, kernels: dict[str, torch.Tensor], p: DegradeParams
     # 1. first order: blur (always, in feed_data), random resize, noise, JPEG
     out = gt_usm
     if p.first.blur_prob >= 1 or np.random.uniform() < p.first.blur_prob:  # no draw at prob 1, as feed_data
-        out = filter2D(out, kernel1)
+        out = blur(out, kernel1)
     scale = _random_scale(p.first)
     mode = random.choice(_RESIZE_MODES)
     out = F.interpolate(out, scale_factor=scale, mode=mode)
@@ -255,7 +295,7 @@ def degrade(hq: torch.Tensor, kernels: dict[str, torch.Tensor], p: DegradeParams
 
     # 2. second order: blur (with probability), random resize relative to H/scale, noise
     if np.random.uniform() < p.second.blur_prob:
-        out = filter2D(out, kernel2)
+        out = blur(out, kernel2)
     scale = _random_scale(p.second)
     mode = random.choice(_RESIZE_MODES)
     out = F.interpolate(out, size=(int(ori_h / p.scale * scale), int(ori_w / p.scale * scale)), mode=mode)

@@ -104,7 +104,13 @@ def _load_vae(source: str, revision: str | None, dtype: str, device: str) -> tor
     key = (source, revision, dtype, device)
     if key not in _VAE:
         _VAE.clear()
-        _VAE[key] = load_vae(source, revision=revision, torch_dtype=_DTYPES[dtype]).to(resolve_device(device)).eval()
+        vae = load_vae(source, revision=revision, torch_dtype=_DTYPES[dtype]).to(resolve_device(device)).eval()
+        if resolve_device(device).type == "cpu":
+            # diffusers' sliced encode: one image of the batch at a time through the encoder. A worker
+            # (one thread) was not faster on the whole batch, whose activations were most of its memory
+            # (benchmarks/README.md, "Data stages at scale"); from 128² up, the latents are the same bytes
+            vae.enable_slicing()
+        _VAE[key] = vae
     return _VAE[key]
 
 

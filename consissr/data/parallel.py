@@ -3,6 +3,8 @@
 ``parallel.workers`` 1 runs the shards in this process, in order; N > 1 starts a ``LocalCluster``
 of N processes with one thread each; ``parallel.scheduler_address`` sends them to a running
 scheduler instead (Kubernetes, SLURM: the workers need this package and the same file paths).
+Workers that are not running within ``parallel.worker_start_timeout`` seconds fail the stage with
+``ClusterStartError`` instead of leaving it waiting.
 A shard function writes its outputs itself and returns a small record; results come back in
 shard order, so the merged index is the same for any number of workers. Every shard runs with one
 torch / OpenCV thread: float results (VAE convolutions) depend on the thread count.
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 from tqdm import tqdm
 
 from consissr.config import ParallelParams
+from consissr.errors import ClusterStartError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def one_thread() -> Iterator[None]:
         cv2.setNumThreads(cv_threads)
 
 
-def local_cluster(workers: int):
+def local_cluster(workers: int, *, start_timeout: float | None = None):
     """A ``LocalCluster`` of ``workers`` processes with one thread each, and glibc's default malloc.
 
     Dask's nannies set ``MALLOC_TRIM_THRESHOLD_=65536`` in their workers (to hand freed memory back
@@ -59,12 +62,38 @@ def local_cluster(workers: int):
     zero-filled mmap: a worker degraded 32% slower with it (0.98 vs 0.74 s per 512² image) for
     about 125 MiB less RSS. Unset here for the workers this module starts; a user's own
     ``MALLOC_TRIM_THRESHOLD_`` or ``parallel.scheduler_address`` cluster keeps its setting.
+
+    With ``start_timeout`` (seconds), a cluster whose workers are not all running by then is closed
+    and ``ClusterStartError`` raised (seen once while other jobs held both cores: the start hung).
     """
     import dask
     from dask.distributed import LocalCluster
 
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        # no workers in the constructor, which would wait for them with no limit; a nanny's
+        # death_timeout bounds its own start, so closing the cluster after a timeout cannot hang
+        cluster = LocalCluster(n_workers=0, threads_per_worker=1, processes=True, dashboard_address=None,
+                               death_timeout=start_timeout)
+        try:
+            cluster.scale(workers)
+            wait_for_workers(cluster, workers, start_timeout, where=f"a local cluster of {workers} processes")
+        except BaseException:
+            cluster.close()
+            raise
+    return cluster
+
+
+def wait_for_workers(cluster_or_client, n: int, timeout: float | None, *, where: str) -> None:
+    """Block until ``n`` workers run; ``ClusterStartError`` naming ``where`` after ``timeout`` seconds."""
+    from distributed.exceptions import WorkerStartTimeoutError
+
+    try:
+        cluster_or_client.wait_for_workers(n, timeout=timeout)
+    except WorkerStartTimeoutError as exc:
+        raise ClusterStartError(
+            f"parallel: {exc.available_workers} of {n} Dask workers came up on {where} within "
+            f"{timeout:g} s (parallel.worker_start_timeout); check that the machine has free cores or the "
+            "scheduler has workers, or raise parallel.worker_start_timeout") from None
 
 
 def _run_one(fn: Callable[[Any], Any], shard: Any) -> Any:
@@ -91,8 +120,11 @@ def run_shards(fn: Callable[[Any], T], shards: Sequence[Any], parallel: Parallel
     with contextlib.ExitStack() as stack:
         if parallel.scheduler_address is not None:
             client = stack.enter_context(Client(parallel.scheduler_address))
+            wait_for_workers(client, 1, parallel.worker_start_timeout,
+                             where=f"the scheduler {parallel.scheduler_address}")
         else:
-            cluster = stack.enter_context(local_cluster(parallel.workers))
+            cluster = stack.enter_context(local_cluster(parallel.workers,
+                                                        start_timeout=parallel.worker_start_timeout))
             client = stack.enter_context(Client(cluster))
         log.info("%s: %d shards on %s", desc, len(shards), client)
         futures = client.map(_run_one, [fn] * len(shards), shards, pure=False)
@@ -103,4 +135,4 @@ def run_shards(fn: Callable[[Any], T], shards: Sequence[Any], parallel: Parallel
     return out
 
 
-__all__ = ["local_cluster", "one_thread", "run_shards", "shard_size", "split"]
+__all__ = ["local_cluster", "one_thread", "run_shards", "shard_size", "split", "wait_for_workers"]
