@@ -254,7 +254,7 @@ def _fp32_conv_outputs(model: torch.nn.Module) -> None:
 
     Under bf16 autocast the convolutions multiply in bf16, but RRDBNet's residual sums (93 in x4plus)
     and dense concatenations then stay in fp32: on photos, about 53 dB PSNR from the fp32 output
-    instead of 50–51 dB with bf16 activations throughout, for about 15% more time.
+    instead of 50–51 dB with bf16 activations throughout, for 10–15% more time.
     """
     if getattr(model, "_fp32_conv_outputs", False):
         return
