@@ -33,6 +33,9 @@
     every network and metric it builds ("Network [NIQE] is created.").
     Importing this module drops the records of items 8 to 10, and only them
     (``quiet_third_party_noise``); ``consissr`` imports it before any command's code.
+11. torch has no public query for native bf16 on the CPU (AVX512-BF16 or AMX, which oneDNN's bf16
+    convolutions use; elsewhere bf16 is emulated and slower than fp32): ``cpu_native_bf16`` asks
+    ``torch.cpu``'s private checks and answers False when a torch lacks them.
 """
 
 from __future__ import annotations
@@ -183,6 +186,14 @@ def bound_onednn_primitive_cache() -> None:
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU computes bf16 dot products natively (item 11)."""
+    import torch
+
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
 __all__ = [
     "NIQE_PRIS_PARAMS",
     "ContiguousDiffJPEG",
@@ -195,6 +206,7 @@ __all__ = [
     "calculate_psnr",
     "calculate_ssim",
     "circular_lowpass_kernel",
+    "cpu_native_bf16",
     "filter2D",
     "pyiqa_weights_dir",
     "quiet_third_party_noise",

@@ -177,7 +177,8 @@ def evaluate(ev: EvaluateParams, *, degrade: DegradeParams, inference: Inference
             from consissr.inference.pipeline import load_pipeline as load
             from consissr.models.gan import GanMemo
 
-            pipe = load(pipeline_dir, device=device, defaults=inference)
+            # scores in fp32 on every machine (gan_precision auto would pick bf16 on some CPUs)
+            pipe = load(pipeline_dir, device=device, defaults=dataclasses.replace(inference, gan_precision="fp32"))
             pipe.gan_memo = GanMemo()  # one GAN run per image for gan, ganemb-* and the Fig. 10 sweep
             return pipe
         if "gan" in ev.methods and (gan_dir / "gan_config.json").is_file():

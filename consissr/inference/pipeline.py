@@ -235,8 +235,10 @@ class ConsisSRPipeline(DiffusionPipeline):
             tile = tile_for(image.shape, self.scale, self.defaults.tile_size)
         saved, self.gan.tile_size = self.gan.tile_size, tile
         memo = getattr(self, "gan_memo", None)  # a GanMemo: evaluate sets one (its methods share the GAN output)
+        precision = self.defaults.gan_precision
         try:
-            return memo(self.gan, image) if memo is not None else gan_upscale(self.gan, image)
+            return (memo(self.gan, image, precision=precision) if memo is not None
+                    else gan_upscale(self.gan, image, precision=precision))
         finally:
             self.gan.tile_size = saved
 
