@@ -156,6 +156,19 @@ def load_weights_file(path: str | os.PathLike, *, mmap: bool = False) -> Any:
         raise InputError(f"{path}: not a readable torch checkpoint ({_first_line(e)})") from None
 
 
+def key_mismatch(state: dict[str, Any], expected: dict[str, Any]) -> str | None:
+    """How a state dict fails to fit a model's ``state_dict()`` (missing, unexpected keys, tensors of
+    another shape, each with its first examples), or None when it fits key for key."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    mismatched = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                  for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(mismatched)} of another shape, first {mismatched[:2]}" if mismatched else "",
+             f"{len(missing)} missing, first {missing[:3]}" if missing else "",
+             f"{len(unexpected)} unexpected, first {unexpected[:3]}" if unexpected else ""]
+    return "; ".join(p for p in parts if p) or None
+
+
 def _first_line(exc: Exception) -> str:
     """The informative line of a load error (torch's weights-only message opens with boilerplate)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

@@ -25,7 +25,7 @@ import torch
 
 from consissr.compat import RealESRGANer, RRDBNet, cpu_native_bf16
 from consissr.errors import InputError, ParamsError
-from consissr.io import file_sha256, load_weights_file, write_bytes, write_json
+from consissr.io import file_sha256, key_mismatch, load_weights_file, write_bytes, write_json
 
 CONFIG_NAME = "gan_config.json"
 WEIGHTS_NAME = "gan.pth"
@@ -101,17 +101,10 @@ def check_weights(path: str | os.PathLike, **arch: int) -> RRDBNet:
     path = Path(path)
     state = read_state_dict(path)
     model = build_rrdbnet(**arch)
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or mismatched:
+    mismatch = key_mismatch(state, model.state_dict())
+    if mismatch:
         desc = ", ".join(f"{k}={v}" for k, v in arch.items())
-        parts = [f"{len(missing)} missing (e.g. {missing[:3]})" if missing else "",
-                 f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})" if unexpected else "",
-                 f"{len(mismatched)} of another shape (e.g. {mismatched[:3]})" if mismatched else ""]
-        raise GanWeightsError(f"{path}: does not fit RRDBNet({desc}): keys "
-                              f"{'; '.join(p for p in parts if p)}")
+        raise GanWeightsError(f"{path}: does not fit RRDBNet({desc}): keys {mismatch}")
     model.load_state_dict(state, strict=True)
     return model
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from consissr.config import is_clip_weights_file
 from consissr.errors import InputError
-from consissr.io import atomic_path, file_sha256, load_weights_file, write_json
+from consissr.io import atomic_path, file_sha256, key_mismatch, load_weights_file, write_json
 
 if TYPE_CHECKING:
     from consissr.config import ClipParams
@@ -179,17 +179,10 @@ def load_clip_weights(model: nn.Module, path: str | os.PathLike, *, model_name: 
         except Exception:  # noqa: BLE001, S110  (a table of another width: a shape mismatch, reported below)
             pass
 
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
-                  for k in expected if k in state and state[k].shape != expected[k].shape]
-    if missing or unexpected or mismatched:
-        parts = [f"{len(mismatched)} of another shape, first {mismatched[:2]}" if mismatched else "",
-                 f"{len(missing)} missing, first {missing[:3]}" if missing else "",
-                 f"{len(unexpected)} unexpected, first {unexpected[:3]}" if unexpected else ""]
+    mismatch = key_mismatch(state, model.state_dict())
+    if mismatch:
         raise ClipWeightsError(f"{Path(path)}: does not fit open_clip {model_name!r} (weights of another "
-                               f"model?): keys {'; '.join(p for p in parts if p)}")
+                               f"model?): keys {mismatch}")
     model.load_state_dict(state, strict=True)
 
 
