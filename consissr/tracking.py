@@ -323,7 +323,7 @@ def experiment_id(client: Any, name: str, uri: str) -> str:
     """The id of experiment ``name``, created when missing; tagged with :data:`EXPERIMENT_KIND` unless it has a kind.
 
     The kind says that the runs, not traces, are the experiment's content. MLflow 3.17's UI opens an
-    experiment by the browser's GenAI / Model training switch instead (the README says to switch
+    experiment by the browser's GenAI / Model training switch instead (the docs say to switch
     once); its later UI follows the kind.
     """
     found = client.get_experiment_by_name(name)

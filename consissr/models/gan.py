@@ -303,7 +303,7 @@ class GanMemo:
     """
 
     def __init__(self, max_bytes: int = 1 << 30) -> None:
-        self.max_bytes, self.hits, self.misses = max_bytes, 0, 0
+        self.max_bytes, self.hits, self.misses, self._bytes = max_bytes, 0, 0, 0
         self._outputs: collections.OrderedDict[tuple, np.ndarray] = collections.OrderedDict()
 
     def __call__(self, upsampler: RealESRGANer, image: np.ndarray, *, precision: str = "fp32") -> np.ndarray:
@@ -318,8 +318,9 @@ class GanMemo:
         self.misses += 1
         output = gan_upscale(upsampler, image, precision=precision)
         self._outputs[key] = output.copy()
-        while sum(a.nbytes for a in self._outputs.values()) > self.max_bytes and len(self._outputs) > 1:
-            self._outputs.popitem(last=False)
+        self._bytes += output.nbytes
+        while self._bytes > self.max_bytes and len(self._outputs) > 1:
+            self._bytes -= self._outputs.popitem(last=False)[1].nbytes
         return output
 
 
