@@ -42,6 +42,7 @@ from consissr.models import ncnn_rrdb
 from consissr.models.gan import (
     X4PLUS_ARCH,
     X4PLUS_NCNN,
+    _fp32_conv_outputs,
     gan_precision,
     gan_upscale,
     load_gan,
@@ -116,21 +117,26 @@ def variants(upsampler, args, threads: int) -> dict[str, tuple[str, object, str]
     """name → (implementation, RealESRGANer, precision of gan_upscale)."""
     param, weights = ncnn_rrdb.package_files()
     out = {"ours fp32": ("ours", upsampler, "fp32")}
-    if "channels_last" in args.levers:
-        cl = copy.copy(upsampler)
-        cl.model = copy.deepcopy(upsampler.model).to(memory_format=torch.channels_last)
-        out["ours fp32 channels_last"] = ("ours", cl, "fp32")
     if "bf16" in args.levers:
         out["ours bf16"] = ("ours", upsampler, "bf16")
+    if "channels_last" in args.levers:  # load_gan's channels_last off: the lever's effect is the NCHW row's ratio
+        nchw = copy.copy(upsampler)
+        nchw.model = copy.deepcopy(upsampler.model).to(memory_format=torch.contiguous_format)
+        out["ours fp32 NCHW"] = ("ours", nchw, "fp32")
+        if "bf16" in args.levers:
+            out["ours bf16 NCHW"] = ("ours", nchw, "bf16")
     if "compile" in args.levers and threads == args.threads[0]:  # compiling takes minutes: one thread count
         import torch._inductor.config as inductor_config
 
         inductor_config.freezing = True  # weights folded and prepacked for oneDNN, conv + post-ops fused
         torch._dynamo.reset()  # compiled code is specialised to the thread count
-        compiled = copy.copy(upsampler)
-        compiled.model = torch.compile(copy.deepcopy(upsampler.model).to(memory_format=torch.channels_last),
-                                       dynamic=True)  # one graph for every tile shape
-        out["ours fp32 compile"] = ("ours", compiled, "fp32")
+        for precision in ("fp32", "bf16") if "bf16" in args.levers else ("fp32",):
+            compiled = copy.copy(upsampler)  # load_gan's channels_last model; bf16: gan_upscale's hooks, then compile
+            model = copy.deepcopy(upsampler.model)
+            if precision == "bf16":
+                _fp32_conv_outputs(model)
+            compiled.model = torch.compile(model, dynamic=True)  # one graph for every tile shape
+            out[f"ours {precision} compile"] = ("ours", compiled, precision)
     for fp32 in (True, False) if "ncnn_default" in args.levers else (True,):
         peer = copy.copy(upsampler)
         peer.model = NcnnRRDB(param, weights, threads=threads, fp32=fp32)

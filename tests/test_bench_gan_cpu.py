@@ -29,13 +29,14 @@ def record(tmp_path_factory) -> dict:
 
 def test_ours_and_ncnn_give_the_same_output(record):
     rows = {r["variant"]: r for r in record["runs"]}
-    assert {"ours fp32", "ours bf16", "ncnn fp32", "ncnn default"} <= set(rows)
+    assert {"ours fp32", "ours bf16", "ours fp32 NCHW", "ours bf16 NCHW", "ncnn fp32", "ncnn default"} <= set(rows)
     assert all(ROW_FIELDS <= set(r) for r in record["runs"])
     # the same tiles: a 24² input at tile_size 64 runs as 16-px RealESRGANer tiles on both sides
     assert {(r["size"], r["tile"]) for r in record["runs"]} == {(24, 16)}
     assert rows["ours fp32"]["psnr_vs_ncnn_fp32_db"] >= 50  # the goal's "equal output"
     assert rows["ours bf16"]["psnr_vs_ncnn_fp32_db"] >= 50
     assert rows["ours bf16"]["psnr_vs_ours_fp32_db"] < 90  # bf16 did run: not fp32's output
+    assert rows["ours fp32 NCHW"]["psnr_vs_ours_fp32_db"] > 100  # the memory format changes no output
     assert rows["ncnn fp32"]["ncnn_options"] == dict.fromkeys(
         ("use_fp16_storage", "use_fp16_packed", "use_fp16_arithmetic", "use_bf16_storage"), False)
     assert rows["ncnn fp32"]["throughput_vs_ncnn_fp32"] == 1.0

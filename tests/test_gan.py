@@ -100,6 +100,20 @@ def test_gan_upscale_agrees_with_enhance_on_a_random_net(tmp_path):
     assert np.abs(ours - theirs).max() <= 0.5 / 255 + 1e-6  # enhance rounds to 8 bit
 
 
+def test_cpu_gan_runs_channels_last_with_the_nchw_output(tmp_path):
+    torch.manual_seed(0)
+    gan_dir = tmp_path / "gan"
+    save_gan(build_rrdbnet(**TINY), gan_dir, **TINY)
+    upsampler = load_gan(gan_dir)
+    convs = [m for m in upsampler.model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    image = np.random.default_rng(3).random((20, 24, 3), dtype=np.float32)
+    ours = gan_upscale(upsampler, image)
+    upsampler.model.to(memory_format=torch.contiguous_format)  # RealESRGANer's own layout
+    assert not convs[1].weight.is_contiguous(memory_format=torch.channels_last)
+    np.testing.assert_allclose(ours, gan_upscale(upsampler, image), atol=1e-5)
+
+
 
 def test_gan_memo_runs_the_gan_once_per_image_and_tile(tmp_path, monkeypatch):
     torch.manual_seed(0)
