@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 import skimage.data  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.common import machine, write_record  # noqa: E402
+from benchmarks.common import DISPATCH_KINDS, machine, with_dispatch, write_record  # noqa: E402
 from benchmarks.reference import make_reference_model, reference_degrade  # noqa: E402
 from consissr.compat import USMSharp, filter2D  # noqa: E402
 from consissr.config import DegradeParams  # noqa: E402
@@ -128,8 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch and OpenCV threads (1: as a stage worker runs; 0: their defaults)")
+    parser.add_argument("--dispatch", choices=list(DISPATCH_KINDS), default="native",
+                        help="cap torch's, oneDNN's and OpenCV's instruction set, as on an older CPU")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "degradation.json")
     args = parser.parse_args(argv)
+    with_dispatch(args.dispatch)  # re-runs the script under the kind's environment if it is not set
 
     p = DegradeParams()
     if args.threads:

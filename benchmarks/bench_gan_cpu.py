@@ -42,7 +42,7 @@ from consissr.models import ncnn_rrdb
 from consissr.models.gan import (
     X4PLUS_ARCH,
     X4PLUS_NCNN,
-    _fp32_conv_outputs,
+    _fp32_trunk,
     gan_precision,
     gan_upscale,
     load_gan,
@@ -134,7 +134,7 @@ def variants(upsampler, args, threads: int) -> dict[str, tuple[str, object, str]
             compiled = copy.copy(upsampler)  # load_gan's channels_last model; bf16: gan_upscale's hooks, then compile
             model = copy.deepcopy(upsampler.model)
             if precision == "bf16":
-                _fp32_conv_outputs(model)
+                _fp32_trunk(model)
             compiled.model = torch.compile(model, dynamic=True)  # one graph for every tile shape
             out[f"ours {precision} compile"] = ("ours", compiled, precision)
     for fp32 in (True, False) if "ncnn_default" in args.levers else (True,):
@@ -220,26 +220,11 @@ def bench(args) -> dict:
     return record
 
 
-def cpu_details() -> dict:
-    """/proc/cpuinfo's family and model (a VM's model name can be as short as "AMD EPYC") and the ISA
-    extensions the variants depend on."""
-    info: dict[str, str] = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    flags = set(info.get("flags", "").split())
-    return {"vendor": info.get("vendor_id"), "family": info.get("cpu family"), "model": info.get("model"),
-            "isa": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile"})}
-
-
 def describe(args, upsampler, load_before: float, runs: list[dict], failed: list[dict]) -> dict:
     """The record around ``runs``: machine, goal, input, tiling, repeats."""
     import ncnn
 
-    return {"machine": {**machine(load_before), **cpu_details(), "cpu_native_bf16": cpu_native_bf16(),
+    return {"machine": {**machine(load_before), "cpu_native_bf16": cpu_native_bf16(),
                         "ncnn": ncnn.__version__, "onednn": torch.backends.mkldnn.is_available()},
             "goal": GOAL, "input": "scikit-image astronaut, INTER_AREA-downscaled to the size (512²: as is)",
             "tiling": {"tile_pad": upsampler.tile_pad, "pre_pad": upsampler.pre_pad,

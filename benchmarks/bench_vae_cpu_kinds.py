@@ -5,8 +5,8 @@
 The same seed and photos gave different `vae_ceiling` figures on an AMD EPYC and an Intel Xeon: their
 vector units round sums in another order, and a run that has not converged amplifies that. Short of a
 second machine kind, this trains the embedded VAE (`consissr train-vae`, params.yaml as it is) once per
-"CPU kind", where a kind is torch's and oneDNN's instruction-set dispatch capped by their documented
-environment variables (`ATEN_CPU_CAPABILITY`, `ONEDNN_MAX_CPU_ISA`): other kernels, other summation
+"CPU kind", where a kind is torch's, oneDNN's and OpenCV's instruction-set dispatch capped by their documented
+environment variables (`benchmarks/common.py`, `DISPATCH_KINDS`): other kernels, other summation
 order, other rounding, as on another CPU. Each VAE then goes through the `backbone` and `vae-ceiling`
 commands with the checkout's data/prepared and data/degraded (native dispatch, so only training differs).
 Writes benchmarks/results/vae_cpu_kinds.json: each kind's ceiling PSNR(Y), held-out PSNR(Y), training
@@ -29,24 +29,16 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import machine, write_record
+from benchmarks.common import DISPATCH_KINDS, machine, write_record
 
 OUT = ROOT / "benchmarks" / "results" / "vae_cpu_kinds.json"
-KINDS = {
-    "native": {},
-    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"},
-    "no-avx": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41"},
-    "avx-only": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX"},
-}
-
-
 def run(args: list[str], env: dict[str, str]) -> None:
     subprocess.run([str(Path(sys.executable).parent / "consissr"), *args], cwd=ROOT, env=env, check=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    parser.add_argument("--kinds", nargs="+", default=list(DISPATCH_KINDS), choices=list(DISPATCH_KINDS))
     parser.add_argument("--steps", type=int, help="train_vae.steps instead of params.yaml's")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
@@ -67,14 +59,14 @@ def main() -> None:
         for kind in args.kinds:
             vae, backbone, ceiling = (f"{tmp}/{kind}-{part}" for part in ("vae", "backbone", "ceiling.json"))
             start = time.perf_counter()
-            run(["train-vae", "--params", str(params), "--out", vae], {**base_env, **KINDS[kind]})
+            run(["train-vae", "--params", str(params), "--out", vae], {**base_env, **DISPATCH_KINDS[kind]})
             seconds = time.perf_counter() - start
             run(["backbone", "--params", "params.yaml", "--vae", vae, "--out", backbone], base_env)
             run(["vae-ceiling", "--params", "params.yaml", "--prepared", "data/prepared", "--degraded",
                  "data/degraded", "--backbone", backbone, "--out", ceiling], base_env)
             report = json.loads(Path(ceiling).read_text())
             metrics = json.loads(Path(vae, "vae_metrics.json").read_text())
-            results[kind] = {"env": KINDS[kind], "ceiling": report, "vae_metrics": metrics,
+            results[kind] = {"env": DISPATCH_KINDS[kind], "ceiling": report, "vae_metrics": metrics,
                              "train_vae_wall_seconds": round(seconds, 1)}
             print(f"{kind}: {json.dumps(report)}", flush=True)
     ceilings = {kind: r["ceiling"]["ceiling_psnr_y"] for kind, r in results.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import re
@@ -152,6 +153,23 @@ def test_gan_precision_auto_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch):
         assert gan_precision("fp32", "cpu") == "fp32" and gan_precision("bf16", "cuda:0") == "bf16"
     with pytest.raises(ValueError, match=r"GAN precision must be one of \('auto', 'fp32', 'bf16'\), got 'fp16'"):
         gan_precision("fp16", "cpu")
+
+
+def test_bf16_runs_the_dense_blocks_in_bf16_and_the_trunk_in_fp32(tmp_path):
+    torch.manual_seed(0)
+    save_gan(build_rrdbnet(**TINY), tmp_path / "gan", **TINY)
+    upsampler = load_gan(tmp_path / "gan")
+    seen: dict[str, set] = collections.defaultdict(set)
+    for name, module in upsampler.model.named_modules():
+        depth = name.count(".")
+        if depth <= 2 and name.startswith("body."):  # body.N (an RRDB) and body.N.rdbK (a dense block)
+            module.register_forward_hook(lambda _m, _a, out, kind=depth: seen[kind].add(out.dtype))
+    image = np.random.default_rng(4).random((12, 10, 3), dtype=np.float32)
+    gan_upscale(upsampler, image, precision="bf16")
+    assert seen == {1: {torch.float32}, 2: {torch.bfloat16}}  # RRDB sums fp32, dense blocks bf16
+    seen.clear()
+    gan_upscale(upsampler, image, precision="fp32")  # the hooks change nothing outside autocast
+    assert seen == {1: {torch.float32}, 2: {torch.float32}}
 
 
 def test_bf16_x4plus_stays_within_50_db_of_fp32_on_a_photo(tmp_path):
