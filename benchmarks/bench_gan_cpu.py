@@ -43,6 +43,7 @@ from consissr.models.gan import (
     X4PLUS_ARCH,
     X4PLUS_NCNN,
     _fp32_trunk,
+    build_rrdbnet,
     gan_precision,
     gan_upscale,
     load_gan,
@@ -119,6 +120,12 @@ def variants(upsampler, args, threads: int) -> dict[str, tuple[str, object, str]
     out = {"ours fp32": ("ours", upsampler, "fp32")}
     if "bf16" in args.levers:
         out["ours bf16"] = ("ours", upsampler, "bf16")
+    if "bf16_throughout" in args.levers:  # gan_upscale's fp32 trunk off: a fresh copy, marked so it gets no hooks
+        throughout = copy.copy(upsampler)
+        throughout.model = build_rrdbnet(**X4PLUS_ARCH).eval().to(memory_format=torch.channels_last)
+        throughout.model.load_state_dict(upsampler.model.state_dict())
+        throughout.model._fp32_trunk = True
+        out["ours bf16 throughout"] = ("ours", throughout, "bf16")
     if "channels_last" in args.levers:  # load_gan's channels_last off: the lever's effect is the NCHW row's ratio
         nchw = copy.copy(upsampler)
         nchw.model = copy.deepcopy(upsampler.model).to(memory_format=torch.contiguous_format)
@@ -245,8 +252,8 @@ def table(record: dict) -> str:
     return "\n".join(lines)
 
 
-LEVERS = ("channels_last", "bf16", "compile", "ncnn_default")
-DEFAULT_LEVERS = ("channels_last", "bf16", "ncnn_default")  # compile: minutes of compiling, ask for it
+LEVERS = ("channels_last", "bf16", "bf16_throughout", "compile", "ncnn_default")
+DEFAULT_LEVERS = ("channels_last", "bf16", "bf16_throughout", "ncnn_default")  # compile: minutes of compiling, ask for it
 
 
 def main(argv: list[str] | None = None) -> int:
