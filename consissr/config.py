@@ -643,7 +643,7 @@ class InferenceParams:
                               range="[0, tile_size)")
     control_from_gan: bool = param(False, "GANEmb: ControlNet and robust CLIP see the GAN output instead of the LQ")
     gan_precision: Literal["auto", "fp32", "bf16"] = param(
-        "auto", "Real-ESRGAN's arithmetic; auto: bf16 on a CPU with native bf16 (AVX512-BF16 or AMX: 1.7-2x as "
+        "auto", "Real-ESRGAN's arithmetic; auto: bf16 on a CPU with native bf16 (AVX512-BF16 or AMX: about 2x as "
         "fast, output above 50 dB PSNR from fp32's), else fp32. evaluate scores in fp32 whatever this says")
 
     def __post_init__(self) -> None:

@@ -234,7 +234,7 @@ def tile_for(image_shape: tuple[int, ...], scale: int, tile_size: int) -> int:
 def gan_precision(precision: str, device: str | torch.device) -> str:
     """``fp32`` or ``bf16``; ``auto`` is ``bf16`` on a CPU with native bf16 (AVX512-BF16 or AMX), else ``fp32``.
 
-    On such a CPU, x4plus in bf16 runs 1.7–2× as fast as in fp32, and its output stays above 50 dB
+    On such a CPU, x4plus in bf16 runs about 2× as fast as in fp32, and its output stays above 50 dB
     PSNR from the fp32 one (benchmarks/README.md, "Real-ESRGAN on the CPU").
     """
     if precision not in GAN_PRECISIONS:
