@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.common import DISPATCH_KINDS, machine, write_record
 
 OUT = ROOT / "benchmarks" / "results" / "vae_cpu_kinds.json"
+
+
 def run(args: list[str], env: dict[str, str]) -> None:
     subprocess.run([str(Path(sys.executable).parent / "consissr"), *args], cwd=ROOT, env=env, check=True)
 

@@ -208,8 +208,8 @@ def load_gan(gan_dir: str | os.PathLike, *, device: str | torch.device = "cpu", 
         device = "cuda" if torch.cuda.is_available() else "cpu"
     upsampler = RealESRGANer(scale=arch["scale"], model_path=str(path), model=model, tile=tile, tile_pad=tile_pad,
                              pre_pad=pre_pad, half=half, device=torch.device(device))
-    if upsampler.device.type == "cpu":  # oneDNN's NHWC convolutions skip the layout reorders: 1.06× fp32,
-        upsampler.model.to(memory_format=torch.channels_last)  # 1.09× bf16 (benchmarks/README.md, GAN on the CPU)
+    if upsampler.device.type == "cpu":  # oneDNN's NHWC convolutions skip the layout reorders: 1.07–1.10× in
+        upsampler.model.to(memory_format=torch.channels_last)  # fp32 and bf16 (benchmarks/README.md, GAN on the CPU)
     upsampler.provenance = {k: v for k, v in config.items() if k in PROVENANCE_KEYS or k.startswith("source")}
     return upsampler
 
@@ -247,12 +247,13 @@ def gan_precision(precision: str, device: str | torch.device) -> str:
 def _fp32_trunk(model: torch.nn.Module) -> None:
     """Under autocast: RRDBNet's trunk and its 24 residual sums in fp32, the dense blocks in the autocast dtype.
 
-    Two kinds of hook (once per model; no-ops outside autocast): ``conv_first`` returns fp32, so the trunk and
-    the sums into it (each RRDB's ``out * 0.2 + x`` and ``feat + body_feat``) stay fp32 by type promotion;
-    each RRDB's first dense block takes its input in the autocast dtype (bf16), so the blocks' concatenations and their own
-    residual sums run in bf16. On five scikit-image photos: 50.4–56.3 dB PSNR from the fp32 output, 0.2–0.5 dB
-    under fp32 block outputs and 0.6–1.8 dB over bf16 throughout, at the speed of bf16 throughout (1.09× fp32
-    block outputs; benchmarks/README.md, "Real-ESRGAN on the CPU").
+    Two kinds of hook (once per model; no-ops outside autocast): ``conv_first`` returns fp32, so the trunk
+    and the sums into it (each RRDB's ``out * 0.2 + x`` and ``feat + body_feat``) stay fp32 by type
+    promotion; each RRDB's first dense block takes its input in the autocast dtype (bf16), so the blocks'
+    concatenations and their own 69 residual sums run in bf16. On five scikit-image photos: 50.4–56.3 dB
+    PSNR from the fp32 output, 0.2–0.5 dB under fp32 outputs for every convolution and 0.6–1.8 dB over bf16
+    throughout, at the speed of bf16 throughout (about 1.09× fp32 convolution outputs; benchmarks/README.md,
+    "Real-ESRGAN on the CPU").
     """
     if getattr(model, "_fp32_trunk", False):
         return
