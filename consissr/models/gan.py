@@ -252,8 +252,8 @@ def _fp32_trunk(model: torch.nn.Module) -> None:
     promotion; each RRDB's first dense block takes its input in the autocast dtype (bf16), so the blocks'
     concatenations and their own 69 residual sums run in bf16. On five scikit-image photos: 50.4–56.3 dB
     PSNR from the fp32 output, 0.2–0.5 dB under fp32 outputs for every convolution and 0.6–1.8 dB over bf16
-    throughout, at the speed of bf16 throughout (about 1.09× fp32 convolution outputs; benchmarks/README.md,
-    "Real-ESRGAN on the CPU").
+    throughout, at the speed of bf16 throughout, 1.1× fp32 convolution outputs (benchmarks/bench_gan_precision.py;
+    benchmarks/README.md, "Real-ESRGAN on the CPU").
     """
     if getattr(model, "_fp32_trunk", False):
         return
