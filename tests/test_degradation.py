@@ -199,6 +199,17 @@ def test_usm_separable_matches_basicsr_usmsharp():
     assert diff.max() <= 2e-3 and diff.mean() <= 1e-6
 
 
+def ours_and_reference(hq: torch.Tensor, seed: int) -> tuple[torch.Tensor, dict, torch.Tensor]:
+    """``degrade`` and realesrgan's ``feed_data`` from the same RNG states and kernels: (lq, kernels, ref)."""
+    with seeded(seed):
+        kernels = sample_kernels(P)
+        lq, _ = degrade(hq, kernels, P)
+    with seeded(seed):
+        sample_kernels(P)  # the same draws, so feed_data starts from the same RNG states
+        ref = reference_degrade(hq, kernels, P)
+    return lq, kernels, ref
+
+
 REFERENCE_CASES = [  # (photo, top, left, size, seed)
     ("coffee", 100, 100, 128, 0),
     ("rocket", 100, 100, 128, 1),
@@ -210,13 +221,7 @@ REFERENCE_CASES = [  # (photo, top, left, size, seed)
 
 @pytest.mark.parametrize("name,top,left,size,seed", REFERENCE_CASES)
 def test_degrade_matches_realesrgan_feed_data(name, top, left, size, seed):
-    hq = to_tensor(photo(name, top, left, size))
-    with seeded(seed):
-        kernels = sample_kernels(P)
-        lq, _ = degrade(hq, kernels, P)
-    with seeded(seed):
-        sample_kernels(P)  # the same draws, so feed_data starts from the same RNG states
-        ref = reference_degrade(hq, kernels, P)
+    lq, _, ref = ours_and_reference(to_tensor(photo(name, top, left, size)), seed)
     assert lq.shape == ref.shape
     assert psnr(lq, ref) >= 50 and (lq - ref).abs().mean() <= 1e-3
 
@@ -234,12 +239,7 @@ def test_degrade_is_feed_data_bit_for_bit_but_for_the_rounding_of_its_two_faster
         for size in (128, 256):
             hq = to_tensor(photo(name, top, left, size))
             for seed in range(7):
-                with seeded(seed):
-                    kernels = sample_kernels(P)
-                    lq, _ = degrade(hq, kernels, P)
-                with seeded(seed):
-                    sample_kernels(P)
-                    ref = reference_degrade(hq, kernels, P)
+                lq, kernels, ref = ours_and_reference(hq, seed)
                 cases[(name, size, seed)] = (hq, kernels, ref)
                 if not torch.equal(lq, ref):
                     differ[(name, size, seed)] = psnr(lq, ref)
@@ -265,13 +265,7 @@ def test_degrade_matches_feed_data_on_cbsd68():
     if not files:
         pytest.skip(f"{CBSD68} is absent")
     for i, path in enumerate(files):
-        hq = to_tensor(np.asarray(Image.open(path).convert("RGB"))[:128, :128])
-        with seeded(i):
-            kernels = sample_kernels(P)
-            lq, _ = degrade(hq, kernels, P)
-        with seeded(i):
-            sample_kernels(P)
-            ref = reference_degrade(hq, kernels, P)
+        lq, _, ref = ours_and_reference(to_tensor(np.asarray(Image.open(path).convert("RGB"))[:128, :128]), i)
         assert psnr(lq, ref) >= 50 and (lq - ref).abs().mean() <= 1e-3
 
 
