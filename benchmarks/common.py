@@ -49,7 +49,7 @@ DISPATCH_KINDS = {
     "avx-only": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "AVX",
                  "OPENCV_CPU_DISABLE": "AVX2,AVX512F,AVX512-SKX,AVX512-CLX"},
 }
-DISPATCH_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "OPENCV_CPU_DISABLE")
+DISPATCH_ENV = tuple(dict.fromkeys(k for env in DISPATCH_KINDS.values() for k in env))
 
 
 def with_dispatch(kind: str) -> None:
